@@ -1,0 +1,24 @@
+// Declarations shared by the C++ kernels (csrc/) and their bindings (python/).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace kdk {
+
+// Divergence selector, shared with kdkernels/ops/softmax_kl.py.
+enum class Kind : int64_t { Forward = 0, Reverse = 1, JSD = 2 };
+
+// Fused softmax-KL (+ optional hard-label CE) on the CPU; see csrc/cpu/softmax_kl.cpp.
+// Returns (loss_rows [N] fp32|fp64, grad_student [N,V] or undefined, grad_teacher [N,V] or undefined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
+    double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher);
+
+// Name of the SIMD instruction set the CPU kernels were compiled for ("avx2", "avx512", "neon", "generic").
+const char* cpu_simd();
+
+}  // namespace kdk

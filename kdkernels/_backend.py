@@ -1,0 +1,81 @@
+"""Backend discovery and selection (``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from kdkernels import _ext
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available_backends(device: str | torch.device = "cpu") -> list[str]:
+    """The backends that can run on ``device``, fastest first (``"torch"`` is always last)."""
+    dev = torch.device(device)
+    out = []
+    if dev.type == "cpu":
+        if _ext.available():
+            out.append("cpu")
+        if triton_import_error() is None and triton_interpreted():
+            out.append("triton")
+    elif dev.type == "cuda":
+        if triton_import_error() is None:
+            out.append("triton")
+    out.append("torch")
+    return out
+
+
+_warned_fallback = False
+
+
+def resolve(backend: str, device: torch.device, op: str) -> str:
+    """Turn ``backend`` into the concrete backend for tensors on ``device``, or raise."""
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        choice = available_backends(device)[0]
+        if choice == "torch" and not _warned_fallback:
+            _warned_fallback = True
+            if device.type == "cpu":
+                why = f"the extension kdkernels._C is not built ({_ext.HOW_TO_BUILD})"
+            else:
+                why = f"triton is not importable ({triton_import_error()}); `pip install triton`"
+            warnings.warn(f"kdkernels: {op} falls back to the plain PyTorch backend on {device.type}: {why}",
+                          RuntimeWarning, stacklevel=3)
+        return choice
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs CPU tensors, got tensors on {device}")
+        _ext.require(f"{op}(backend='cpu')")
+    elif backend == "triton":
+        err = triton_import_error()
+        if err is not None:
+            raise RuntimeError(f"{op}(backend='triton') needs triton ({err}); `pip install triton`")
+        if device.type == "cpu" and not triton_interpreted():
+            raise ValueError(f"{op}(backend='triton') runs CPU tensors only under the Triton interpreter: "
+                             "set TRITON_INTERPRET=1 before importing triton, or use backend='cpu'")
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}(backend='triton') runs CUDA tensors, got tensors on {device}")
+    elif backend == "cuda":
+        raise ValueError(f"{op}(backend='cuda'): this build has no CUDA C++ kernel for {op}; "
+                         "use backend='triton' (or 'auto') on CUDA tensors")
+    return backend

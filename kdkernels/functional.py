@@ -1,0 +1,185 @@
+"""The public functions of kdkernels: validate the inputs, pick a backend, call the fused op."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdkernels import _backend, reference
+from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
+
+__all__ = ["softmax_kl", "distill_loss", "available_backends"]
+
+available_backends = _backend.available_backends
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_REDUCTIONS = ("none", "sum", "mean", "batchmean")
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 logits, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a vocabulary dimension [..., V], got a 0-d tensor")
+
+
+def _check_scalar(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        bracket = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {bracket}{lo}, {hi}], got {value!r}")
+    return v
+
+
+def _validate(student_logits, teacher_logits, labels, temperature, kind, beta, ignore_index, reduction,
+              backend, alpha=0.0):
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits and teacher_logits must have the same shape, got "
+                         f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits and teacher_logits must be on the same device, got "
+                         f"{student_logits.device} and {teacher_logits.device}")
+    V = student_logits.shape[-1]
+    if V == 0:
+        raise ValueError("student_logits and teacher_logits have an empty vocabulary (last) dimension: V = 0")
+    temperature = _check_scalar("temperature", temperature, 0.0, math.inf, lo_open=True)
+    beta = _check_scalar("beta", beta, 0.0, 1.0)
+    alpha = _check_scalar("alpha", alpha, 0.0, 1.0)
+    if kind not in KIND_IDS:
+        raise ValueError(f"kind must be one of {tuple(KIND_IDS)}, got {kind!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if labels is not None:
+        if not isinstance(labels, Tensor):
+            raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape != student_logits.shape[:-1]:
+            raise ValueError(f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])}, "
+                             f"got {tuple(labels.shape)}")
+        if labels.device != student_logits.device:
+            raise ValueError(f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
+        if labels.numel() and not torch.compiler.is_compiling():
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+            if bool(bad.any()):
+                first = labels[bad].flatten()[0].item()
+                raise ValueError(f"labels must be in [0, {V}) or equal ignore_index={ignore_index}, got {first}")
+    elif alpha > 0:
+        raise ValueError("alpha > 0 mixes in the hard-label cross-entropy: labels are required")
+    return temperature, beta, alpha
+
+
+def _fused(student_logits, teacher_logits, labels, *, temperature, kind, beta, ignore_index, reduction, backend,
+           ce_weight, kd_weight, op_name):
+    device = student_logits.device
+    name = _backend.resolve(backend, device, op_name)
+    red = "mean" if reduction == "batchmean" else reduction
+    if name == "torch":
+        rows = reference.softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature,
+                                         kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
+                                         kd_weight=kd_weight)
+        return reference.reduce_rows(rows, labels, ignore_index, red)
+
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    s2 = student_logits.reshape(-1, V)
+    t2 = teacher_logits.reshape(-1, V)
+    if s2.stride(-1) != 1:
+        s2 = s2.contiguous()
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    if (s2.dtype == torch.float64) != (t2.dtype == torch.float64):  # float64 pairs with float64 only
+        s2, t2 = s2.double(), t2.double()
+    N = s2.shape[0]
+    lab = None if labels is None else labels.reshape(-1).to(torch.int64)
+
+    if red == "mean":
+        if lab is None:
+            grad_scale = torch.full((), 1.0 / max(N, 1), dtype=torch.float32, device=device)
+        else:
+            grad_scale = (lab != ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
+    else:
+        grad_scale = torch.ones((), dtype=torch.float32, device=device)
+
+    kind_id = KIND_IDS[kind]
+    if kind_id == 2 and beta == 0.0:  # the generalized JSD's endpoints: forward and reverse KL
+        kind_id = 0
+    elif kind_id == 2 and beta == 1.0:
+        kind_id = 1
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = softmax_kl_op(s2, t2, lab, grad_scale, temperature, kind_id, beta, ignore_index,
+                               ce_weight, kd_weight, REDUCTION_IDS[red],
+                               grad_on and student_logits.requires_grad, grad_on and teacher_logits.requires_grad,
+                               name)
+    return loss.reshape(lead) if red == "none" else loss
+
+
+def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+               kind: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
+               ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""Divergence between the softmaxes of teacher and student logits, fused with its gradient.
+
+    With ``p_s = softmax(student_logits / T)`` and ``p_t = softmax(teacher_logits / T)``, per row:
+
+    * ``kind="forward"``: ``KL(p_t || p_s) = sum p_t (log p_t - log p_s)`` (what
+      ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` computes);
+    * ``kind="reverse"``: ``KL(p_s || p_t)``;
+    * ``kind="jsd"``: the generalized Jensen-Shannon divergence
+      ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``;
+      ``beta=0.5`` is the symmetric JSD. At ``beta=0`` and ``beta=1``, where that expression vanishes,
+      the loss is forward and reverse KL (the convention of TRL's and Liger-Kernel's JSD losses).
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` float32, bfloat16, float16 or float64 logits of
+            the same shape (the dtypes may differ). Leading dimensions are flattened to rows.
+            ``-inf`` entries (padded vocabulary) are legal; a NaN makes its row's loss NaN.
+        temperature: ``T > 0``; no ``T**2`` factor is applied here (see :func:`distill_loss`).
+        labels: optional integer ``[...]`` (the leading shape); rows whose label is ``ignore_index``
+            cost nothing, contribute 0 and get a zero gradient.
+        reduction: ``"none"`` (per-row losses, float32, 0 for ignored rows), ``"sum"``, or ``"mean"``
+            over the non-ignored rows (``"batchmean"`` is an alias; an all-ignored batch gives 0).
+        backend: ``"auto"`` (the C++ kernel on CPU tensors, Triton on CUDA), ``"cpu"``, ``"triton"``,
+            ``"cuda"``, or ``"torch"`` (plain PyTorch: the reference, which materializes the softmaxes).
+
+    Returns a float32 (float64 for float64 inputs) loss. Gradients flow to the student logits, and to
+    the teacher logits when they require grad; the fused backends compute them in the forward pass
+    (one read of each logit when the row fits on chip, a second read otherwise) and backward only
+    scales them, so no ``[N, V]`` float32 intermediate is ever allocated besides the gradients.
+    """
+    temperature, beta, _ = _validate(student_logits, teacher_logits, labels, temperature, kind, beta,
+                                     ignore_index, reduction, backend)
+    return _fused(student_logits, teacher_logits, labels, temperature=temperature, kind=kind, beta=beta,
+                  ignore_index=ignore_index, reduction=reduction, backend=backend, ce_weight=0.0, kd_weight=1.0,
+                  op_name="softmax_kl")
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                 temperature: float = 1.0, alpha: float = 0.0, kind: str = "forward", beta: float = 0.5,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""Hinton's distillation loss, in the same single pass over the logits:
+
+    ``alpha * CE(student_logits, labels) + (1 - alpha) * T**2 * D(teacher, student)``
+
+    where the cross-entropy uses temperature 1, ``D`` is the divergence selected by ``kind``/``beta``
+    at temperature ``T`` (see :func:`softmax_kl`), and the ``T**2`` factor keeps the soft-target
+    gradients' scale independent of ``T``. Both terms come from one read of each student row.
+    ``alpha > 0`` requires ``labels``; rows labelled ``ignore_index`` are skipped by both terms.
+    """
+    temperature, beta, alpha = _validate(student_logits, teacher_logits, labels, temperature, kind, beta,
+                                         ignore_index, reduction, backend, alpha=alpha)
+    return _fused(student_logits, teacher_logits, labels, temperature=temperature, kind=kind, beta=beta,
+                  ignore_index=ignore_index, reduction=reduction, backend=backend, ce_weight=alpha,
+                  kd_weight=(1.0 - alpha) * temperature * temperature, op_name="distill_loss")

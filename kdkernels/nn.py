@@ -1,0 +1,81 @@
+"""Drop-in ``nn.Module`` forms of the kdkernels losses."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kdkernels import functional as KF
+
+__all__ = ["SoftmaxKL", "DistillationLoss", "KLDivLoss"]
+
+
+class SoftmaxKL(torch.nn.Module):
+    """Module form of :func:`kdkernels.softmax_kl`: ``loss = SoftmaxKL(T)(student_logits, teacher_logits)``."""
+
+    def __init__(self, temperature: float = 1.0, kind: str = "forward", beta: float = 0.5,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.kind, self.beta = temperature, kind, beta
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return KF.softmax_kl(student_logits, teacher_logits, temperature=self.temperature, kind=self.kind,
+                             beta=self.beta, labels=labels, ignore_index=self.ignore_index,
+                             reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, kind={self.kind!r}, beta={self.beta}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class DistillationLoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.distill_loss` (Hinton: ``alpha`` CE + ``(1 - alpha) T^2`` KD)."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, kind: str = "forward", beta: float = 0.5,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.alpha, self.kind, self.beta = temperature, alpha, kind, beta
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        return KF.distill_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
+                               alpha=self.alpha, kind=self.kind, beta=self.beta, ignore_index=self.ignore_index,
+                               reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, beta={self.beta}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class KLDivLoss(torch.nn.KLDivLoss):
+    """Drop-in for :class:`torch.nn.KLDivLoss` (same arguments, same results: ``input`` holds
+    log-probabilities, ``target`` probabilities or, with ``log_target=True``, log-probabilities).
+
+    For the reductions ``"sum"``, ``"mean"`` and ``"batchmean"`` the loss is accumulated over row
+    chunks and the input gradient is written in the forward pass, so no pointwise loss tensor or
+    float32 copy of the inputs is materialized (see :mod:`kdkernels.ops.kl_div`). ``"none"``,
+    broadcasting shapes and a target that requires grad use ``torch.nn.functional.kl_div``.
+
+    To fuse the ``log_softmax`` as well, replace
+    ``KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1))`` by
+    ``kdkernels.softmax_kl(s, t, temperature=T)``.
+    """
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        from kdkernels.ops.kl_div import ChunkedKLDiv
+
+        if (self.reduction == "none" or input.shape != target.shape or target.requires_grad
+                or not input.dtype.is_floating_point or input.dim() == 0):
+            return torch.nn.functional.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
+        if self.reduction == "mean":
+            scale = 1.0 / max(1, input.numel())
+        elif self.reduction == "batchmean":
+            scale = 1.0 / max(1, input.shape[0])
+        elif self.reduction == "sum":
+            scale = 1.0
+        else:
+            raise ValueError(f"reduction must be 'none', 'batchmean', 'sum' or 'mean', got {self.reduction!r}")
+        return ChunkedKLDiv.apply(input, target, self.log_target, scale)

@@ -1,0 +1,1 @@
+"""One ``torch.library`` custom op (with autograd) per loss family; backend dispatch happens here."""

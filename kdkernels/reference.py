@@ -1,0 +1,125 @@
+"""Plain-PyTorch reference for every kdkernels loss.
+
+This module is the test oracle (call it on float64 inputs) and the last-resort backend
+(``backend="torch"``). It is written for clarity, not for memory: it materializes the
+softmaxes that the fused kernels never do. Autograd supplies its gradients.
+
+Conventions shared with the kernels (see ``kdkernels.softmax_kl``):
+
+* ``p = softmax(logits / T)`` for student (``p_s``) and teacher (``p_t``);
+* ``kind="forward"``: ``KL(p_t || p_s)``; ``"reverse"``: ``KL(p_s || p_t)``;
+  ``"jsd"``: ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with
+  ``m = beta * p_t + (1 - beta) * p_s``; at ``beta == 0`` and ``beta == 1``, where that
+  expression is identically zero, ``"jsd"`` is forward and reverse KL respectively;
+* terms with ``p == 0`` contribute nothing (``0 * log 0 = 0``), so ``-inf`` logits are legal;
+* the hard-label cross-entropy of ``distill_loss`` uses temperature 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div"]
+
+KINDS = ("forward", "reverse", "jsd")
+
+
+def _plogp_ratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_j p_j (log p_j - log q_j) with 0 log 0 = 0; NaN-safe in backward too."""
+    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    return (p * diff).sum(-1)
+
+
+def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+    """The per-row divergence between two log-distributions ``[..., V]``."""
+    ps, pt = log_ps.exp(), log_pt.exp()
+    if kind == "jsd" and beta == 0.0:
+        kind = "forward"
+    elif kind == "jsd" and beta == 1.0:
+        kind = "reverse"
+    if kind == "forward":
+        return _plogp_ratio(pt, log_pt, log_ps)
+    if kind == "reverse":
+        return _plogp_ratio(ps, log_ps, log_pt)
+    if kind == "jsd":
+        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+        return beta * _plogp_ratio(pt, log_pt, log_m) + (1.0 - beta) * _plogp_ratio(ps, log_ps, log_m)
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+def softmax_kl_rows(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    kind: str = "forward",
+    beta: float = 0.5,
+    ignore_index: int = -100,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+) -> torch.Tensor:
+    """Per-row ``ce_weight * CE(student, labels) + kd_weight * D(teacher, student)``.
+
+    Inputs are ``[..., V]``; the result has the leading shape and the promoted float dtype
+    (at least float32). Rows whose label is ``ignore_index`` give 0.
+    """
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s = student_logits.to(dtype)
+    t = teacher_logits.to(dtype)
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    rows = kd_weight * kl_rows(log_ps, log_pt, kind, beta) if kd_weight != 0.0 else s.new_zeros(s.shape[:-1])
+    if labels is not None:
+        valid = labels != ignore_index
+        if ce_weight != 0.0:
+            safe = torch.where(valid, labels, torch.zeros_like(labels))
+            log_p1 = torch.log_softmax(s, dim=-1)
+            ce = -log_p1.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            rows = rows + ce_weight * ce
+        rows = torch.where(valid, rows, torch.zeros_like(rows))
+    elif ce_weight != 0.0:
+        raise ValueError("ce_weight > 0 needs labels")
+    return rows
+
+
+def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str) -> torch.Tensor:
+    """``"none"`` keeps rows; ``"sum"`` adds them; ``"mean"``/``"batchmean"`` divides by the
+    number of non-ignored rows (an all-ignored batch gives 0)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    if labels is None:
+        n = rows.numel()
+    else:
+        n = int((labels != ignore_index).sum())
+    return total / max(n, 1)
+
+
+def softmax_kl(student_logits, teacher_logits, *, temperature=1.0, kind="forward", beta=0.5,
+               labels=None, ignore_index=-100, reduction="mean"):
+    """Reference for :func:`kdkernels.softmax_kl`."""
+    rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, kind=kind,
+                           beta=beta, ignore_index=ignore_index)
+    return reduce_rows(rows, labels, ignore_index, reduction)
+
+
+def distill_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.0,
+                 kind="forward", beta=0.5, ignore_index=-100, reduction="mean"):
+    """Reference for :func:`kdkernels.distill_loss`:
+    ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)``."""
+    rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, kind=kind,
+                           beta=beta, ignore_index=ignore_index, ce_weight=alpha,
+                           kd_weight=(1.0 - alpha) * temperature * temperature)
+    return reduce_rows(rows, labels, ignore_index, reduction)
+
+
+def kl_div(input, target, reduction="mean", log_target=False):
+    """Reference for :class:`kdkernels.nn.KLDivLoss` (the semantics of ``torch.nn.functional.kl_div``)."""
+    return F.kl_div(input, target, reduction=reduction, log_target=log_target)
