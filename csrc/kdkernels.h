@@ -18,6 +18,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
     const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
     double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher);
 
+// Debug switch: when on, kernels allocate their outputs filled with NaN instead of uninitialized,
+// so that an element a kernel forgets to write fails the tests (kdkernels._debug.poison_outputs).
+void set_poison_outputs(bool on);
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Name of the SIMD instruction set the CPU kernels were compiled for ("avx2", "avx512", "neon", "generic").
 const char* cpu_simd();
 

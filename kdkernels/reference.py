@@ -46,7 +46,9 @@ def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, kind: str, beta: float) 
     if kind == "reverse":
         return _plogp_ratio(ps, log_ps, log_pt)
     if kind == "jsd":
-        log_m = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
+        m = beta * pt + (1.0 - beta) * ps
+        pos = m > 0  # where m = 0 both terms vanish; keep log's backward away from 1/0
+        log_m = torch.where(pos, torch.where(pos, m, torch.ones_like(m)).log(), torch.full_like(m, -math.inf))
         return beta * _plogp_ratio(pt, log_pt, log_m) + (1.0 - beta) * _plogp_ratio(ps, log_ps, log_m)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 

@@ -23,6 +23,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_grad_teacher"),
         "Fused softmax-KL on the CPU: returns (loss_rows, grad_student|None, grad_teacher|None).",
         py::call_guard<py::gil_scoped_release>());
+  m.def("set_poison_outputs", &kdk::set_poison_outputs, py::arg("on"),
+        "Debug: allocate kernel outputs filled with NaN so that unwritten elements show.");
   m.def("cpu_simd", &kdk::cpu_simd, "SIMD instruction set the CPU kernels were compiled for.");
   m.def("built_with_cuda", &built_with_cuda, "Whether the CUDA kernels were compiled into this build.");
 }

@@ -35,6 +35,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -56,6 +57,17 @@ const char* cpu_simd() {
 #else
   return "generic";
 #endif
+}
+
+namespace {
+std::atomic<bool> g_poison_outputs{false};
+}  // namespace
+
+void set_poison_outputs(bool on) { g_poison_outputs.store(on); }
+
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  if (g_poison_outputs.load()) return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  return at::empty(sizes, options);
 }
 
 namespace {
@@ -365,9 +377,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
   TORCH_CHECK(ce_weight == 0 || label_ptr != nullptr, "ce_weight > 0 needs labels");
 
   const auto acc_type = is_double ? at::kDouble : at::kFloat;
-  at::Tensor loss = at::empty({N}, student.options().dtype(acc_type));
-  at::Tensor grad_s = need_grad_student ? at::empty({N, V}, student.options()) : at::Tensor();
-  at::Tensor grad_t = need_grad_teacher ? at::empty({N, V}, teacher.options()) : at::Tensor();
+  at::Tensor loss = new_output({N}, student.options().dtype(acc_type));
+  at::Tensor grad_s = need_grad_student ? new_output({N, V}, student.options()) : at::Tensor();
+  at::Tensor grad_t = need_grad_teacher ? new_output({N, V}, teacher.options()) : at::Tensor();
   if (N == 0) return {loss, grad_s, grad_t};
   TORCH_CHECK(V > 0, "the vocabulary (last) dimension must be non-empty");
 

@@ -68,6 +68,8 @@ def _(student, teacher, labels, grad_scale, temperature, kind, beta, ignore_inde
 
 def _setup_context(ctx, inputs, output):
     _, grad_s, grad_t = output
+    # the gradient outputs are never differentiated: don't let autograd build [N, V] zeros for them
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[10]
     ctx.save_for_backward(grad_s if inputs[11] else None, grad_t if inputs[12] else None)
 
@@ -83,7 +85,7 @@ def _backward(ctx, grad_loss, _unused_gs, _unused_gt):
     grad_s, grad_t = ctx.saved_tensors
 
     def scale(g):
-        if g is None:
+        if g is None or grad_loss is None:
             return None
         if ctx.reduction == 0:  # per-row losses: one grad_output per row
             return g * grad_loss.unsqueeze(-1).to(g.dtype)

@@ -1,0 +1,65 @@
+"""Shared test setup: device parametrization and the float64-reference comparator.
+
+Without a CUDA GPU, Triton kernels run on CPU tensors under the Triton interpreter: the variable
+must be set before triton is first imported, hence here.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# relative tolerance on ||out - ref|| / ||ref|| per dtype
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+# ||ref|| is floored at FLOOR per row: a row's probabilities sum to 1, so its rounding errors are
+# relative to O(1) even where the exact answer is 0 (V = 1, identical rows)
+FLOOR = 0.1
+
+
+def triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def fused_backends(device: str):
+    """The fused backends every test must cover on ``device``."""
+    if device == "cpu":
+        return ["cpu"] + (["triton"] if triton_ok() else [])
+    return ["triton"]
+
+
+def backend_device_params():
+    return [pytest.param(b, d, id=f"{b}-{d}") for d in DEVICES for b in fused_backends(d)]
+
+
+def loosest(*dtypes):
+    return max(dtypes, key=lambda d: RTOL[d])
+
+
+def assert_close(out, ref, dtype, what=""):
+    """||out - ref|| <= rtol max(||ref||, FLOOR sqrt(rows)), with ref computed in float64."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert not torch.isnan(out64).any(), f"{what}: NaN in output (unwritten element?)"
+    err = (out64 - ref64).norm().item()
+    rows = ref64.shape[0] if ref64.dim() else 1
+    bound = RTOL[dtype] * max(ref64.norm().item(), FLOOR * math.sqrt(max(1, rows)))
+    assert err <= bound, f"{what}: ||out-ref|| = {err:.3e} > {bound:.3e} (||ref|| = {ref64.norm().item():.3e})"
+
+
+@pytest.fixture
+def seed():
+    """A fresh seed per test, printed on failure so a failing case can be replayed."""
+    s = random.randrange(2**31)
+    torch.manual_seed(s)
+    return s

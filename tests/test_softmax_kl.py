@@ -1,0 +1,416 @@
+"""softmax_kl / distill_loss / nn modules: every backend against the float64 reference."""
+
+import math
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kdkernels
+from kdkernels import _debug, reference
+from conftest import DEVICES, assert_close, backend_device_params, loosest
+
+KINDS = ["forward", "reverse", "jsd"]
+HALF = [torch.float32, torch.bfloat16, torch.float16]
+VOCABS = [1, 7, 1000, 32001, 131073]
+
+
+def make_logits(n, v, dtype, device, scale=3.0, related=True):
+    """Student and teacher logits; the teacher is a noisy copy (small, realistic divergences) or not."""
+    s = torch.randn(n, v, device=device) * scale
+    t = (s + torch.randn(n, v, device=device) * scale / 2) if related else torch.randn(n, v, device=device) * scale
+    return s.to(dtype), t.to(dtype)
+
+
+def rows_for(v):
+    return 3 if v > 40000 else 6
+
+
+def run_both(fn_kdk, fn_ref, s, t, labels, grad_rows, *, backend):
+    """Loss rows and both input gradients from kdkernels (poisoned outputs) and the float64 reference."""
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    with _debug.poison_outputs():
+        out = fn_kdk(s1, t1, labels, backend)
+        gs, gt = torch.autograd.grad(out, [s1, t1], grad_rows if out.dim() else grad_rows.sum())
+    s2, t2 = s.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    ref = fn_ref(s2, t2, labels)
+    rgs, rgt = torch.autograd.grad(ref, [s2, t2], grad_rows.double() if ref.dim() else grad_rows.sum().double(),
+                                   allow_unused=True)  # alpha = 1: the teacher is unused
+    rgt = torch.zeros_like(t2) if rgt is None else rgt
+    return (out, gs, gt), (ref, rgs, rgt)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("V", VOCABS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(backend, device, V, dtype, kind, seed):
+    N = rows_for(V)
+    s, t = make_logits(N, V, dtype, device, related=bool(seed % 2))
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[1] = -100
+    T = [0.7, 2.0][seed % 2]
+    beta = 0.3
+    go = torch.rand(N, device=device) + 0.5  # grad_output != 1, different per row
+
+    def kdk(s_, t_, lab, b):
+        return kdkernels.softmax_kl(s_, t_, temperature=T, kind=kind, beta=beta, labels=lab, reduction="none",
+                                    backend=b)
+
+    def ref(s_, t_, lab):
+        return reference.softmax_kl(s_, t_, temperature=T, kind=kind, beta=beta, labels=lab, reduction="none")
+
+    (out, gs, gt), (r, rgs, rgt) = run_both(kdk, ref, s, t, labels, go, backend=backend)
+    assert out.dtype == torch.float32
+    assert gs.dtype == dtype and gt.dtype == dtype
+    assert_close(out, r, dtype, f"loss seed={seed}")
+    assert_close(gs, rgs, dtype, f"grad student seed={seed}")
+    assert_close(gt, rgt, dtype, f"grad teacher seed={seed}")
+    assert out[1].item() == 0.0 and gs[1].abs().sum().item() == 0.0 and gt[1].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batchmean"])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.37])
+def test_reductions(backend, device, reduction, grad_scale, seed):
+    N, V = 9, 517
+    s, t = make_logits(N, V, torch.float32, device)
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[::3] = -100
+    s1 = s.clone().requires_grad_()
+    with _debug.poison_outputs():
+        out = kdkernels.softmax_kl(s1, t, temperature=1.5, labels=labels, reduction=reduction, backend=backend)
+        (out * grad_scale).backward()
+    s2 = s.double().requires_grad_()
+    ref = reference.softmax_kl(s2, t.double(), temperature=1.5, labels=labels, reduction=reduction)
+    (ref * grad_scale).backward()
+    assert out.dim() == 0
+    assert_close(out, ref, torch.float32, "loss")
+    assert_close(s1.grad, s2.grad, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("T,alpha", [(1.0, 0.5), (2.5, 0.3), (3.0, 1.0), (2.0, 0.0)])
+@pytest.mark.parametrize("V", [7, 1000, 32001])
+def test_distill_loss(backend, device, kind, dtype, T, alpha, V, seed):
+    N = 5
+    s, t = make_logits(N, V, dtype, device)
+    labels = torch.randint(0, V, (N,), device=device)
+    labels[2] = -7
+    go = torch.rand(N, device=device) + 0.5
+
+    def kdk(s_, t_, lab, b):
+        return kdkernels.distill_loss(s_, t_, lab, temperature=T, alpha=alpha, kind=kind, ignore_index=-7,
+                                      reduction="none", backend=b)
+
+    def ref(s_, t_, lab):
+        return reference.distill_loss(s_, t_, lab, temperature=T, alpha=alpha, kind=kind, ignore_index=-7,
+                                      reduction="none")
+
+    (out, gs, gt), (r, rgs, rgt) = run_both(kdk, ref, s, t, labels, go, backend=backend)
+    assert_close(out, r, dtype, f"loss seed={seed}")
+    assert_close(gs, rgs, dtype, f"grad student seed={seed}")
+    assert_close(gt, rgt, dtype, f"grad teacher seed={seed}")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_jsd_beta_endpoints(backend, device, seed):
+    s, t = make_logits(4, 300, torch.float32, device)
+    fwd = kdkernels.softmax_kl(s, t, kind="forward", reduction="none", backend=backend)
+    rev = kdkernels.softmax_kl(s, t, kind="reverse", reduction="none", backend=backend)
+    torch.testing.assert_close(kdkernels.softmax_kl(s, t, kind="jsd", beta=0.0, reduction="none", backend=backend), fwd)
+    torch.testing.assert_close(kdkernels.softmax_kl(s, t, kind="jsd", beta=1.0, reduction="none", backend=backend), rev)
+    # symmetric JSD is symmetric and bounded by log 2
+    j1 = kdkernels.softmax_kl(s, t, kind="jsd", beta=0.5, reduction="none", backend=backend)
+    j2 = kdkernels.softmax_kl(t, s, kind="jsd", beta=0.5, reduction="none", backend=backend)
+    torch.testing.assert_close(j1, j2, rtol=1e-5, atol=1e-6)
+    assert (j1 <= math.log(2) + 1e-6).all() and (j1 >= 0).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck_float64(backend, kind):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 4])
+
+    def f(s_, t_):
+        return kdkernels.distill_loss(s_, t_, labels, temperature=1.7, alpha=0.4, kind=kind, beta=0.35,
+                                      reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(f, (s, t), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile(device):
+    torch.manual_seed(0)
+    s, t = make_logits(8, 333, torch.float32, device)
+    labels = torch.randint(0, 333, (8,), device=device)
+
+    def step(s_, t_, lab):
+        loss = kdkernels.distill_loss(s_ * 1.0, t_, lab, temperature=2.0, alpha=0.25)
+        return loss * 2.0
+
+    s1 = s.clone().requires_grad_()
+    eager = step(s1, t, labels)
+    eager.backward()
+    s2 = s.clone().requires_grad_()
+    compiled = torch.compile(step, backend="aot_eager" if device == "cpu" else "inductor")(s2, t, labels)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(s2.grad, s1.grad)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("V", [10, 5000])
+def test_neg_inf_padding(backend, device, kind, V):
+    """Padded vocabulary entries (-inf in both models) give finite losses and zero gradients there."""
+    torch.manual_seed(1)
+    s, t = make_logits(4, V, torch.float32, device)
+    pad = torch.zeros(V, dtype=torch.bool, device=device)
+    pad[V // 3::4] = True
+    pad[-1] = True
+    s[:, pad] = -math.inf
+    t[:, pad] = -math.inf
+    go = torch.ones(4, device=device)
+
+    def kdk(s_, t_, lab, b):
+        return kdkernels.softmax_kl(s_, t_, temperature=1.3, kind=kind, reduction="none", backend=b)
+
+    def ref(s_, t_, lab):
+        return reference.softmax_kl(s_, t_, temperature=1.3, kind=kind, reduction="none")
+
+    (out, gs, gt), (r, rgs, rgt) = run_both(kdk, ref, s, t, None, go, backend=backend)
+    assert torch.isfinite(out).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert (gs[:, pad] == 0).all() and (gt[:, pad] == 0).all()
+    assert_close(out, r, torch.float32, "loss")
+    assert_close(gs, rgs, torch.float32, "grad student")
+    assert_close(gt, rgt, torch.float32, "grad teacher")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_nan_propagates_to_its_row(backend, device):
+    s, t = make_logits(4, 3000, torch.float32, device)
+    s[2, 1234] = math.nan
+    t[0, 5] = math.nan
+    s.requires_grad_()
+    out = kdkernels.softmax_kl(s, t, reduction="none", backend=backend)
+    assert torch.isnan(out[0]) and torch.isnan(out[2])
+    assert torch.isfinite(out[1]) and torch.isfinite(out[3])
+    assert torch.isnan(kdkernels.softmax_kl(s, t, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_all_rows_ignored(backend, device):
+    s, t = make_logits(5, 100, torch.bfloat16, device)
+    s.requires_grad_()
+    t.requires_grad_()
+    labels = torch.full((5,), -100, device=device)
+    for fn in (kdkernels.softmax_kl, kdkernels.distill_loss):
+        kw = {"labels": labels} if fn is kdkernels.softmax_kl else {"labels": labels, "alpha": 0.5}
+        with _debug.poison_outputs():
+            loss = fn(s, t, backend=backend, **kw)
+            gs, gt = torch.autograd.grad(loss, [s, t])
+        assert loss.item() == 0.0
+        assert (gs == 0).all() and (gt == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_leading_dims_noncontiguous_and_mixed_dtypes(backend, device, seed):
+    big_s = torch.randn(2, 5, 2 * 700, device=device)
+    s = big_s[..., :700]  # row stride 1400: not contiguous
+    t = torch.randn(2, 5, 700, device=device).to(torch.bfloat16)
+    labels = torch.randint(0, 700, (2, 5), device=device)
+    labels[0, 0] = -100
+    s1 = s.clone().requires_grad_()  # same values, contiguous, for the reference
+    sv = s.detach().requires_grad_()
+    out = kdkernels.distill_loss(sv, t, labels, temperature=2.0, alpha=0.5, reduction="none", backend=backend)
+    assert out.shape == (2, 5)
+    gs, = torch.autograd.grad(out.sum(), sv)
+    ref = reference.distill_loss(s1.double(), t.double(), labels, temperature=2.0, alpha=0.5, reduction="none")
+    rgs, = torch.autograd.grad(ref.sum(), s1)
+    assert gs.shape == s.shape and gs.dtype == torch.float32
+    assert_close(out, ref, torch.bfloat16, "loss")
+    assert_close(gs, rgs, torch.float32, "grad")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_teacher_gradient_only_when_required(backend, device):
+    s, t = make_logits(3, 50, torch.float32, device)
+    s.requires_grad_()
+    loss = kdkernels.softmax_kl(s, t, backend=backend)
+    loss.backward()
+    assert t.grad is None and s.grad is not None
+    with torch.no_grad():
+        nograd = kdkernels.softmax_kl(s, t, backend=backend)
+    assert not nograd.requires_grad
+    torch.testing.assert_close(nograd, loss.detach())
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_backward_twice_with_retain_graph(backend, device):
+    s, t = make_logits(3, 64, torch.float32, device)
+    s.requires_grad_()
+    loss = kdkernels.softmax_kl(s, t, backend=backend)
+    g1, = torch.autograd.grad(loss * 3.0, s, retain_graph=True)
+    g2, = torch.autograd.grad(loss, s, retain_graph=True)
+    g3, = torch.autograd.grad(loss * 3.0, s)
+    torch.testing.assert_close(g1, 3.0 * g2)
+    torch.testing.assert_close(g1, g3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules(device):
+    s, t = make_logits(4, 40, torch.float32, device)
+    labels = torch.randint(0, 40, (4,), device=device)
+    m = kdkernels.nn.SoftmaxKL(temperature=2.0, kind="reverse")
+    torch.testing.assert_close(m(s, t), kdkernels.softmax_kl(s, t, temperature=2.0, kind="reverse"))
+    d = kdkernels.nn.DistillationLoss(temperature=2.0, alpha=0.3)
+    torch.testing.assert_close(d(s, t, labels), kdkernels.distill_loss(s, t, labels, temperature=2.0, alpha=0.3))
+    assert "temperature=2.0" in repr(d)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_drop_in_for_kl_div_of_log_softmax(device):
+    """The README's replacement: F.kl_div(log_softmax(s/T), softmax(t/T), batchmean) == softmax_kl(s, t, T)."""
+    s, t = make_logits(16, 1000, torch.float32, device)
+    s.requires_grad_()
+    T = 2.0
+    eager = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
+    g_eager, = torch.autograd.grad(eager, s)
+    fused = kdkernels.softmax_kl(s, t, temperature=T)
+    g_fused, = torch.autograd.grad(fused, s)
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_fused, g_eager, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "batchmean", "sum", "none"])
+@pytest.mark.parametrize("log_target", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kldivloss_drop_in(device, reduction, log_target, dtype):
+    x = torch.randn(7, 333, device=device).log_softmax(-1).to(dtype).requires_grad_()
+    target = torch.randn(7, 333, device=device).softmax(-1)
+    target[0, :10] = 0.0
+    target = (target.log() if log_target else target).to(dtype)
+    ours = kdkernels.nn.KLDivLoss(reduction=reduction, log_target=log_target)
+    assert isinstance(ours, torch.nn.KLDivLoss)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about reduction="mean"
+        theirs = torch.nn.KLDivLoss(reduction=reduction, log_target=log_target)(x, target)
+    a = ours(x, target)
+    ga, = torch.autograd.grad(a.sum() * 1.5, x)
+    gb, = torch.autograd.grad(theirs.sum() * 1.5, x)
+    assert a.dtype == theirs.dtype and a.shape == theirs.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(a, theirs, equal_nan=True, **tol)  # log_target with log(0): NaN like torch
+    torch.testing.assert_close(ga, gb, equal_nan=True, **tol)
+
+
+# ---------------------------------------------------------------------------------- bad input
+
+def _bad_cases():
+    s = torch.randn(4, 10)
+    t = torch.randn(4, 10)
+    lab = torch.randint(0, 10, (4,))
+    f = kdkernels.softmax_kl
+    d = kdkernels.distill_loss
+    return [
+        ("shape", lambda: f(s, torch.randn(4, 11)), ValueError, "same shape"),
+        ("dtype int", lambda: f(s.long(), t), TypeError, "student_logits"),
+        ("dtype int teacher", lambda: f(s, t.int()), TypeError, "teacher_logits"),
+        ("not a tensor", lambda: f(s.tolist(), t), TypeError, "student_logits"),
+        ("0-d", lambda: f(torch.tensor(1.0), torch.tensor(1.0)), ValueError, "vocabulary"),
+        ("V=0", lambda: f(torch.randn(4, 0), torch.randn(4, 0)), ValueError, "V = 0"),
+        ("temperature 0", lambda: f(s, t, temperature=0.0), ValueError, "temperature"),
+        ("temperature <0", lambda: f(s, t, temperature=-1.0), ValueError, "temperature"),
+        ("temperature nan", lambda: f(s, t, temperature=float("nan")), ValueError, "temperature"),
+        ("temperature str", lambda: f(s, t, temperature="2"), TypeError, "temperature"),
+        ("beta >1", lambda: f(s, t, kind="jsd", beta=1.5), ValueError, "beta"),
+        ("beta <0", lambda: f(s, t, kind="jsd", beta=-0.1), ValueError, "beta"),
+        ("alpha", lambda: d(s, t, lab, alpha=1.2), ValueError, "alpha"),
+        ("alpha without labels", lambda: d(s, t, alpha=0.5), ValueError, "labels"),
+        ("kind", lambda: f(s, t, kind="kl"), ValueError, "kind"),
+        ("reduction", lambda: f(s, t, reduction="avg"), ValueError, "reduction"),
+        ("backend", lambda: f(s, t, backend="mps"), ValueError, "backend"),
+        ("cuda backend", lambda: f(s, t, backend="cuda"), ValueError, "backend='cuda'"),
+        ("labels shape", lambda: f(s, t, labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
+        ("labels float", lambda: f(s, t, labels=torch.zeros(4)), TypeError, "labels"),
+        ("labels range", lambda: f(s, t, labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
+        ("labels negative", lambda: f(s, t, labels=torch.tensor([0, -1, 3, 2])), ValueError, "labels"),
+        ("labels range distill", lambda: d(s, t, torch.tensor([0, 1, 99, 2]), alpha=0.5), ValueError, "labels"),
+        ("ignore_index type", lambda: f(s, t, labels=lab, ignore_index=1.5), TypeError, "ignore_index"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input(name, call, exc, match):
+    with pytest.raises(exc, match=re.escape(match)):
+        call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="same device"):
+        kdkernels.softmax_kl(torch.randn(2, 3), torch.randn(2, 3, device="cuda"))
+    with pytest.raises(ValueError, match="labels"):
+        kdkernels.softmax_kl(torch.randn(2, 3, device="cuda"), torch.randn(2, 3, device="cuda"),
+                             labels=torch.zeros(2, dtype=torch.long))
+
+
+def test_empty_batch():
+    s = torch.randn(0, 10, requires_grad=True)
+    t = torch.randn(0, 10)
+    assert kdkernels.softmax_kl(s, t).item() == 0.0
+    assert kdkernels.softmax_kl(s, t, reduction="none").shape == (0,)
+
+
+# ------------------------------------------------------------------------------------ memory
+
+MEMORY_PROBE = textwrap.dedent("""
+    import resource, sys, torch
+    import torch.nn.functional as F
+    import kdkernels
+    torch.set_num_threads(1)
+    which, N, V = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    s = torch.randn(N, V, requires_grad=True); t = torch.randn(N, V)
+    tiny_s = torch.randn(2, 8, requires_grad=True)
+    def eager(s, t):
+        return F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), reduction="batchmean", log_target=True)
+    def fused(s, t):
+        return kdkernels.softmax_kl(s, t, temperature=2.0, backend="cpu")
+    fn = fused if which == "fused" else eager
+    fn(tiny_s, torch.randn(2, 8)).backward()  # load code paths before the baseline
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn(s, t).backward()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - base) * 1024)
+""")
+
+
+def _extra_bytes(which, N, V):
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, which, str(N), str(V)], capture_output=True,
+                         text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_memory_is_the_gradient_buffer():
+    """The fused loss's peak extra memory is its gradient plus O(rows); eager needs several N x V."""
+    N, V = 128, 131072
+    grad_bytes = N * V * 4
+    fused = _extra_bytes("fused", N, V)
+    eager = _extra_bytes("eager", N, V)
+    assert fused <= grad_bytes + 24 * 2**20, f"fused extra {fused / 2**20:.1f} MiB, gradient {grad_bytes / 2**20:.0f} MiB"
+    assert eager >= 2 * grad_bytes, f"eager extra {eager / 2**20:.1f} MiB: the probe is not measuring"
