@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -13,14 +12,22 @@ from kdkernels import _ext
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_UNCHECKED = object()
+_triton_error = _TRITON_UNCHECKED
+
+
 def triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    """None when triton imports, else why not (checked once)."""
+    global _triton_error
+    if _triton_error is _TRITON_UNCHECKED:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _triton_error = None
+        except Exception as exc:  # ImportError, or a broken install
+            _triton_error = f"{type(exc).__name__}: {exc}"
+    return _triton_error
 
 
 def triton_interpreted() -> bool:

@@ -1,0 +1,534 @@
+"""Softmax-KL distillation losses in Triton: forward KL, reverse KL, generalized JSD, with an
+optional hard-label cross-entropy, loss and both input gradients from one kernel launch.
+
+Read top to bottom: math helpers, the kernel, launch configuration, the launcher, and the list of
+compile cases that ``tests/test_aot.py`` compiles for sm_80 / sm_90 to check for register spills.
+
+Kernel header
+=============
+One program per row (grid ``(N,)``); ``s`` = student logits row, ``t`` = teacher logits row,
+length ``V``, ``T`` = temperature.
+
+    a = s/T, b = t/T, ps = softmax(a), pt = softmax(b), log ps = a - lse(a), log pt = b - lse(b)
+
+All exponentials are base 2: the kernel works with ``a2 = s * log2(e)/T`` so that
+``ps = exp2(a2 - lse2(a2))`` and ``log ps = ln2 * (a2 - lse2(a2))`` (``lse2`` = log2-sum-exp2).
+
+KIND 0, forward KL:  D = KL(pt||ps) = sum pt (log pt - log ps) = sum pt (b - a) - lse(b) + lse(a)
+    dD/ds = (ps - pt) / T
+    dD/dt = pt (log pt - log ps - D) / T
+KIND 1, reverse KL:  D = KL(ps||pt) = sum ps (log ps - log pt) = sum ps (a - b) - lse(a) + lse(b)
+    dD/ds = ps (log ps - log pt - D) / T
+    dD/dt = (pt - ps) / T
+KIND 2, generalized JSD (0 < beta < 1):  m = beta pt + (1-beta) ps,
+    Ks = KL(ps||m), Kt = KL(pt||m), D = beta Kt + (1-beta) Ks,
+    log m = logaddexp(log pt + log beta, log ps + log(1-beta))   (never log of an underflowed 0)
+    dD/ds = (1-beta) ps (log ps - log m - Ks) / T
+    dD/dt = beta pt (log pt - log m - Kt) / T
+    (the dm/ds terms cancel: sum_j (beta pt_j + (1-beta) ps_j)/m_j dm_j = d(sum m) = 0)
+Hard-label CE (temperature 1, ``CE``):  CE = lse(s) - s[label]
+    dCE/ds = softmax(s) - onehot(label)        (= ps when T == 1: ``SAME_T`` reuses lse(a))
+
+Row loss = ce_weight CE + kd_weight D (fp32, fp64 for fp64 inputs); written gradients:
+    grad_s = g (ce_weight dCE/ds + kd_weight dD/ds),  grad_t = g kd_weight dD/dt,
+with ``g = grad_scale[0]`` read on the device. A row whose label is ``ignore_index`` writes a
+zero loss and zero gradient rows and does no exponentials.
+
+Zeros and NaN: a term ``x (log x - log y)`` is taken as 0 where ``x == 0`` (padded ``-inf``
+logits give x == 0 and log x == -inf; 0 * inf would be NaN). The test is ``x == 0`` rather than
+``x > 0`` so that a NaN x keeps its NaN. A running max that is still ``-inf`` is replaced by 0
+before it is subtracted (no ``-inf - -inf``). NaN in an input reaches the row's sum of
+exponentials, hence its loss.
+
+Passes and bytes moved (per row element; bs / bt = bytes per student / teacher element; the
+gradient writes are counted only when that gradient is requested):
+    SINGLE_PASS (next_power_of_2(V) <= MAX_SINGLE_BLOCK, row held in registers):
+        every kind:       bs + bt (read)              + bs + bt (write grads)
+    streaming (tiles of BLOCK; pass 1 = online, rescaled log-sum-exp of a, b (and s when CE and
+    T != 1), plus for KIND 0 / 1 the running sum  sum e^(b-mb)(b-a)  /  sum e^(a-ma)(a-b)):
+        KIND 0, 1:        2 (bs + bt) (pass 1, pass 2) + bs + bt
+        KIND 2 (JSD):     3 (bs + bt)                  + bs + bt
+        JSD needs Ks, Kt inside its gradient, and they depend on lse(a), lse(b) through log m,
+        so it takes 3 passes: lse, then Ks/Kt, then gradients.
+    Loss only (no gradient requested): KIND 0/1 streaming stop after pass 1, JSD after pass 2.
+    Per row on top: 8 B label (when given) + 4 B (8 B fp64) loss. Ignored rows: writes only.
+    Nothing of size N x V is allocated except the gradient outputs.
+"""
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from kdkernels._debug import new_output
+
+__all__ = ["softmax_kl_forward", "launch_config", "aot_cases", "MAX_SINGLE_BLOCK", "STREAM_BLOCK"]
+
+LN2 = tl.constexpr(0.6931471805599453)
+LOG2E = tl.constexpr(1.4426950408889634)
+
+KIND_FORWARD = 0
+KIND_REVERSE = 1
+KIND_JSD = 2
+
+
+# --------------------------------------------------------------------------------------------
+# math helpers (inlined into the kernel)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _safe_max(m):
+    # a max that is still -inf (nothing seen yet / all padded) must not be subtracted: use 0
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _logaddexp2(x, y):
+    # log2(2^x + 2^y); -inf when both are -inf
+    mx = tl.maximum(x, y)
+    mn = tl.minimum(x, y)
+    return mx + tl.log2(1.0 + tl.exp2(mn - _safe_max(mx)))
+
+
+@triton.jit
+def _log2_mix(lps2, lpt2, l2b, l2nb):
+    # log2 m, m = beta pt + (1-beta) ps; exactly log2 ps where ps == pt (so D == 0 exactly
+    # for identical rows, V == 1 included)
+    return tl.where(lps2 == lpt2, lps2, _logaddexp2(lpt2 + l2b, lps2 + l2nb))
+
+
+@triton.jit
+def _log_ratios(lps2, lpt2, l2b, l2nb, KIND: tl.constexpr):
+    # the natural-log ratios each kind needs, from log2 probabilities (NaN where both are -inf;
+    # every use is guarded by p == 0)
+    if KIND == 0:
+        x = (lpt2 - lps2) * LN2  # log pt - log ps
+        y = x
+    elif KIND == 1:
+        x = (lps2 - lpt2) * LN2  # log ps - log pt
+        y = x
+    else:
+        lm2 = _log2_mix(lps2, lpt2, l2b, l2nb)
+        x = (lps2 - lm2) * LN2  # log ps - log m
+        y = (lpt2 - lm2) * LN2  # log pt - log m
+    return x, y
+
+
+@triton.jit
+def _divergence_terms(ps, pt, x, y, KIND: tl.constexpr):
+    # per-element terms whose row sums give D (KIND 0 / 1) or (Ks, Kt) (KIND 2); 0 where p == 0
+    if KIND == 0:
+        d1 = tl.where(pt == 0.0, 0.0, pt * x)  # pt (log pt - log ps)
+        d2 = d1
+    elif KIND == 1:
+        d1 = tl.where(ps == 0.0, 0.0, ps * x)  # ps (log ps - log pt)
+        d2 = d1
+    else:
+        d1 = tl.where(ps == 0.0, 0.0, ps * x)  # ps (log ps - log m)  -> Ks
+        d2 = tl.where(pt == 0.0, 0.0, pt * y)  # pt (log pt - log m)  -> Kt
+    return d1, d2
+
+
+@triton.jit
+def _divergence_grads(ps, pt, x, y, D, Ks, Kt, beta, KIND: tl.constexpr):
+    # T dD/ds and T dD/dt
+    if KIND == 0:
+        ds = ps - pt                                            # ps - pt
+        dt = tl.where(pt == 0.0, 0.0, pt * (x - D))             # pt (log pt - log ps - D)
+    elif KIND == 1:
+        ds = tl.where(ps == 0.0, 0.0, ps * (x - D))             # ps (log ps - log pt - D)
+        dt = pt - ps                                            # pt - ps
+    else:
+        ds = (1.0 - beta) * tl.where(ps == 0.0, 0.0, ps * (x - Ks))  # (1-beta) ps (log ps - log m - Ks)
+        dt = beta * tl.where(pt == 0.0, 0.0, pt * (y - Kt))          # beta pt (log pt - log m - Kt)
+    return ds, dt
+
+
+# --------------------------------------------------------------------------------------------
+# the kernel
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _softmax_kl_kernel(
+    s_ptr, t_ptr, labels_ptr, grad_scale_ptr, loss_ptr, gs_ptr, gt_ptr,
+    stride_s, stride_t, stride_gs, stride_gt,
+    V, ignore_index,
+    inv_T, inv_T_lo, beta, beta_lo, ce_weight, ce_weight_lo, kd_weight, kd_weight_lo,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, SAME_T: tl.constexpr,
+    GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    ACC = loss_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
+    NEG_INF: tl.constexpr = float("-inf")
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * stride_s
+    t_row = t_ptr + row * stride_t
+    gs_row = gs_ptr + row * stride_gs
+    gt_row = gt_ptr + row * stride_gt
+    cols = tl.arange(0, BLOCK)
+
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        if label == ignore_index:
+            # ignored row: zero loss, zero gradient rows, no exponentials
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                mask = offs < V
+                if GRAD_S:
+                    tl.store(gs_row + offs, tl.zeros([BLOCK], dtype=gs_ptr.dtype.element_ty), mask=mask)
+                if GRAD_T:
+                    tl.store(gt_row + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=mask)
+            tl.store(loss_ptr + row, tl.zeros([], dtype=ACC))
+            return
+
+    zero = tl.zeros([], dtype=ACC)
+    # float arguments arrive as fp32 (hi) + fp32 (lo) pairs so that fp64 accumulation sees them
+    # at fp64 precision; in fp32, hi + lo rounds back to hi
+    inv_t = (zero + inv_T) + inv_T_lo
+    scale = inv_t * LOG2E  # a2 = s * log2(e) / T
+    beta_a = (zero + beta) + beta_lo
+    kd_w = (zero + kd_weight) + kd_weight_lo
+    ce_w = (zero + ce_weight) + ce_weight_lo
+    l2b = tl.log2(beta_a)  # JSD only; beta = 0.5 (unused) for the other kinds
+    l2nb = tl.log2(1.0 - beta_a)
+    g = tl.load(grad_scale_ptr).to(ACC)
+    g_kd = g * kd_w * inv_t  # grad_scale * kd_weight / T
+    g_ce = g * ce_w
+    s_label = zero
+    if CE:
+        s_label = tl.load(s_row + label).to(ACC)
+
+    if SINGLE_PASS:
+        # ---- the whole row in registers: one read, everything from there ----
+        mask = cols < V
+        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(ACC)
+        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC)
+        a2 = s * scale
+        b2 = t * scale
+        ma = _safe_max(tl.max(a2, axis=0))
+        mb = _safe_max(tl.max(b2, axis=0))
+        ea = tl.exp2(a2 - ma)
+        eb = tl.exp2(b2 - mb)
+        za = tl.sum(ea, axis=0)
+        zb = tl.sum(eb, axis=0)
+        lse2_a = ma + tl.log2(za)
+        lse2_b = mb + tl.log2(zb)
+        ps = ea * (1.0 / za)
+        pt = eb * (1.0 / zb)
+        lps2 = a2 - lse2_a
+        lpt2 = b2 - lse2_b
+        x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+        d1, d2 = _divergence_terms(ps, pt, x, y, KIND)
+        K1 = tl.sum(d1, axis=0)
+        K2 = tl.sum(d2, axis=0)
+        if KIND == 2:
+            D = beta_a * K2 + (1.0 - beta_a) * K1
+        else:
+            D = K1
+        loss = kd_w * D
+        pc = ps
+        if CE:
+            if SAME_T:
+                lse2_c = lse2_a  # T == 1: lse(s) = lse(a)
+                c2_label = s_label * scale
+            else:
+                c2 = s * LOG2E
+                mc = _safe_max(tl.max(c2, axis=0))
+                ec = tl.exp2(c2 - mc)
+                zc = tl.sum(ec, axis=0)
+                lse2_c = mc + tl.log2(zc)
+                pc = ec * (1.0 / zc)
+                c2_label = s_label * LOG2E
+            loss += ce_w * ((lse2_c - c2_label) * LN2)  # CE = lse(s) - s[label]
+        tl.store(loss_ptr + row, loss)
+        if GRAD_S or GRAD_T:
+            ds, dt = _divergence_grads(ps, pt, x, y, D, K1, K2, beta_a, KIND)
+            if GRAD_S:
+                gs = g_kd * ds
+                if CE:
+                    gs += g_ce * (pc - tl.where(cols == label, 1.0, 0.0))  # softmax(s) - onehot
+                tl.store(gs_row + cols, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+            if GRAD_T:
+                tl.store(gt_row + cols, (g_kd * dt).to(gt_ptr.dtype.element_ty), mask=mask)
+    else:
+        # ---- pass 1: online (rescaled) log-sum-exp of a, b (and s for CE at T != 1) ----
+        m_a = zero + NEG_INF
+        m_b = zero + NEG_INF
+        m_c = zero + NEG_INF
+        z_a = zero
+        z_b = zero
+        z_c = zero
+        w = zero  # KIND 0: sum e^(b2-mb) (b2-a2);  KIND 1: sum e^(a2-ma) (a2-b2)
+        for start in range(0, V, BLOCK):
+            offs = start + cols
+            mask = offs < V
+            s = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(ACC)
+            t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
+            a2 = s * scale
+            b2 = t * scale
+            ma_new = tl.maximum(m_a, tl.max(a2, axis=0))
+            mb_new = tl.maximum(m_b, tl.max(b2, axis=0))
+            ma_s = _safe_max(ma_new)
+            mb_s = _safe_max(mb_new)
+            alpha_a = tl.exp2(m_a - ma_s)  # rescale of what was summed so far (0 if nothing yet)
+            alpha_b = tl.exp2(m_b - mb_s)
+            ea = tl.exp2(a2 - ma_s)
+            eb = tl.exp2(b2 - mb_s)
+            z_a = z_a * alpha_a + tl.sum(ea, axis=0)
+            z_b = z_b * alpha_b + tl.sum(eb, axis=0)
+            if KIND == 0:
+                w = w * alpha_b + tl.sum(tl.where(eb == 0.0, 0.0, eb * (b2 - a2)), axis=0)
+            elif KIND == 1:
+                w = w * alpha_a + tl.sum(tl.where(ea == 0.0, 0.0, ea * (a2 - b2)), axis=0)
+            m_a = ma_new
+            m_b = mb_new
+            if CE:
+                if not SAME_T:
+                    c2 = s * LOG2E
+                    mc_new = tl.maximum(m_c, tl.max(c2, axis=0))
+                    mc_s = _safe_max(mc_new)
+                    z_c = z_c * tl.exp2(m_c - mc_s) + tl.sum(tl.exp2(c2 - mc_s), axis=0)
+                    m_c = mc_new
+        lse2_a = _safe_max(m_a) + tl.log2(z_a)
+        lse2_b = _safe_max(m_b) + tl.log2(z_b)
+        K1 = zero
+        K2 = zero
+        if KIND == 0:
+            D = (w / z_b - lse2_b + lse2_a) * LN2  # sum pt (b - a) - lse(b) + lse(a)
+        elif KIND == 1:
+            D = (w / z_a - lse2_a + lse2_b) * LN2  # sum ps (a - b) - lse(a) + lse(b)
+        else:
+            # ---- JSD pass 2: Ks, Kt ----
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                mask = offs < V
+                s = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(ACC)
+                t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
+                lps2 = s * scale - lse2_a
+                lpt2 = t * scale - lse2_b
+                ps = tl.exp2(lps2)
+                pt = tl.exp2(lpt2)
+                x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+                d1, d2 = _divergence_terms(ps, pt, x, y, KIND)
+                K1 += tl.sum(d1, axis=0)
+                K2 += tl.sum(d2, axis=0)
+            D = beta_a * K2 + (1.0 - beta_a) * K1
+        loss = kd_w * D
+        lse2_c = lse2_a
+        if CE:
+            c2_label = s_label * scale
+            if not SAME_T:
+                lse2_c = _safe_max(m_c) + tl.log2(z_c)
+                c2_label = s_label * LOG2E
+            loss += ce_w * ((lse2_c - c2_label) * LN2)  # CE = lse(s) - s[label]
+        tl.store(loss_ptr + row, loss)
+        if GRAD_S or GRAD_T:
+            # ---- last pass: gradients ----
+            for start in range(0, V, BLOCK):
+                offs = start + cols
+                mask = offs < V
+                s = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(ACC)
+                t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
+                lps2 = s * scale - lse2_a
+                lpt2 = t * scale - lse2_b
+                ps = tl.exp2(lps2)
+                pt = tl.exp2(lpt2)
+                x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+                ds, dt = _divergence_grads(ps, pt, x, y, D, K1, K2, beta_a, KIND)
+                if GRAD_S:
+                    gs = g_kd * ds
+                    if CE:
+                        if SAME_T:
+                            pc = ps
+                        else:
+                            pc = tl.exp2(s * LOG2E - lse2_c)
+                        gs += g_ce * (pc - tl.where(offs == label, 1.0, 0.0))  # softmax(s) - onehot
+                    tl.store(gs_row + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
+                if GRAD_T:
+                    tl.store(gt_row + offs, (g_kd * dt).to(gt_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+# Largest whole-row block held in registers without register spills on sm_80 / sm_90, checked
+# by tests/test_aot.py on the heaviest variant (JSD + CE at T != 1 + both gradients). With about
+# 8 fp32 values per thread per row array the heaviest variant uses ~90 registers; measured
+# (sm_90, triton 3.9, JSD + CE + both grads) the largest spill-free whole-row block is
+#     4 warps: 2048   8 warps: 4096   16 warps: 4096 (8192 spills)   32 warps: 4096 (8192 spills)
+# (forward / reverse KL alone fit 8192 with 32 warps, but every real LLM vocabulary is far above
+# 8192, so one limit for all kinds keeps the configuration simple). fp64 (gradcheck) uses two
+# registers per value, hence the smaller blocks.
+MAX_SINGLE_BLOCK = {torch.float32: 4096, torch.bfloat16: 4096, torch.float16: 4096, torch.float64: 1024}
+# streaming tile: 2048 logits per iteration with 8 warps (8 values per thread, 40-64 registers,
+# so up to four programs share an SM). Larger tiles compile, but ptxas then spills a register
+# in some variants (4096 / 8 warps: 8 bytes on sm_80 for fp16 JSD; 4096 / 16 warps and
+# 8192 / 16 warps: 8 bytes on sm_80 / sm_90 for some variants).
+STREAM_BLOCK = {torch.float32: 2048, torch.bfloat16: 2048, torch.float16: 2048, torch.float64: 1024}
+STREAM_WARPS = 8
+
+
+def _single_warps(block: int, key) -> int:
+    # about 8 (fp32) / 4 (fp64) values per thread per row array, 1 to 16 warps
+    per_warp = 128 if key == torch.float64 else 256
+    return max(1, min(16, block // per_warp))
+
+
+def _key_dtype(student_dtype, teacher_dtype):
+    if torch.float64 in (student_dtype, teacher_dtype):
+        return torch.float64
+    if torch.float32 in (student_dtype, teacher_dtype):
+        return torch.float32
+    return student_dtype
+
+
+def launch_config(V: int, student_dtype, teacher_dtype) -> dict:
+    """BLOCK, num_warps and SINGLE_PASS for a row of V logits."""
+    key = _key_dtype(student_dtype, teacher_dtype)
+    block = triton.next_power_of_2(max(int(V), 1))
+    if block <= MAX_SINGLE_BLOCK[key]:
+        return {"BLOCK": block, "num_warps": _single_warps(block, key), "SINGLE_PASS": True}
+    return {"BLOCK": STREAM_BLOCK[key], "num_warps": STREAM_WARPS, "SINGLE_PASS": False}
+
+
+def _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg):
+    return {
+        "KIND": int(kind),
+        "HAS_LABELS": bool(has_labels),
+        "CE": bool(ce_weight > 0),
+        "SAME_T": bool(temperature == 1.0),
+        "GRAD_S": bool(need_grad_student),
+        "GRAD_T": bool(need_grad_teacher),
+        "SINGLE_PASS": bool(cfg["SINGLE_PASS"]),
+        "BLOCK": int(cfg["BLOCK"]),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the launcher
+# --------------------------------------------------------------------------------------------
+def _hi_lo(x):
+    # x = hi + lo with both fp32 (triton passes python floats as fp32)
+    x = float(x)
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: float, kind: int, beta: float,
+                       ignore_index: int, ce_weight: float, kd_weight: float,
+                       need_grad_student: bool, need_grad_teacher: bool):
+    """student, teacher: 2-D [N, V] tensors (last dim contiguous, same device, possibly different float dtypes).
+    labels: None or int64 [N]. grad_scale: 0-dim or 1-element float32 tensor on the same device.
+    Returns (loss_rows [N] float32 (float64 for fp64 inputs), grad_student [N,V] in student.dtype or None,
+             grad_teacher [N,V] in teacher.dtype or None)."""
+    assert student.dim() == 2 and student.shape == teacher.shape
+    assert student.stride(-1) == 1 and teacher.stride(-1) == 1
+    assert kind in (KIND_FORWARD, KIND_REVERSE, KIND_JSD)
+    assert kind != KIND_JSD or 0.0 < beta < 1.0
+    assert temperature > 0
+    assert ce_weight <= 0 or labels is not None
+    assert grad_scale.numel() == 1
+    N, V = student.shape
+    assert V >= 1 and V <= 2**31 - 2**17, "V must fit int32 column offsets"
+    fp64 = torch.float64 in (student.dtype, teacher.dtype)
+    device = student.device
+    loss = new_output((N,), dtype=torch.float64 if fp64 else torch.float32, device=device)
+    grad_s = new_output((N, V), dtype=student.dtype, device=device) if need_grad_student else None
+    grad_t = new_output((N, V), dtype=teacher.dtype, device=device) if need_grad_teacher else None
+    if N == 0:
+        return loss, grad_s, grad_t
+    if labels is not None:
+        assert labels.dtype == torch.int64 and labels.shape == (N,)
+        labels = labels.contiguous()
+    cfg = launch_config(V, student.dtype, teacher.dtype)
+    flags = _flags(kind, labels is not None, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg)
+    b = float(beta) if kind == KIND_JSD else 0.5  # beta only read by the JSD kernel
+    _softmax_kl_kernel[(N,)](
+        student, teacher,
+        labels if labels is not None else loss,  # unused placeholders keep the argument list fixed
+        grad_scale, loss,
+        grad_s if grad_s is not None else student,
+        grad_t if grad_t is not None else teacher,
+        student.stride(0), teacher.stride(0),
+        grad_s.stride(0) if grad_s is not None else 0,
+        grad_t.stride(0) if grad_t is not None else 0,
+        V, int(ignore_index),
+        *_hi_lo(1.0 / float(temperature)), *_hi_lo(b), *_hi_lo(ce_weight), *_hi_lo(kd_weight),
+        num_warps=cfg["num_warps"], **flags,
+    )
+    return loss, grad_s, grad_t
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile cases (tests/test_aot.py)
+# --------------------------------------------------------------------------------------------
+_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def _signature(student_dtype, teacher_dtype, has_labels, grad_s, grad_t, flags, aligned):
+    """The argument types the launcher passes, in the form triton.compiler.ASTSource takes
+    (constexpr arguments typed "constexpr", as triton >= 3.3 expects). A ":16" suffix marks an
+    argument the JIT specializes as divisible by 16 (every pointer the launcher passes; the
+    strides and V when V % 16 == 0), as in triton/tools/compile.py; strip it and turn it into
+    ``attrs`` before compiling."""
+    sd, td = _TL_NAME[student_dtype], _TL_NAME[teacher_dtype]
+    acc = "fp64" if "fp64" in (sd, td) else "fp32"
+    i = "i32:16" if aligned else "i32"
+    sig = {
+        "s_ptr": "*" + sd, "t_ptr": "*" + td,
+        "labels_ptr": "*i64" if has_labels else "*" + acc,
+        "grad_scale_ptr": "*fp32", "loss_ptr": "*" + acc,
+        "gs_ptr": "*" + sd, "gt_ptr": "*" + td,
+    }
+    sig = {k: v + ":16" for k, v in sig.items()}
+    sig.update({
+        "stride_s": i, "stride_t": i,
+        "stride_gs": i if grad_s else "i32:16",  # 0 when the gradient is not requested
+        "stride_gt": i if grad_t else "i32:16",
+        "V": i, "ignore_index": "i32",
+        "inv_T": "fp32", "inv_T_lo": "fp32", "beta": "fp32", "beta_lo": "fp32",
+        "ce_weight": "fp32", "ce_weight_lo": "fp32", "kd_weight": "fp32", "kd_weight_lo": "fp32",
+    })
+    for k in flags:
+        sig[k] = "constexpr"
+    return sig
+
+
+def aot_cases() -> list:
+    """(signature, constexprs, num_warps) for the kernel variants the launcher uses at
+    V in {1000, 32001, 131073, 262144} (and V = MAX_SINGLE_BLOCK, the largest whole row) x dtypes
+    {fp32, bf16, fp16} (plus bf16 student / fp32
+    teacher and fp64) x the feature combinations that matter for registers: each kind with
+    labels + CE at T != 1 + both gradients (the heaviest), forward KL without labels and student
+    gradient only, forward KL with CE at T == 1. Variants that compile to the same code are
+    listed once (131073 and 262144 differ only in the divisibility of V and the strides)."""
+    combos = [
+        # kind, has_labels, ce_weight, temperature, grad_s, grad_t
+        (0, True, 0.5, 2.0, True, True),
+        (1, True, 0.5, 2.0, True, True),
+        (2, True, 0.5, 2.0, True, True),
+        (0, False, 0.0, 2.0, True, False),
+        (0, True, 0.5, 1.0, True, False),
+    ]
+    cases, seen = [], set()
+
+    def add(V, sd, td, combo):
+        kind, has_labels, ce_w, temp, gsf, gtf = combo
+        cfg = launch_config(V, sd, td)
+        flags = _flags(kind, has_labels, ce_w, temp, gsf, gtf, cfg)
+        sig = _signature(sd, td, has_labels, gsf, gtf, flags, aligned=V % 16 == 0)
+        key = (tuple(sig.items()), tuple(flags.items()), cfg["num_warps"])
+        if key not in seen:
+            seen.add(key)
+            cases.append((sig, flags, cfg["num_warps"]))
+
+    for V in (1000, 32001, 131073, 262144):
+        for d in (torch.float32, torch.bfloat16, torch.float16):
+            for combo in (combos if V != 262144 else combos[2:3]):  # aligned: heaviest only
+                add(V, d, d, combo)
+    for d in (torch.float32, torch.bfloat16):  # the largest whole-row block
+        for combo in combos[:3]:
+            add(MAX_SINGLE_BLOCK[d], d, d, combo)
+    for V in (1000, 131073):
+        add(V, torch.bfloat16, torch.float32, combos[2])
+        add(V, torch.float64, torch.float64, combos[2])
+    return cases
