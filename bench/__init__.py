@@ -1,0 +1,1 @@
+"""Microbenchmarks for kdkernels: ``python -m bench [family ...]``; see bench/README.md."""

@@ -1,0 +1,67 @@
+"""softmax-KL, forward KL(p_t || p_s) at temperature 2, forward + backward.
+
+Student logits ``s [N, V]`` (requires grad) and teacher logits ``t [N, V]`` (no grad), same dtype.
+The loss is the batch mean over rows; ``loss.backward()`` produces ``s.grad`` in ``s``'s dtype.
+
+Minimum traffic of one forward+backward: read s, read t, write grad_s once each,
+``(2 * itemsize + itemsize) * N * V`` bytes (the gradient is written in the input dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import CompiledProvider, Family, Provider, kdkernels_providers
+
+TEMPERATURE = 2.0
+
+SHAPES = [(256, 32000), (64, 131072), (512, 131072), (128, 262144)]
+QUICK_SHAPES = [(256, 32000), (64, 131072)]
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    s = torch.randn(shape, dtype=dtype, device=device, generator=g).requires_grad_()
+    t = torch.randn(shape, dtype=dtype, device=device, generator=g)
+    return {"s": s, "t": t}
+
+
+def min_bytes(shape, dtype):
+    n, v = shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (2 * itemsize + itemsize) * n * v
+
+
+def eager_loss(s, t):
+    # What a user writes today; bf16 inputs are upcast inside.
+    T = TEMPERATURE
+    return F.kl_div(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1),
+                    reduction="batchmean", log_target=True)
+
+
+def kdkernels_loss(backend):
+    import kdkernels
+
+    def loss(s, t):
+        return kdkernels.softmax_kl(s, t, temperature=TEMPERATURE, kind="forward", reduction="mean",
+                                    backend=backend)
+
+    return loss
+
+
+def providers(device, notes):
+    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss),
+            *kdkernels_providers(device, kdkernels_loss, notes)]
+
+
+FAMILY = Family(
+    name="softmax_kl",
+    title=f"forward KL(p_t || p_s), T={TEMPERATURE}, batch mean, forward+backward",
+    shapes=SHAPES,
+    quick_shapes=QUICK_SHAPES,
+    tiny_shape=(2, 5000),
+    make_inputs=make_inputs,
+    min_bytes=min_bytes,
+    providers=providers,
+)
