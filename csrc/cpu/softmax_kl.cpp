@@ -15,10 +15,10 @@
 //   hard-label CE at temperature 1: CE = logsumexp(s) - s[y], dCE/ds = softmax(s) - onehot(y)
 //   row loss = ce_weight CE + kd_weight D; gradients are scaled by grad_scale (1/rows for "mean").
 //
-// Memory: each row is swept in chunks of kChunk logits converted to the accumulation type in
-// L1-resident buffers. Pass 1 keeps a running max per chunk (one exp per logit, sums rescaled
-// only when a chunk raises the max) and accumulates sum e^(b-Mb) (b - a) (forward) or
-// sum e^(a-Ma) (a - b) (reverse), so the loss is known after one read of the row. Pass 2 reads
+// Memory: pass 1 sweeps each row in chunks of kChunk logits: the chunk's max (first read, from
+// DRAM), then its exponentials (second read, from L1), one exp per logit, the running sums rescaled
+// only when a chunk raises the max. It also and accumulates sum e^(b-Mb) (b - a) (forward) or
+// sum e^(a-Ma) (a - b) (reverse), so the loss is known after one read of the row from DRAM. Pass 2 reads
 // the row again (from L2/L3: a 128k-logit fp32 row pair is 1 MiB) and writes the gradients.
 // "jsd" needs Ks and Kt before its gradient and adds one more sweep. DRAM traffic per logit:
 // read student + read teacher + write each requested gradient; nothing of size N x V is allocated
@@ -35,6 +35,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -92,58 +93,102 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 2048;
 
-// ---- conversion of a chunk of logits into the accumulation type, and back ------------------
+// ---- loads and stores of one vector of logits / gradients in the accumulation type ---------
+// VecIO<acc_t, T>::load(p) reads Vectorized<acc_t>::size() elements of type T; load_tail(p, n)
+// reads n < size() and pads with -inf (a padded logit contributes exp(-inf) = 0); store and
+// store_tail write back in T (bfloat16: round to nearest even, NaN kept).
 
 template <typename acc_t, typename T>
-inline void load_chunk(const T* src, acc_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
-}
-
-inline void load_chunk(const c10::BFloat16* src, float* dst, int64_t n) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
-}
-
-inline void load_chunk(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+struct VecIO {  // portable fallback
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
+  static Vec load(const T* p) {
+    alignas(64) acc_t b[W];
+    for (int64_t k = 0; k < W; ++k) b[k] = static_cast<acc_t>(p[k]);
+    return Vec::loadu(b);
   }
+  static Vec load_tail(const T* p, int64_t n) {
+    alignas(64) acc_t b[W];
+    for (int64_t k = 0; k < W; ++k) b[k] = k < n ? static_cast<acc_t>(p[k]) : -std::numeric_limits<acc_t>::infinity();
+    return Vec::loadu(b);
+  }
+  static void store(T* p, const Vec& v) { store_tail(p, v, W); }
+  static void store_tail(T* p, const Vec& v, int64_t n) {
+    alignas(64) acc_t b[W];
+    v.store(b);
+    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(b[k]);
+  }
+};
+
+template <typename acc_t>
+struct VecIO<acc_t, acc_t> {  // float -> float, double -> double: no conversion
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t W = Vec::size();
+  static Vec load(const acc_t* p) { return Vec::loadu(p); }
+  static Vec load_tail(const acc_t* p, int64_t n) {
+    alignas(64) acc_t b[W];
+    for (int64_t k = 0; k < W; ++k) b[k] = k < n ? p[k] : -std::numeric_limits<acc_t>::infinity();
+    return Vec::loadu(b);
+  }
+  static void store(acc_t* p, const Vec& v) { v.store(p); }
+  static void store_tail(acc_t* p, const Vec& v, int64_t n) { v.store(p, static_cast<int>(n)); }
+};
+
+#if defined(CPU_CAPABILITY_AVX2) && defined(__F16C__)
+template <>
+struct VecIO<float, c10::BFloat16> {
+  using Vec = Vectorized<float>;
+  static constexpr int64_t W = 8;
+  static Vec load(const c10::BFloat16* p) {
+    const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+  }
+  static Vec load_tail(const c10::BFloat16* p, int64_t n) {
+    return VecIO<float, float>::load_tail(tail_to_float(p, n).data(), n);
+  }
+  static void store(c10::BFloat16* p, const Vec& v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  static void store_tail(c10::BFloat16* p, const Vec& v, int64_t n) {
+    alignas(16) c10::BFloat16 b[8];
+    store(b, v);
+    std::memcpy(static_cast<void*>(p), b, n * sizeof(c10::BFloat16));
+  }
+  static std::array<float, 8> tail_to_float(const c10::BFloat16* p, int64_t n) {
+    std::array<float, 8> b{};
+    for (int64_t k = 0; k < n; ++k) b[k] = static_cast<float>(p[k]);
+    return b;
+  }
+};
+
+template <>
+struct VecIO<float, c10::Half> {
+  using Vec = Vectorized<float>;
+  static constexpr int64_t W = 8;
+  static Vec load(const c10::Half* p) {
+    return Vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static Vec load_tail(const c10::Half* p, int64_t n) {
+    alignas(32) float b[8];
+    for (int64_t k = 0; k < 8; ++k) b[k] = k < n ? static_cast<float>(p[k]) : -std::numeric_limits<float>::infinity();
+    return Vec::loadu(b);
+  }
+  static void store(c10::Half* p, const Vec& v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void store_tail(c10::Half* p, const Vec& v, int64_t n) {
+    alignas(16) c10::Half b[8];
+    store(b, v);
+    std::memcpy(static_cast<void*>(p), b, n * sizeof(c10::Half));
+  }
+};
 #endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename acc_t, typename T>
-inline void store_chunk(const acc_t* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
-}
-
-inline void store_chunk(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-
-// Round to nearest even, NaN stays NaN; written branch-free so the loop vectorizes.
-inline void store_chunk(const float* src, c10::BFloat16* dst, int64_t n) {
-  const uint32_t* s = reinterpret_cast<const uint32_t*>(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = s[i];
-    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    const bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-    d[i] = static_cast<uint16_t>(is_nan ? 0x7FC0u : rounded);
-  }
-}
-
-inline void store_chunk(const float* src, c10::Half* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__F16C__)
-  for (; i + 8 <= n; i += 8) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
 
 // ---- vector math -------------------------------------------------------------------------
 
@@ -184,42 +229,172 @@ struct Params {
   bool same_t, ce, kd, grad_s, grad_t;
 };
 
-// One row. A, B, GA, GB are kChunk + vector-width scratch buffers owned by the calling thread.
+// ---- the sweeps over a row --------------------------------------------------------------
+// Each sweep is a plain loop over nvec whole vectors with its accumulators in local variables
+// (registers). The last, partial vector of a row is copied into a W-element scratch padded with
+// -inf (exp(-inf) = 0: padding adds nothing) and run through the same loop with nvec = 1.
+
+template <typename acc_t>
+struct RowConsts {
+  Vectorized<acc_t> inv_t, ma, mb, mc, lse_a, lse_b, lse_c, beta, beta1, D, Ks, Kt, cs_s, cs_t, ce;
+  acc_t ce_scale;
+  bool ce_on, ce_own_lse, same_t, want_s, want_t;
+};
+
+template <typename acc_t>
+struct Sums {
+  Vectorized<acc_t> a, b, w, c;
+};
+
+template <typename acc_t, typename TS, typename TT>
+void sweep_max(const TS* s, const TT* t, int64_t nvec, Vectorized<acc_t>& vma, Vectorized<acc_t>& vmb) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec ma = vma, mb = vmb;
+  for (int64_t i = 0; i < nvec; ++i) {
+    ma = at::vec::maximum(ma, VecIO<acc_t, TS>::load(s + i * W));  // NaN-propagating
+    mb = at::vec::maximum(mb, VecIO<acc_t, TT>::load(t + i * W));
+  }
+  vma = ma;
+  vmb = mb;
+}
+
+template <typename acc_t, Kind K, typename TS, typename TT>
+void sweep_sums(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& c, Sums<acc_t>& out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec inv_t = c.inv_t, ma = c.ma, mb = c.mb, mc = c.mc;
+  Vec va = out.a, vb = out.b, vw = out.w, vc = out.c;
+  for (int64_t i = 0; i < nvec; ++i) {
+    const Vec x = VecIO<acc_t, TS>::load(s + i * W), y = VecIO<acc_t, TT>::load(t + i * W);
+    const Vec a = x * inv_t, b = y * inv_t;
+    const Vec ea = vexp(a - ma), eb = vexp(b - mb);
+    va = va + ea;
+    vb = vb + eb;
+    if (K == Kind::Forward) vw = at::vec::fmadd(eb, where_pos(eb, b - a), vw);  // sum e^(b-Mb) (b - a)
+    if (K == Kind::Reverse) vw = at::vec::fmadd(ea, where_pos(ea, a - b), vw);  // sum e^(a-Ma) (a - b)
+    if (c.ce_own_lse) vc = vc + vexp(x - mc);                                  // sum e^(s-Ms)
+  }
+  out.a = va;
+  out.b = vb;
+  out.w = vw;
+  out.c = vc;
+}
+
+template <typename acc_t, typename TS, typename TT>
+void sweep_jsd(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& c, Sums<acc_t>& out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec inv_t = c.inv_t, lse_a = c.lse_a, lse_b = c.lse_b, beta = c.beta, beta1 = c.beta1;
+  Vec ks = out.a, kt = out.b;
+  for (int64_t i = 0; i < nvec; ++i) {
+    const Vec lps = VecIO<acc_t, TS>::load(s + i * W) * inv_t - lse_a;
+    const Vec lpt = VecIO<acc_t, TT>::load(t + i * W) * inv_t - lse_b;
+    const Vec ps = vexp(lps), pt = vexp(lpt);
+    const Vec lm = at::vec::fmadd(beta, pt, beta1 * ps).log();
+    ks = at::vec::fmadd(ps, where_pos(ps, lps - lm), ks);  // KL(p_s || m)
+    kt = at::vec::fmadd(pt, where_pos(pt, lpt - lm), kt);  // KL(p_t || m)
+  }
+  out.a = ks;
+  out.b = kt;
+}
+
+// label_rel: the label's index relative to s (may lie outside [0, nvec W)).
+template <typename acc_t, Kind K, typename TS, typename TT>
+void sweep_grad(const TS* s, const TT* t, TS* gs, TT* gt, int64_t nvec, int64_t label_rel,
+                const RowConsts<acc_t>& c) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec inv_t = c.inv_t, lse_a = c.lse_a, lse_b = c.lse_b, lse_c = c.lse_c, D = c.D;
+  const Vec cs_s = c.cs_s, cs_t = c.cs_t, ce = c.ce;
+  const bool want_s = c.want_s, want_t = c.want_t, ce_on = c.ce_on, same_t = c.same_t;
+  for (int64_t i = 0; i < nvec; ++i) {
+    const Vec x = VecIO<acc_t, TS>::load(s + i * W), y = VecIO<acc_t, TT>::load(t + i * W);
+    const Vec lps = x * inv_t - lse_a, lpt = y * inv_t - lse_b;
+    const Vec ps = vexp(lps), pt = vexp(lpt);
+    Vec gsv(0), gtv(0);
+    if (K == Kind::Forward) {
+      gsv = cs_s * (ps - pt);                                     // (p_s - p_t) / T
+      if (want_t) gtv = cs_t * pt * where_pos(pt, lpt - lps - D);  // p_t (log p_t - log p_s - D) / T
+    } else if (K == Kind::Reverse) {
+      if (want_s) gsv = cs_s * ps * where_pos(ps, lps - lpt - D);  // p_s (log p_s - log p_t - D) / T
+      gtv = cs_t * (pt - ps);                                      // (p_t - p_s) / T
+    } else {
+      const Vec lm = at::vec::fmadd(c.beta, pt, c.beta1 * ps).log();
+      if (want_s) gsv = cs_s * ps * where_pos(ps, lps - lm - c.Ks);  // (1 - beta) p_s (log p_s - log m - Ks) / T
+      if (want_t) gtv = cs_t * pt * where_pos(pt, lpt - lm - c.Kt);  // beta p_t (log p_t - log m - Kt) / T
+    }
+    if (want_s) {
+      if (ce_on) {
+        gsv = at::vec::fmadd(ce, same_t ? ps : vexp(x - lse_c), gsv);  // + softmax(s)
+        const int64_t lane = label_rel - i * W;
+        if (lane >= 0 && lane < W) {  // - onehot(y)
+          alignas(64) acc_t buf[W];
+          gsv.store(buf);
+          buf[lane] -= c.ce_scale;
+          gsv = Vec::loadu(buf);
+        }
+      }
+      VecIO<acc_t, TS>::store(gs + i * W, gsv);
+    }
+    if (want_t) VecIO<acc_t, TT>::store(gt + i * W, gtv);
+  }
+}
+
+// The last partial vector [j, j + cnt) of a row, padded with -inf.
+template <typename acc_t, typename TS, typename TT>
+struct Tail {
+  static constexpr int64_t W = Vectorized<acc_t>::size();
+  TS s[W];
+  TT t[W];
+  TS gs[W];
+  TT gt[W];
+  Tail(const TS* src_s, const TT* src_t, int64_t cnt) {
+    const acc_t inf = std::numeric_limits<acc_t>::infinity();
+    for (int64_t k = 0; k < W; ++k) {
+      s[k] = k < cnt ? src_s[k] : static_cast<TS>(-inf);
+      t[k] = k < cnt ? src_t[k] : static_cast<TT>(-inf);
+    }
+  }
+};
+
+// One row: pass 1 (online normalizers and the loss), "jsd": one more sweep, pass 2 (gradients).
 template <typename acc_t, Kind K, typename TS, typename TT>
 acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* gs, TT* gt,
-                        const Params<acc_t>& p, acc_t* A, acc_t* B, acc_t* GA, acc_t* GB) {
+                        const Params<acc_t>& p) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  const Vec inv_t(p.inv_t), zero(acc_t(0));
+  const int64_t V_full = V / W * W, rem = V - V_full;
+  const Tail<acc_t, TS, TT> tail(s + V_full, t + V_full, rem);
 
-  auto load = [&](int64_t off, int64_t n) {
-    load_chunk(s + off, A, n);
-    load_chunk(t + off, B, n);
-    const int64_t nr = (n + W - 1) / W * W;
-    for (int64_t i = n; i < nr; ++i) A[i] = B[i] = -kInf;  // padding contributes exp(-inf) = 0
-    return nr;
-  };
+  RowConsts<acc_t> c;
+  c.inv_t = Vec(p.inv_t);
+  c.ce_on = p.ce;
+  c.ce_own_lse = p.ce && !p.same_t;
+  c.same_t = p.same_t;
+  c.want_s = p.grad_s;
+  c.want_t = p.grad_t;
 
   // ---- pass 1: max, normalizers and the linear term of the loss, online over chunks ----
   acc_t Ma = -kInf, Mb = -kInf, za = 0, zb = 0, w = 0, zc = 0;
-  bool has_nan = false;
   for (int64_t off = 0; off < V; off += kChunk) {
     const int64_t n = std::min(kChunk, V - off);
-    const int64_t nr = load(off, n);
-    Vec vma(-kInf), vmb(-kInf);
-    for (int64_t i = 0; i < nr; i += W) {
-      vma = at::vec::maximum(vma, Vec::loadu(A + i));
-      vmb = at::vec::maximum(vmb, Vec::loadu(B + i));
-    }
+    const int64_t nvec = n / W;
+    const bool has_tail = off + n == V && rem > 0;
+    Vec vma(-kInf), vmb(-kInf);  // the chunk's maxima, then one rescale per chunk
+    sweep_max<acc_t>(s + off, t + off, nvec, vma, vmb);
+    if (has_tail) sweep_max<acc_t>(tail.s, tail.t, 1, vma, vmb);
     const acc_t cma = hmax(vma) * p.inv_t, cmb = hmax(vmb) * p.inv_t;
-    if (std::isnan(cma) || std::isnan(cmb)) {
-      has_nan = true;
-      break;
+    if (std::isnan(cma) || std::isnan(cmb)) {  // NaN in the row: its loss and gradients are NaN
+      const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+      if (p.grad_s) std::fill(gs, gs + V, static_cast<TS>(nan));
+      if (p.grad_t) std::fill(gt, gt + V, static_cast<TT>(nan));
+      return nan;
     }
-    if (cma > Ma) {  // a chunk raised the running max: rescale what was summed so far
+    if (cma > Ma) {  // the chunk raised the running max: rescale what was summed so far
       const acc_t f = std::exp(Ma - cma);
-      if (p.ce && !p.same_t) zc *= std::exp((Ma - cma) * p.temp);
+      if (c.ce_own_lse) zc *= std::exp((Ma - cma) * p.temp);
       za *= f;
       if (K == Kind::Reverse) w *= f;
       Ma = cma;
@@ -230,95 +405,59 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
       if (K == Kind::Forward) w *= f;
       Mb = cmb;
     }
-    const Vec ma(Ma == -kInf ? acc_t(0) : Ma), mb(Mb == -kInf ? acc_t(0) : Mb);
-    const Vec mc(Ma == -kInf ? acc_t(0) : Ma * p.temp);
-    Vec va(0), vb(0), vw(0), vc(0);
-    for (int64_t i = 0; i < nr; i += W) {
-      const Vec x = Vec::loadu(A + i), a = x * inv_t, b = Vec::loadu(B + i) * inv_t;
-      const Vec ea = vexp(a - ma), eb = vexp(b - mb);
-      va = va + ea;
-      vb = vb + eb;
-      if (K == Kind::Forward) vw = at::vec::fmadd(eb, where_pos(eb, b - a), vw);
-      if (K == Kind::Reverse) vw = at::vec::fmadd(ea, where_pos(ea, a - b), vw);
-      if (p.ce && !p.same_t) vc = vc + vexp(x - mc);
-    }
-    za += hsum(va);
-    zb += hsum(vb);
-    w += hsum(vw);
-    if (p.ce && !p.same_t) zc += hsum(vc);
-  }
-
-  if (has_nan) {
-    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-    for (int64_t off = 0; off < V; off += kChunk) {
-      const int64_t n = std::min(kChunk, V - off);
-      std::fill(GA, GA + n, nan);
-      if (p.grad_s) store_chunk(GA, gs + off, n);
-      if (p.grad_t) store_chunk(GA, gt + off, n);
-    }
-    return nan;
+    c.ma = Vec(Ma == -kInf ? acc_t(0) : Ma);  // an all -inf prefix must not give -inf - -inf
+    c.mb = Vec(Mb == -kInf ? acc_t(0) : Mb);
+    c.mc = Vec(Ma == -kInf ? acc_t(0) : Ma * p.temp);
+    Sums<acc_t> sums{Vec(0), Vec(0), Vec(0), Vec(0)};
+    sweep_sums<acc_t, K>(s + off, t + off, nvec, c, sums);
+    if (has_tail) sweep_sums<acc_t, K>(tail.s, tail.t, 1, c, sums);
+    za += hsum(sums.a);
+    zb += hsum(sums.b);
+    w += hsum(sums.w);
+    if (c.ce_own_lse) zc += hsum(sums.c);
   }
 
   const acc_t lse_a = Ma + std::log(za), lse_b = Mb + std::log(zb);
   const acc_t lse_c = p.same_t ? lse_a : Ma * p.temp + std::log(zc);
-  const Vec vlse_a(lse_a), vlse_b(lse_b), vlse_c(lse_c);
-  const Vec vbeta(p.beta), vbeta1(acc_t(1) - p.beta);
+  c.lse_a = Vec(lse_a);
+  c.lse_b = Vec(lse_b);
+  c.lse_c = Vec(lse_c);
+  c.beta = Vec(p.beta);
+  c.beta1 = Vec(acc_t(1) - p.beta);
 
   // ---- the divergence ----
   acc_t D = 0, Ks = 0, Kt = 0;
   // (lse_b - lse_a) grouped as (Mb - Ma) + log(zb / za): no cancellation of the maxima
   if (K == Kind::Forward) D = w / zb - ((Mb - Ma) + (std::log(zb) - std::log(za)));
   if (K == Kind::Reverse) D = w / za - ((Ma - Mb) + (std::log(za) - std::log(zb)));
-  if (K == Kind::JSD) {  // needs the normalizers of both rows: one more sweep
-    for (int64_t off = 0; off < V; off += kChunk) {
-      const int64_t nr = load(off, std::min(kChunk, V - off));
-      Vec vks(0), vkt(0);
-      for (int64_t i = 0; i < nr; i += W) {
-        const Vec lps = Vec::loadu(A + i) * inv_t - vlse_a, lpt = Vec::loadu(B + i) * inv_t - vlse_b;
-        const Vec ps = vexp(lps), pt = vexp(lpt);
-        const Vec lm = at::vec::fmadd(vbeta, pt, vbeta1 * ps).log();
-        vks = at::vec::fmadd(ps, where_pos(ps, lps - lm), vks);
-        vkt = at::vec::fmadd(pt, where_pos(pt, lpt - lm), vkt);
-      }
-      Ks += hsum(vks);
-      Kt += hsum(vkt);
-    }
+  if (K == Kind::JSD) {  // Ks, Kt need the normalizers of both rows: one more sweep
+    Sums<acc_t> k{Vec(0), Vec(0), Vec(0), Vec(0)};
+    sweep_jsd<acc_t>(s, t, V_full / W, c, k);
+    if (rem) sweep_jsd<acc_t>(tail.s, tail.t, 1, c, k);
+    Ks = hsum(k.a);
+    Kt = hsum(k.b);
     D = p.beta * Kt + (acc_t(1) - p.beta) * Ks;
   }
-  const acc_t ce = p.ce ? lse_c - static_cast<acc_t>(s[label]) : acc_t(0);
-  const acc_t loss = (p.ce ? p.ce_weight * ce : acc_t(0)) + (p.kd ? p.kd_weight * D : acc_t(0));
+  const acc_t ce_loss = p.ce ? lse_c - static_cast<acc_t>(s[label]) : acc_t(0);
+  const acc_t loss = (p.ce ? p.ce_weight * ce_loss : acc_t(0)) + (p.kd ? p.kd_weight * D : acc_t(0));
   if (!p.grad_s && !p.grad_t) return loss;
 
-  // ---- pass 2: gradients ----
+  // ---- pass 2: gradients, written in the inputs' dtypes ----
   const acc_t cs = p.kd ? p.grad_scale * p.kd_weight * p.inv_t : acc_t(0);
-  const Vec vcs_s(K == Kind::JSD ? cs * (acc_t(1) - p.beta) : cs), vcs_t(K == Kind::JSD ? cs * p.beta : cs);
-  const Vec vce(p.grad_scale * p.ce_weight), vD(D), vKs(Ks), vKt(Kt);
-  for (int64_t off = 0; off < V; off += kChunk) {
-    const int64_t n = std::min(kChunk, V - off);
-    const int64_t nr = load(off, n);
-    for (int64_t i = 0; i < nr; i += W) {
-      const Vec x = Vec::loadu(A + i);
-      const Vec lps = x * inv_t - vlse_a, lpt = Vec::loadu(B + i) * inv_t - vlse_b;
-      const Vec ps = vexp(lps), pt = vexp(lpt);
-      Vec gsv(0), gtv(0);
-      if (K == Kind::Forward) {
-        gsv = vcs_s * (ps - pt);                                        // (p_s - p_t) / T
-        if (p.grad_t) gtv = vcs_t * pt * where_pos(pt, lpt - lps - vD);  // p_t (log p_t - log p_s - D) / T
-      } else if (K == Kind::Reverse) {
-        gsv = vcs_s * ps * where_pos(ps, lps - lpt - vD);  // p_s (log p_s - log p_t - D) / T
-        gtv = vcs_t * (pt - ps);                           // (p_t - p_s) / T
-      } else {
-        const Vec lm = at::vec::fmadd(vbeta, pt, vbeta1 * ps).log();
-        gsv = vcs_s * ps * where_pos(ps, lps - lm - vKs);  // (1 - beta) p_s (log p_s - log m - Ks) / T
-        if (p.grad_t) gtv = vcs_t * pt * where_pos(pt, lpt - lm - vKt);  // beta p_t (log p_t - log m - Kt) / T
-      }
-      if (p.ce) gsv = at::vec::fmadd(vce, p.same_t ? ps : vexp(x - vlse_c), gsv);  // softmax(s)
-      if (p.grad_s) gsv.store(GA + i);
-      if (p.grad_t) gtv.store(GB + i);
-    }
-    if (p.ce && label >= off && label < off + n) GA[label - off] -= p.grad_scale * p.ce_weight;  // - onehot(y)
-    if (p.grad_s) store_chunk(GA, gs + off, n);
-    if (p.grad_t) store_chunk(GB, gt + off, n);
+  c.cs_s = Vec(K == Kind::JSD ? cs * (acc_t(1) - p.beta) : cs);
+  c.cs_t = Vec(K == Kind::JSD ? cs * p.beta : cs);
+  c.ce_scale = p.grad_scale * p.ce_weight;
+  c.ce = Vec(c.ce_scale);
+  c.D = Vec(D);
+  c.Ks = Vec(Ks);
+  c.Kt = Vec(Kt);
+  const int64_t lab = p.ce ? label : -1;
+  sweep_grad<acc_t, K>(s, t, gs, gt, V_full / W, lab, c);
+  if (rem) {
+    Tail<acc_t, TS, TT> out(s + V_full, t + V_full, rem);
+    sweep_grad<acc_t, K>(out.s, out.t, out.gs, out.gt, 1, p.ce ? label - V_full : -1, c);
+    if (p.grad_s) std::copy(out.gs, out.gs + rem, gs + V_full);
+    if (p.grad_t) std::copy(out.gt, out.gt + rem, gt + V_full);
   }
   return loss;
 }
@@ -335,8 +474,6 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
   acc_t* loss_ptr = loss.data_ptr<acc_t>();
 
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    constexpr int64_t kBuf = kChunk + 64;
-    alignas(64) acc_t A[kBuf], B[kBuf], GA[kBuf], GB[kBuf];
     for (int64_t r = begin; r < end; ++r) {
       TS* gs = gs_base ? gs_base + r * V : nullptr;
       TT* gt = gt_base ? gt_base + r * V : nullptr;
@@ -348,7 +485,7 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
         continue;
       }
       loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + r * s_stride, t_base + r * t_stride, V, label,
-                                                         gs, gt, p, A, B, GA, GB);
+                                                         gs, gt, p);
     }
   });
 }
