@@ -17,7 +17,7 @@
 //
 // Memory: pass 1 sweeps each row in chunks of kChunk logits: the chunk's max (first read, from
 // DRAM), then its exponentials (second read, from L1), one exp per logit, the running sums rescaled
-// only when a chunk raises the max. It also and accumulates sum e^(b-Mb) (b - a) (forward) or
+// only when a chunk raises the max. It also accumulates sum e^(b-Mb) (b - a) (forward) or
 // sum e^(a-Ma) (a - b) (reverse), so the loss is known after one read of the row from DRAM. Pass 2 reads
 // the row again (from L2/L3: a 128k-logit fp32 row pair is 1 MiB) and writes the gradients.
 // "jsd" needs Ks and Kt before its gradient and adds one more sweep. DRAM traffic per logit:
