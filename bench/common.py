@@ -401,8 +401,8 @@ def summarize(family: Family, shape: Shape, dtype: torch.dtype, timings: list) -
             "max_ms": max(t.times_ms),
             "peak_extra_mib": t.peak_extra_mib,
             "memory_method": t.memory_method,
-            "time_vs_eager": med / medians["eager"] if "eager" in medians else float("nan"),
-            "time_vs_compile": med / medians["compile"] if "compile" in medians else float("nan"),
+            "speedup_vs_eager": medians["eager"] / med if "eager" in medians else float("nan"),
+            "speedup_vs_compile": medians["compile"] / med if "compile" in medians else float("nan"),
             "min_bytes": nbytes,
             "gb_per_s": nbytes / (med * 1e-3) / 1e9,
             "first_call_ms": t.first_call_ms,
@@ -421,7 +421,7 @@ def _fmt_ms(x: float) -> str:
 
 
 TABLE_COLUMNS = ["case N×V", "dtype", "provider", "median ms", "spread (IQR ms)", "peak extra MiB",
-                 "× vs eager", "× vs compile", "GB/s"]
+                 "speed-up vs eager", "speed-up vs compile", "GB/s"]
 
 
 def markdown_table(rows: list) -> str:
@@ -431,15 +431,15 @@ def markdown_table(rows: list) -> str:
         flag = "" if r["check_ok"] else " (!)"
         cells = [r["case"].replace("x", "×"), r["dtype"], r["provider"] + flag, _fmt_ms(r["median_ms"]),
                  f"{_fmt_ms(r['q1_ms'])}–{_fmt_ms(r['q3_ms'])}", _fmt(r["peak_extra_mib"], 1),
-                 _fmt(r["time_vs_eager"], 2), _fmt(r["time_vs_compile"], 2), _fmt(r["gb_per_s"], 2)]
+                 _fmt(r["speedup_vs_eager"], 2), _fmt(r["speedup_vs_compile"], 2), _fmt(r["gb_per_s"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def report_markdown(family: Family, env: dict, rows: list, notes: list) -> str:
     out = [f"# {header_line(family, env)}", ""]
-    out.append("× vs eager / × vs compile: this provider's median time divided by eager's / compile's "
-               "(below 1 = faster). GB/s: minimum bytes (see bench/README.md) / median time. "
+    out.append("speed-up vs eager / vs compile: eager's / compile's median time divided by this provider's "
+               "(above 1 = faster). GB/s: minimum bytes (see bench/README.md) / median time. "
                "peak extra MiB: peak memory of one forward+backward beyond the inputs, "
                "input gradient included.")
     out.append("")

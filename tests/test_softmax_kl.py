@@ -165,7 +165,7 @@ def test_torch_compile(device):
     eager = step(s1, t, labels)
     eager.backward()
     s2 = s.clone().requires_grad_()
-    compiled = torch.compile(step, backend="aot_eager" if device == "cpu" else "inductor")(s2, t, labels)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")(s2, t, labels)
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(s2.grad, s1.grad)
