@@ -18,8 +18,11 @@
 // Memory: pass 1 sweeps each row in chunks of kChunk logits: the chunk's max (first read, from
 // DRAM), then its exponentials (second read, from L1), one exp per logit, the running sums rescaled
 // only when a chunk raises the max. It also accumulates sum e^(b-Mb) (b - a) (forward) or
-// sum e^(a-Ma) (a - b) (reverse), so the loss is known after one read of the row from DRAM. Pass 2 reads
-// the row again (from L2/L3: a 128k-logit fp32 row pair is 1 MiB) and writes the gradients.
+// sum e^(a-Ma) (a - b) (reverse), so the loss is known after one read of the row from DRAM. Pass 2
+// writes the gradients: for forward KL with a frozen teacher (the common training call) from the
+// exponentials pass 1 left in a per-thread scratch of 2 V floats (two multiplies per logit, no
+// second read of the logits); otherwise it reads the row again (from L2/L3: a 128k-logit fp32 row
+// pair is 1 MiB) and recomputes them.
 // "jsd" needs Ks and Kt before its gradient and adds one more sweep. DRAM traffic per logit:
 // read student + read teacher + write each requested gradient; nothing of size N x V is allocated
 // besides the gradients.
@@ -41,6 +44,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -260,7 +264,8 @@ void sweep_max(const TS* s, const TT* t, int64_t nvec, Vectorized<acc_t>& vma, V
 }
 
 template <typename acc_t, Kind K, typename TS, typename TT>
-void sweep_sums(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& c, Sums<acc_t>& out) {
+void sweep_sums(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& c, Sums<acc_t>& out,
+                acc_t* cache_a = nullptr, acc_t* cache_b = nullptr) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec inv_t = c.inv_t, ma = c.ma, mb = c.mb, mc = c.mc;
@@ -269,6 +274,10 @@ void sweep_sums(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& 
     const Vec x = VecIO<acc_t, TS>::load(s + i * W), y = VecIO<acc_t, TT>::load(t + i * W);
     const Vec a = x * inv_t, b = y * inv_t;
     const Vec ea = vexp(a - ma), eb = vexp(b - mb);
+    if (cache_a) {  // kept for pass 2, which then needs no exponentials and no second read of s, t
+      ea.store(cache_a + i * W);
+      eb.store(cache_b + i * W);
+    }
     va = va + ea;
     vb = vb + eb;
     if (K == Kind::Forward) vw = at::vec::fmadd(eb, where_pos(eb, b - a), vw);  // sum e^(b-Mb) (b - a)
@@ -341,6 +350,29 @@ void sweep_grad(const TS* s, const TT* t, TS* gs, TT* gt, int64_t nvec, int64_t 
   }
 }
 
+// Pass 2 of forward KL from the exponentials cached by pass 1 (student gradient only, CE at T = 1
+// allowed): p_s = e_a exp(Ma_chunk - lse_a), p_t = e_b exp(Mb_chunk - lse_b), where Ma_chunk,
+// Mb_chunk are the running maxima the chunk's exponentials were taken against.
+// grad_s = cs (p_s - p_t) + ce (p_s - onehot) = fa e_a - fb e_b (- ce at the label).
+template <typename acc_t, typename TS>
+void sweep_grad_cached(const acc_t* ea, const acc_t* eb, TS* gs, int64_t nvec, int64_t label_rel, acc_t fa,
+                       acc_t fb, acc_t ce_scale) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec va(fa), vb(fb);
+  for (int64_t i = 0; i < nvec; ++i) {
+    Vec g = Vec::loadu(ea + i * W) * va - Vec::loadu(eb + i * W) * vb;
+    const int64_t lane = label_rel - i * W;
+    if (lane >= 0 && lane < W) {  // - onehot(y)
+      alignas(64) acc_t buf[W];
+      g.store(buf);
+      buf[lane] -= ce_scale;
+      g = Vec::loadu(buf);
+    }
+    VecIO<acc_t, TS>::store(gs + i * W, g);
+  }
+}
+
 // The last partial vector [j, j + cnt) of a row, padded with -inf.
 template <typename acc_t, typename TS, typename TT>
 struct Tail {
@@ -361,12 +393,24 @@ struct Tail {
 // One row: pass 1 (online normalizers and the loss), "jsd": one more sweep, pass 2 (gradients).
 template <typename acc_t, Kind K, typename TS, typename TT>
 acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* gs, TT* gt,
-                        const Params<acc_t>& p) {
+                        const Params<acc_t>& p, std::vector<acc_t>& scratch) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const int64_t V_full = V / W * W, rem = V - V_full;
   const Tail<acc_t, TS, TT> tail(s + V_full, t + V_full, rem);
+  // Forward KL with only the student gradient (the common case) keeps pass 1's exponentials in a
+  // per-thread scratch of 2 V + O(V / kChunk) values, so pass 2 is two multiplies per logit.
+  const bool cached = K == Kind::Forward && p.grad_s && !p.grad_t && !(p.ce && !p.same_t) && p.kd;
+  const int64_t n_chunks = (V + kChunk - 1) / kChunk, V_pad = V_full + (rem ? W : 0);
+  acc_t *cache_a = nullptr, *cache_b = nullptr, *chunk_ma = nullptr, *chunk_mb = nullptr;
+  if (cached) {
+    scratch.resize(2 * V_pad + 2 * n_chunks);
+    cache_a = scratch.data();
+    cache_b = cache_a + V_pad;
+    chunk_ma = cache_b + V_pad;
+    chunk_mb = chunk_ma + n_chunks;
+  }
 
   RowConsts<acc_t> c;
   c.inv_t = Vec(p.inv_t);
@@ -409,8 +453,15 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
     c.mb = Vec(Mb == -kInf ? acc_t(0) : Mb);
     c.mc = Vec(Ma == -kInf ? acc_t(0) : Ma * p.temp);
     Sums<acc_t> sums{Vec(0), Vec(0), Vec(0), Vec(0)};
-    sweep_sums<acc_t, K>(s + off, t + off, nvec, c, sums);
-    if (has_tail) sweep_sums<acc_t, K>(tail.s, tail.t, 1, c, sums);
+    if (cached) {
+      chunk_ma[off / kChunk] = Ma;
+      chunk_mb[off / kChunk] = Mb;
+      sweep_sums<acc_t, K>(s + off, t + off, nvec, c, sums, cache_a + off, cache_b + off);
+      if (has_tail) sweep_sums<acc_t, K>(tail.s, tail.t, 1, c, sums, cache_a + V_full, cache_b + V_full);
+    } else {
+      sweep_sums<acc_t, K>(s + off, t + off, nvec, c, sums);
+      if (has_tail) sweep_sums<acc_t, K>(tail.s, tail.t, 1, c, sums);
+    }
     za += hsum(sums.a);
     zb += hsum(sums.b);
     w += hsum(sums.w);
@@ -452,6 +503,22 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   c.Ks = Vec(Ks);
   c.Kt = Vec(Kt);
   const int64_t lab = p.ce ? label : -1;
+  if (cached) {
+    for (int64_t off = 0; off < V; off += kChunk) {
+      const int64_t n = std::min(kChunk, V - off), k = off / kChunk;
+      // a running max that was still -inf means every exponential of that chunk is 0
+      const acc_t ua = chunk_ma[k] == -kInf ? acc_t(0) : std::exp(chunk_ma[k] - lse_a);
+      const acc_t ub = chunk_mb[k] == -kInf ? acc_t(0) : std::exp(chunk_mb[k] - lse_b);
+      const acc_t fa = (cs + c.ce_scale) * ua, fb = cs * ub;
+      sweep_grad_cached<acc_t>(cache_a + off, cache_b + off, gs + off, n / W, lab - off, fa, fb, c.ce_scale);
+      if (off + n == V && rem) {
+        alignas(64) TS out[W];
+        sweep_grad_cached<acc_t>(cache_a + V_full, cache_b + V_full, out, 1, lab - V_full, fa, fb, c.ce_scale);
+        std::copy(out, out + rem, gs + V_full);
+      }
+    }
+    return loss;
+  }
   sweep_grad<acc_t, K>(s, t, gs, gt, V_full / W, lab, c);
   if (rem) {
     Tail<acc_t, TS, TT> out(s + V_full, t + V_full, rem);
@@ -474,6 +541,7 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
   acc_t* loss_ptr = loss.data_ptr<acc_t>();
 
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch;  // per thread, see row_loss_and_grad
     for (int64_t r = begin; r < end; ++r) {
       TS* gs = gs_base ? gs_base + r * V : nullptr;
       TT* gt = gt_base ? gt_base + r * V : nullptr;
@@ -485,7 +553,7 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
         continue;
       }
       loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + r * s_stride, t_base + r * t_stride, V, label,
-                                                         gs, gt, p);
+                                                         gs, gt, p, scratch);
     }
   });
 }
