@@ -144,6 +144,18 @@ def _divergence_grads(ps, pt, x, y, D, Ks, Kt, beta, KIND: tl.constexpr):
     return ds, dt
 
 
+@triton.jit
+def _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb, ACC: tl.constexpr, KIND: tl.constexpr):
+    # one tile of a row after pass 1: raw student logits, ps, pt and the log ratios of KIND
+    mask = offs < V
+    s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(ACC)
+    t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(ACC)
+    lps2 = s * scale - lse2_a
+    lpt2 = t * scale - lse2_b
+    x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+    return mask, s, tl.exp2(lps2), tl.exp2(lpt2), x, y
+
+
 # --------------------------------------------------------------------------------------------
 # the kernel
 # --------------------------------------------------------------------------------------------
@@ -300,14 +312,8 @@ def _softmax_kl_kernel(
             # ---- JSD pass 2: Ks, Kt ----
             for start in range(0, V, BLOCK):
                 offs = start + cols
-                mask = offs < V
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(ACC)
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
-                lps2 = s * scale - lse2_a
-                lpt2 = t * scale - lse2_b
-                ps = tl.exp2(lps2)
-                pt = tl.exp2(lpt2)
-                x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+                mask, s, ps, pt, x, y = _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb,
+                                                    ACC, KIND)
                 d1, d2 = _divergence_terms(ps, pt, x, y, KIND)
                 K1 += tl.sum(d1, axis=0)
                 K2 += tl.sum(d2, axis=0)
@@ -325,14 +331,8 @@ def _softmax_kl_kernel(
             # ---- last pass: gradients ----
             for start in range(0, V, BLOCK):
                 offs = start + cols
-                mask = offs < V
-                s = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(ACC)
-                t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
-                lps2 = s * scale - lse2_a
-                lpt2 = t * scale - lse2_b
-                ps = tl.exp2(lps2)
-                pt = tl.exp2(lpt2)
-                x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+                mask, s, ps, pt, x, y = _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb,
+                                                    ACC, KIND)
                 ds, dt = _divergence_grads(ps, pt, x, y, D, K1, K2, beta_a, KIND)
                 if GRAD_S:
                     gs = g_kd * ds
