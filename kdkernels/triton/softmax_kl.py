@@ -63,7 +63,8 @@ import triton.language as tl
 
 from kdkernels._debug import new_output
 
-__all__ = ["softmax_kl_forward", "launch_config", "aot_cases", "MAX_SINGLE_BLOCK", "STREAM_BLOCK"]
+__all__ = ["softmax_kl_forward", "launch_config", "documented_traffic", "aot_cases", "MAX_SINGLE_BLOCK",
+           "STREAM_BLOCK"]
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -388,6 +389,21 @@ def launch_config(V: int, student_dtype, teacher_dtype) -> dict:
     if block <= MAX_SINGLE_BLOCK[key]:
         return {"BLOCK": block, "num_warps": _single_warps(block, key), "SINGLE_PASS": True}
     return {"BLOCK": STREAM_BLOCK[key], "num_warps": STREAM_WARPS, "SINGLE_PASS": False}
+
+
+def documented_traffic(V: int, student_dtype, teacher_dtype, kind: int, need_grad_student: bool,
+                       need_grad_teacher: bool) -> tuple:
+    """(read, write) bytes per row element that the kernel header promises for this call: the row
+    is read once when it is held in registers, twice (forward / reverse KL) or three times (JSD)
+    when streamed; each requested gradient is written once. Per-row scalars (label, loss,
+    grad_scale) come on top. ``bench.roofline`` measures the real traffic against this."""
+    bs = torch.empty((), dtype=student_dtype).element_size()
+    bt = torch.empty((), dtype=teacher_dtype).element_size()
+    single = launch_config(V, student_dtype, teacher_dtype)["SINGLE_PASS"]
+    reads = 1 if single else (3 if kind == KIND_JSD else 2)
+    if not (need_grad_student or need_grad_teacher) and not single:
+        reads -= 1  # loss only: the gradient pass is skipped
+    return reads * (bs + bt), bs * bool(need_grad_student) + bt * bool(need_grad_teacher)
 
 
 def _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg):
