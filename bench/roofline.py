@@ -10,8 +10,9 @@ result, in bytes per row element, is set against
 
 and turned into the time that traffic would take at H100 HBM3 bandwidth (3.35 TB/s) for a
 full-size problem. `--check` exits 1 when a kernel moves more than it documents, which
-`tests/test_roofline.py` runs on every CI run. Register and spill counts for sm_80/sm_90 come
-from `tests/test_aot.py` (`pytest -s tests/test_aot.py`).
+`tests/test_roofline.py` runs on every CI run. Each measured variant is also compiled ahead of
+time for sm_90 (`kdkernels.triton.aot`), and its registers, spills and the occupancy they allow are
+reported beside its traffic.
 """
 
 from __future__ import annotations
@@ -111,10 +112,32 @@ def measure_softmax_kl(case, rows=2):
     }
 
 
+def add_sm90_resources(results):
+    """Registers, spills, shared memory and occupancy of each measured variant, compiled for sm_90."""
+    from kdkernels.triton import aot, softmax_kl as K
+
+    cases = [K.aot_case(r["V"], DTYPES[r["dtype"]], DTYPES[r["dtype"]], KINDS[r["kind"]], True, 0.0, 2.0, True,
+                        r["grad_teacher"]) for r in results]
+    compiled = aot.compile_cases([("softmax_kl", *c, 90) for c in cases])
+    for r, c, out in zip(results, cases, compiled):
+        r["sm90"] = out
+        if out["error"] is None:
+            out["occupancy"] = aot.occupancy(out["reg"], out["shared"], c[2], 90)
+
+
+def _resources(r):
+    out = r.get("sm90")
+    if out is None:
+        return "not compiled"
+    if out["error"] is not None:
+        return "compile failed"
+    return f"{out['reg']} / {out['stack']} / {out['occupancy']:.0%}"
+
+
 def table(results):
     head = ("| kernel | case | config | read B/elem | write B/elem | documented | minimum | × minimum | "
-            f"H100 µs at {FULL_ROWS}×V (measured / minimum bytes) | ok |")
-    lines = [head, "|" + "---|" * 10]
+            f"H100 µs at {FULL_ROWS}×V (measured / minimum bytes) | sm_90 REG / STACK / occupancy | ok |")
+    lines = [head, "|" + "---|" * 11]
     for r in results:
         cfg = r["config"]
         mode = f"single BLOCK={cfg['BLOCK']}" if cfg["SINGLE_PASS"] else f"stream BLOCK={cfg['BLOCK']}"
@@ -122,7 +145,7 @@ def table(results):
         lines.append(f"| {r['kernel']} | {case} | {mode}, {cfg['num_warps']} warps | {r['read_B_per_elem']:.2f} | "
                      f"{r['write_B_per_elem']:.2f} | {r['documented_B_per_elem']:.0f} | {r['minimum_B_per_elem']:.0f} | "
                      f"{r['over_minimum']:.2f} | {r['h100_us_full']:.0f} / {r['h100_us_full_at_minimum']:.0f} | "
-                     f"{'yes' if r['within_documented'] else 'NO'} |")
+                     f"{_resources(r)} | {'yes' if r['within_documented'] else 'NO'} |")
     return "\n".join(lines)
 
 
@@ -131,12 +154,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer vocabulary sizes")
     p.add_argument("--check", action="store_true", help="exit 1 if a kernel moves more than it documents")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    p.add_argument("--no-compile", action="store_true", help="skip the sm_90 ahead-of-time compile")
     a = p.parse_args(argv)
     # the interpreter evaluates both sides of tl.where with numpy, which warns about the discarded one
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         p.error("needs TRITON_INTERPRET=1 (unset it or set it to 1)")
     results = [measure_softmax_kl(c) for c in softmax_kl_cases(a.quick)]
+    if not a.no_compile:
+        add_sm90_resources(results)
     if a.json:
         print(json.dumps(results, indent=1))
     else:

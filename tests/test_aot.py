@@ -1,21 +1,17 @@
-"""Ahead-of-time compile of every softmax-KL Triton kernel variant the launcher uses, for sm_80
-and sm_90, with no GPU: a compile error or a register spill (cuobjdump's STACK > 0) fails.
+"""Ahead-of-time compile, with no GPU: every csrc/cuda/*.cu with nvcc, and every softmax-KL Triton
+kernel variant the launcher uses, for sm_80 and sm_90; a compile error or a register spill fails.
 
-Run ``pytest -s tests/test_aot.py`` to see the REG / STACK table. The test session may run
-Triton in interpreter mode (TRITON_INTERPRET=1, set by conftest.py without a GPU), where kernels
-cannot be compiled; so the compiles run in child processes started without that variable (this
-file is their entry point), all cases at once, spread over the machine's cores, the first time
-a test asks for a result.
+Run ``pytest -s tests/test_aot.py`` to see the REG / STACK / SHARED / occupancy table. The Triton
+compiles run in child processes (kdkernels.triton.aot) because the test session may run Triton in
+interpreter mode.
 """
 
 import glob
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 
@@ -56,13 +52,12 @@ def test_cuda_sources_compile_without_spills(source, arch, tmp_path):
 # ------------------------------------------------------------------ Triton kernels
 
 if triton is not None:
-    from kdkernels.triton import softmax_kl  # noqa: E402
+    from kdkernels.triton import aot, softmax_kl  # noqa: E402
 
-    CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    _TRITON_VERSION = tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:2])
+    CUOBJDUMP = aot.cuobjdump_path()
     CASES = softmax_kl.aot_cases()
 else:
-    CUOBJDUMP, _TRITON_VERSION, CASES = "", (0, 0), []
+    CUOBJDUMP, CASES = "", []
 
 
 def _case_id(case):
@@ -74,66 +69,15 @@ def _case_id(case):
     return f"{dtypes}-k{flags['KIND']}-{mode}{flags['BLOCK']}-w{num_warps}-{align}-{feats or 'plain'}"
 
 
-def _source(fn, sig, flags):
-    """ASTSource for this triton version; ':16' suffixes become divisibility attributes."""
-    from triton.compiler import ASTSource
-
-    types = {k: v.split(":")[0] for k, v in sig.items()}
-    div16 = [k for k, v in sig.items() if v.endswith(":16")]
-    if _TRITON_VERSION >= (3, 3):
-        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div16}
-        return ASTSource(fn, types, flags, attrs)
-    # triton 3.2: constexpr arguments are not part of the signature; skip the alignment hints
-    types = {k: v for k, v in types.items() if v != "constexpr"}
-    return ASTSource(fn, types, flags)
-
-
-def _compile_one(index, arch):
-    """REG, STACK, error message or None; runs in a child process (not interpreted)."""
-    from triton.backends.compiler import GPUTarget
-
-    sig, flags, num_warps = CASES[index]
-    try:
-        compiled = triton.compile(_source(softmax_kl._softmax_kl_kernel, sig, flags),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "kernel.cubin")
-            with open(path, "wb") as f:
-                f.write(compiled.asm["cubin"])
-            out = subprocess.run([CUOBJDUMP, "--dump-resource-usage", path],
-                                 capture_output=True, text=True, check=True).stdout
-        m = re.search(r"REG:(\d+)\s+STACK:(\d+)", out)
-        if m is None:
-            return None, None, "no REG/STACK in cuobjdump output:\n" + out
-        return int(m.group(1)), int(m.group(2)), None
-    except Exception as e:  # reported by the test that asks for this case
-        return None, None, f"{type(e).__name__}: {e}"
-
-
 _RESULTS = {}
 
 
 def _results():
+    """All cases for all archs, compiled once (in parallel child processes) on first use."""
     if not _RESULTS:
-        jobs = [f"{i}:{arch}" for i in range(len(CASES)) for arch in ARCHS]
-        nproc = max(1, min(len(jobs), os.cpu_count() or 1))
-        env = dict(os.environ)
-        env.pop("TRITON_INTERPRET", None)
-        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset
-        env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in [env.get("PYTHONPATH")] if p])
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *jobs[k::nproc]],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for k in range(nproc)]
-        for k, proc in enumerate(procs):
-            out, err = proc.communicate()
-            got = {}
-            for line in out.splitlines():
-                if line.startswith("{"):
-                    r = json.loads(line)
-                    got[(r["index"], r["arch"])] = (r["reg"], r["stack"], r["error"])
-            for job in jobs[k::nproc]:
-                i, arch = map(int, job.split(":"))
-                _RESULTS[(i, arch)] = got.get((i, arch), (None, None, f"compile worker failed:\n{err[-4000:]}"))
+        keys = [(i, arch) for i in range(len(CASES)) for arch in ARCHS]
+        jobs = [("softmax_kl", *CASES[i], arch) for i, arch in keys]
+        _RESULTS.update(zip(keys, aot.compile_cases(jobs)))
     return _RESULTS
 
 
@@ -141,16 +85,9 @@ def _results():
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
 def test_softmax_kl_compiles_without_spills(index, arch):
-    reg, stack, err = _results()[(index, arch)]
+    r = _results()[(index, arch)]
     name = _case_id(CASES[index])
-    assert err is None, f"{name} sm_{arch}: {err}"
-    print(f"\nsm_{arch} {name}: REG:{reg} STACK:{stack}", end="")
-    assert stack == 0, f"{name} sm_{arch}: register spills, STACK:{stack} (REG:{reg})"
-
-
-if __name__ == "__main__":
-    # child process: compile "index:arch" jobs and print one JSON line per job
-    for job in sys.argv[1:]:
-        i, arch = map(int, job.split(":"))
-        reg, stack, error = _compile_one(i, arch)
-        print(json.dumps({"index": i, "arch": arch, "reg": reg, "stack": stack, "error": error}), flush=True)
+    assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
+    occ = aot.occupancy(r["reg"], r["shared"], CASES[index][2], arch)
+    print(f"\nsm_{arch} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}", end="")
+    assert r["stack"] == 0, f"{name} sm_{arch}: register spills, STACK:{r['stack']} (REG:{r['reg']})"

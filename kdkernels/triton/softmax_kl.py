@@ -509,6 +509,16 @@ def _signature(student_dtype, teacher_dtype, has_labels, grad_s, grad_t, flags, 
     return sig
 
 
+def aot_case(V, student_dtype, teacher_dtype, kind, has_labels, ce_weight, temperature, need_grad_student,
+             need_grad_teacher):
+    """(signature, constexprs, num_warps) of the kernel variant the launcher runs for this call."""
+    cfg = launch_config(V, student_dtype, teacher_dtype)
+    flags = _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg)
+    sig = _signature(student_dtype, teacher_dtype, has_labels, need_grad_student, need_grad_teacher, flags,
+                     aligned=V % 16 == 0)
+    return sig, flags, cfg["num_warps"]
+
+
 def aot_cases() -> list:
     """(signature, constexprs, num_warps) for the kernel variants the launcher uses at
     V in {1000, 32001, 131073, 262144} (and V = MAX_SINGLE_BLOCK, the largest whole row) x dtypes
@@ -528,14 +538,11 @@ def aot_cases() -> list:
     cases, seen = [], set()
 
     def add(V, sd, td, combo):
-        kind, has_labels, ce_w, temp, gsf, gtf = combo
-        cfg = launch_config(V, sd, td)
-        flags = _flags(kind, has_labels, ce_w, temp, gsf, gtf, cfg)
-        sig = _signature(sd, td, has_labels, gsf, gtf, flags, aligned=V % 16 == 0)
-        key = (tuple(sig.items()), tuple(flags.items()), cfg["num_warps"])
+        case = aot_case(V, sd, td, *combo)
+        key = (tuple(case[0].items()), tuple(case[1].items()), case[2])
         if key not in seen:
             seen.add(key)
-            cases.append((sig, flags, cfg["num_warps"]))
+            cases.append(case)
 
     for V in (1000, 32001, 131073, 262144):
         for d in (torch.float32, torch.bfloat16, torch.float16):
