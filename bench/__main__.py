@@ -105,6 +105,12 @@ def run_family(name, args):
         notes.append("--quick run")
     notes.append(f"this run took {time.perf_counter() - started:.0f} s")
     paths = common.write_results(family, env, rows, notes, args.out)
+    try:
+        from bench.plots import plot_rows
+
+        paths.append(plot_rows(rows, common.header_line(family, env), paths[0].with_suffix(".png")))
+    except ImportError as exc:
+        log(f"no plot: {exc} (pip install .[bench])")
     log("wrote " + ", ".join(str(p) for p in paths))
     return common.report_markdown(family, env, rows, notes)
 

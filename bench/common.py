@@ -45,7 +45,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
 
 # Modules of this package that are not benchmark families.
-_NOT_FAMILIES = {"common"}
+_NOT_FAMILIES = {"common", "plots", "roofline", "test_benchmarks"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,6 +128,17 @@ def kdkernels_providers(device: str, make_loss: Callable, notes: list) -> list:
     if skipped:
         notes.append(f"kdkernels backends not benchmarked: {', '.join(skipped)}")
     return [Provider(f"kdkernels-{b}", make_loss(b)) for b in backends if b not in skipped]
+
+
+def peer_provider(name: str, import_fn: Callable, make_loss: Callable, notes: list, install: str) -> list:
+    """``[Provider(name, make_loss(imported))]`` when the peer imports, else ``[]`` and a note:
+    a missing peer is skipped, never a failure."""
+    try:
+        imported = import_fn()
+    except Exception as exc:  # ImportError, or a peer broken against this torch
+        notes.append(f"{name} skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]} ({install})")
+        return []
+    return [Provider(name, make_loss(imported))]
 
 
 def family_names() -> list:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import CompiledProvider, Family, Provider, kdkernels_providers
+from bench.common import CompiledProvider, Family, Provider, kdkernels_providers, peer_provider
 
 TEMPERATURE = 2.0
 
@@ -50,8 +50,28 @@ def kdkernels_loss(backend):
     return loss
 
 
+def _import_trl():
+    import os
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    return GKDTrainer.generalized_jsd_loss
+
+
+def trl_loss(generalized_jsd_loss):
+    # TRL's GKD loss at beta = 0 is forward KL(p_t || p_s); it computes in the input dtype
+    def loss(s, t):
+        return generalized_jsd_loss(s, t, beta=0.0, temperature=TEMPERATURE, reduction="batchmean")
+
+    return loss
+
+
 def providers(device, notes):
     return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss),
+            *peer_provider("trl", _import_trl, trl_loss, notes, "pip install .[bench]"),
             *kdkernels_providers(device, kdkernels_loss, notes)]
 
 
