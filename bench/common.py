@@ -394,6 +394,8 @@ def probe_cpu_memory(family: Family, shape: Shape, dtype: torch.dtype, provider:
 def summarize(family: Family, shape: Shape, dtype: torch.dtype, timings: list) -> list:
     """One row per provider, with the ratios to 'eager' and 'compile' when they were run."""
     medians = {t.provider: statistics.median(t.times_ms) for t in timings}
+    # peers: everything that is not kdkernels (eager and torch.compile included)
+    peer_medians = [m for name, m in medians.items() if not name.startswith("kdkernels")]
     nbytes = family.min_bytes(shape, dtype)
     rows = []
     for t in timings:
@@ -414,6 +416,7 @@ def summarize(family: Family, shape: Shape, dtype: torch.dtype, timings: list) -
             "memory_method": t.memory_method,
             "speedup_vs_eager": medians["eager"] / med if "eager" in medians else float("nan"),
             "speedup_vs_compile": medians["compile"] / med if "compile" in medians else float("nan"),
+            "speedup_vs_best_peer": min(peer_medians) / med if peer_medians else float("nan"),
             "min_bytes": nbytes,
             "gb_per_s": nbytes / (med * 1e-3) / 1e9,
             "first_call_ms": t.first_call_ms,
@@ -432,7 +435,7 @@ def _fmt_ms(x: float) -> str:
 
 
 TABLE_COLUMNS = ["case N×V", "dtype", "provider", "median ms", "spread (IQR ms)", "peak extra MiB",
-                 "speed-up vs eager", "speed-up vs compile", "GB/s"]
+                 "speed-up vs eager", "speed-up vs compile", "speed-up vs fastest peer", "GB/s"]
 
 
 def markdown_table(rows: list) -> str:
@@ -442,15 +445,16 @@ def markdown_table(rows: list) -> str:
         flag = "" if r["check_ok"] else " (!)"
         cells = [r["case"].replace("x", "×"), r["dtype"], r["provider"] + flag, _fmt_ms(r["median_ms"]),
                  f"{_fmt_ms(r['q1_ms'])}–{_fmt_ms(r['q3_ms'])}", _fmt(r["peak_extra_mib"], 1),
-                 _fmt(r["speedup_vs_eager"], 2), _fmt(r["speedup_vs_compile"], 2), _fmt(r["gb_per_s"], 2)]
+                 _fmt(r["speedup_vs_eager"], 2), _fmt(r["speedup_vs_compile"], 2),
+                 _fmt(r["speedup_vs_best_peer"], 2), _fmt(r["gb_per_s"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def report_markdown(family: Family, env: dict, rows: list, notes: list) -> str:
     out = [f"# {header_line(family, env)}", ""]
-    out.append("speed-up vs eager / vs compile: eager's / compile's median time divided by this provider's "
-               "(above 1 = faster). GB/s: minimum bytes (see bench/README.md) / median time. "
+    out.append("speed-up vs eager / vs compile / vs fastest peer: eager's / compile's / the fastest "
+               "non-kdkernels provider's median time divided by this provider's (above 1 = faster). GB/s: minimum bytes (see bench/README.md) / median time. "
                "peak extra MiB: peak memory of one forward+backward beyond the inputs, "
                "input gradient included.")
     out.append("")

@@ -69,9 +69,28 @@ def trl_loss(generalized_jsd_loss):
     return loss
 
 
+def _import_liger():
+    from liger_kernel.transformers import LigerKLDIVLoss
+
+    return LigerKLDIVLoss(reduction="batchmean", log_target=True)
+
+
+def liger_loss(kl_div):
+    # Liger-Kernel fuses the pointwise KL and its reduction; the log-softmaxes stay in PyTorch
+    def loss(s, t):
+        T = TEMPERATURE
+        return kl_div(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1))
+
+    return loss
+
+
 def providers(device, notes):
-    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss),
-            *peer_provider("trl", _import_trl, trl_loss, notes, "pip install .[bench]"),
+    peers = [*peer_provider("trl", _import_trl, trl_loss, notes, "pip install .[bench]")]
+    if device == "cuda":
+        peers += peer_provider("liger", _import_liger, liger_loss, notes, "pip install .[bench]")
+    else:
+        notes.append("liger skipped: its KL-divergence loss is a Triton kernel (CUDA only)")
+    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss), *peers,
             *kdkernels_providers(device, kdkernels_loss, notes)]
 
 
