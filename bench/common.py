@@ -45,7 +45,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MIB = 1024 * 1024
 
 # Modules of this package that are not benchmark families.
-_NOT_FAMILIES = {"common", "plots", "roofline", "test_benchmarks"}
+_NOT_FAMILIES = {"common", "plots", "roofline", "test_benchmarks", "gpu_check"}
 
 
 # --------------------------------------------------------------------------------------------
