@@ -32,9 +32,11 @@ def triton_ok() -> bool:
 
 
 def fused_backends(device: str):
-    """The fused backends every test must cover on ``device``."""
+    """The fused backends every test must cover on ``device``: on the CPU the C++ kernel, and the
+    Triton kernel under the interpreter (set above when there is no GPU); on CUDA the Triton kernel."""
     if device == "cpu":
-        return ["cpu"] + (["triton"] if triton_ok() else [])
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+        return ["cpu"] + (["triton"] if triton_ok() and interpreted else [])
     return ["triton"]
 
 

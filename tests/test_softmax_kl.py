@@ -162,15 +162,13 @@ def test_jsd_beta_endpoints(backend, device, seed):
     assert (j1 <= math.log(2) + 1e-6).all() and (j1 >= 0).all()
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton", "torch"])
+@pytest.mark.parametrize("backend,device", backend_device_params() + [pytest.param("torch", "cpu", id="torch-cpu")])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck_float64(backend, kind):
-    if backend == "triton":
-        pytest.importorskip("triton")
+def test_gradcheck_float64(backend, device, kind):
     torch.manual_seed(0)
-    s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    labels = torch.tensor([1, -100, 4])
+    s = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    t = torch.randn(3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([1, -100, 4], device=device)
 
     def f(s_, t_):
         return kdkernels.distill_loss(s_, t_, labels, temperature=1.7, alpha=0.4, kind=kind, beta=0.35,
