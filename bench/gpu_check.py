@@ -60,10 +60,6 @@ def device_info():
     return False, f"CPU only, torch {torch.__version__}"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     p.add_argument("--skip-build", action="store_true", help="use the installed kdkernels as is")
@@ -82,6 +78,8 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     import torch
+
+    from bench.common import slug
 
     stem = a.out / f"{slug(torch.cuda.get_device_name(0) if has_gpu else 'cpu')}-{date}-gpu_check"
     log = open(stem.with_suffix(".log"), "w")

@@ -11,10 +11,6 @@ from kdkernels import _ext
 _poison = False
 
 
-def poisoning() -> bool:
-    return _poison
-
-
 def new_output(shape, *, dtype, device) -> torch.Tensor:
     """``torch.empty``, or a NaN-filled tensor inside :func:`poison_outputs`."""
     if _poison:

@@ -35,8 +35,9 @@ def fused_backends(device: str):
     """The fused backends every test must cover on ``device``: on the CPU the C++ kernel, and the
     Triton kernel under the interpreter (set above when there is no GPU); on CUDA the Triton kernel."""
     if device == "cpu":
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-        return ["cpu"] + (["triton"] if triton_ok() and interpreted else [])
+        from kdkernels._backend import triton_interpreted
+
+        return ["cpu"] + (["triton"] if triton_ok() and triton_interpreted() else [])
     return ["triton"]
 
 

@@ -38,7 +38,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -98,9 +97,8 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 2048;
 
 // ---- loads and stores of one vector of logits / gradients in the accumulation type ---------
-// VecIO<acc_t, T>::load(p) reads Vectorized<acc_t>::size() elements of type T; load_tail(p, n)
-// reads n < size() and pads with -inf (a padded logit contributes exp(-inf) = 0); store and
-// store_tail write back in T (bfloat16: round to nearest even, NaN kept).
+// VecIO<acc_t, T>::load(p) reads Vectorized<acc_t>::size() elements of type T; store writes them
+// back in T (bfloat16: round to nearest even, NaN kept). Partial vectors go through Tail below.
 
 template <typename acc_t, typename T>
 struct VecIO {  // portable fallback
@@ -111,16 +109,10 @@ struct VecIO {  // portable fallback
     for (int64_t k = 0; k < W; ++k) b[k] = static_cast<acc_t>(p[k]);
     return Vec::loadu(b);
   }
-  static Vec load_tail(const T* p, int64_t n) {
-    alignas(64) acc_t b[W];
-    for (int64_t k = 0; k < W; ++k) b[k] = k < n ? static_cast<acc_t>(p[k]) : -std::numeric_limits<acc_t>::infinity();
-    return Vec::loadu(b);
-  }
-  static void store(T* p, const Vec& v) { store_tail(p, v, W); }
-  static void store_tail(T* p, const Vec& v, int64_t n) {
+  static void store(T* p, const Vec& v) {
     alignas(64) acc_t b[W];
     v.store(b);
-    for (int64_t k = 0; k < n; ++k) p[k] = static_cast<T>(b[k]);
+    for (int64_t k = 0; k < W; ++k) p[k] = static_cast<T>(b[k]);
   }
 };
 
@@ -129,13 +121,7 @@ struct VecIO<acc_t, acc_t> {  // float -> float, double -> double: no conversion
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t W = Vec::size();
   static Vec load(const acc_t* p) { return Vec::loadu(p); }
-  static Vec load_tail(const acc_t* p, int64_t n) {
-    alignas(64) acc_t b[W];
-    for (int64_t k = 0; k < W; ++k) b[k] = k < n ? p[k] : -std::numeric_limits<acc_t>::infinity();
-    return Vec::loadu(b);
-  }
   static void store(acc_t* p, const Vec& v) { v.store(p); }
-  static void store_tail(acc_t* p, const Vec& v, int64_t n) { v.store(p, static_cast<int>(n)); }
 };
 
 #if defined(CPU_CAPABILITY_AVX2) && defined(__F16C__)
@@ -147,9 +133,6 @@ struct VecIO<float, c10::BFloat16> {
     const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
   }
-  static Vec load_tail(const c10::BFloat16* p, int64_t n) {
-    return VecIO<float, float>::load_tail(tail_to_float(p, n).data(), n);
-  }
   static void store(c10::BFloat16* p, const Vec& v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
@@ -158,16 +141,6 @@ struct VecIO<float, c10::BFloat16> {
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-  static void store_tail(c10::BFloat16* p, const Vec& v, int64_t n) {
-    alignas(16) c10::BFloat16 b[8];
-    store(b, v);
-    std::memcpy(static_cast<void*>(p), b, n * sizeof(c10::BFloat16));
-  }
-  static std::array<float, 8> tail_to_float(const c10::BFloat16* p, int64_t n) {
-    std::array<float, 8> b{};
-    for (int64_t k = 0; k < n; ++k) b[k] = static_cast<float>(p[k]);
-    return b;
   }
 };
 
@@ -178,18 +151,8 @@ struct VecIO<float, c10::Half> {
   static Vec load(const c10::Half* p) {
     return Vec(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
   }
-  static Vec load_tail(const c10::Half* p, int64_t n) {
-    alignas(32) float b[8];
-    for (int64_t k = 0; k < 8; ++k) b[k] = k < n ? static_cast<float>(p[k]) : -std::numeric_limits<float>::infinity();
-    return Vec::loadu(b);
-  }
   static void store(c10::Half* p, const Vec& v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-  }
-  static void store_tail(c10::Half* p, const Vec& v, int64_t n) {
-    alignas(16) c10::Half b[8];
-    store(b, v);
-    std::memcpy(static_cast<void*>(p), b, n * sizeof(c10::Half));
   }
 };
 #endif
@@ -398,7 +361,7 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   constexpr int64_t W = Vec::size();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const int64_t V_full = V / W * W, rem = V - V_full;
-  const Tail<acc_t, TS, TT> tail(s + V_full, t + V_full, rem);
+  Tail<acc_t, TS, TT> tail(s + V_full, t + V_full, rem);  // its gs/gt take pass 2's last vector
   // Forward KL with only the student gradient (the common case) keeps pass 1's exponentials in a
   // per-thread scratch of 2 V + O(V / kChunk) values, so pass 2 is two multiplies per logit.
   const bool cached = K == Kind::Forward && p.grad_s && !p.grad_t && !(p.ce && !p.same_t) && p.kd;
@@ -521,10 +484,9 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   }
   sweep_grad<acc_t, K>(s, t, gs, gt, V_full / W, lab, c);
   if (rem) {
-    Tail<acc_t, TS, TT> out(s + V_full, t + V_full, rem);
-    sweep_grad<acc_t, K>(out.s, out.t, out.gs, out.gt, 1, p.ce ? label - V_full : -1, c);
-    if (p.grad_s) std::copy(out.gs, out.gs + rem, gs + V_full);
-    if (p.grad_t) std::copy(out.gt, out.gt + rem, gt + V_full);
+    sweep_grad<acc_t, K>(tail.s, tail.t, tail.gs, tail.gt, 1, p.ce ? label - V_full : -1, c);
+    if (p.grad_s) std::copy(tail.gs, tail.gs + rem, gs + V_full);
+    if (p.grad_t) std::copy(tail.gt, tail.gt + rem, gt + V_full);
   }
   return loss;
 }
