@@ -34,8 +34,16 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def cuda_kernels_built() -> bool:
+    """Whether kdkernels._C was compiled with the CUDA C++ kernels (csrc/cuda)."""
+    return _ext.available() and bool(_ext._C.built_with_cuda())
+
+
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """The backends that can run on ``device``, fastest first (``"torch"`` is always last)."""
+    """The backends that can run on ``device``, in the order ``auto`` tries them (``"torch"`` last).
+
+    On CUDA tensors Triton comes before the CUDA C++ kernels: ``auto`` switches to them only once
+    a committed GPU benchmark (bench/results/) shows them correct and faster."""
     dev = torch.device(device)
     out = []
     if dev.type == "cpu":
@@ -46,6 +54,8 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     elif dev.type == "cuda":
         if triton_import_error() is None:
             out.append("triton")
+        if cuda_kernels_built():
+            out.append("cuda")
     out.append("torch")
     return out
 
@@ -83,6 +93,11 @@ def resolve(backend: str, device: torch.device, op: str) -> str:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"{op}(backend='triton') runs CUDA tensors, got tensors on {device}")
     elif backend == "cuda":
-        raise ValueError(f"{op}(backend='cuda'): this build has no CUDA C++ kernel for {op}; "
-                         "use backend='triton' (or 'auto') on CUDA tensors")
+        if device.type != "cuda":
+            raise ValueError(f"{op}(backend='cuda') runs CUDA tensors, got tensors on {device}")
+        _ext.require(f"{op}(backend='cuda')")
+        if not cuda_kernels_built():
+            raise RuntimeError(f"{op}(backend='cuda'): the CUDA extension was not built; reinstall with "
+                               "`KDK_CUDA=1 pip install --no-build-isolation .` (needs a CUDA build of torch and "
+                               "nvcc), or use backend='triton'")
     return backend

@@ -33,12 +33,13 @@ def triton_ok() -> bool:
 
 def fused_backends(device: str):
     """The fused backends every test must cover on ``device``: on the CPU the C++ kernel, and the
-    Triton kernel under the interpreter (set above when there is no GPU); on CUDA the Triton kernel."""
-    if device == "cpu":
-        from kdkernels._backend import triton_interpreted
+    Triton kernel under the interpreter (set above when there is no GPU); on CUDA the Triton kernel
+    and, in a build with KDK_CUDA, the CUDA C++ kernels (tests/test_cuda_emu.py runs those on the CPU)."""
+    from kdkernels._backend import cuda_kernels_built, triton_interpreted
 
+    if device == "cpu":
         return ["cpu"] + (["triton"] if triton_ok() and triton_interpreted() else [])
-    return ["triton"]
+    return ["triton"] + (["cuda"] if cuda_kernels_built() else [])
 
 
 def backend_device_params():

@@ -100,3 +100,35 @@ def test_import_is_cheap_and_lazy():
 def test_torch_version_floor():
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     assert (major, minor) >= (2, 4)
+
+
+def _cuda_include():
+    nvcc = shutil.which("nvcc")
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda",
+             str(Path(os.path.realpath(nvcc)).parents[1]) if nvcc else None]
+    for root in filter(None, roots):
+        if (Path(root) / "include" / "cuda_runtime_api.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers")
+def test_cuda_binding_compiles(tmp_path):
+    """python/bindings.cpp with KDK_WITH_CUDA (the binding of csrc/cuda) compiles against torch's
+    headers. A CPU build of torch ships c10/cuda without its generated cuda_cmake_macros.h, which
+    holds only build-configuration macros: an empty one stands in for it here."""
+    from torch.utils import cpp_extension
+    import sysconfig
+
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in cpp_extension.include_paths()):
+        (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    cmd = [os.environ.get("CXX", "c++"), "-std=c++20", "-fsyntax-only", "-Wall", "-Wno-c++20-extensions",
+           "-DKDK_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *[f"-I{p}" for p in cpp_extension.include_paths()], f"-I{sysconfig.get_paths()['include']}",
+           f"-I{_cuda_include()}", f"-I{tmp_path}", str(ROOT / "python" / "bindings.cpp")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ours = [line for line in out.stderr.splitlines() if str(ROOT) in line and "warning" in line]
+    assert not ours, "\n".join(ours)

@@ -12,6 +12,7 @@ implementation for tracing), so a compiled model calls the fused kernel instead 
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -36,7 +37,30 @@ def launch(backend: str, student: Tensor, teacher: Tensor, labels: Optional[Tens
         from kdkernels.triton.softmax_kl import softmax_kl_forward
 
         return softmax_kl_forward(student, teacher, labels, grad_scale, **kwargs)
+    if backend == "cuda":
+        C = _ext.require("softmax_kl(backend='cuda')")
+        rows, grad_s, grad_t, _plan = C.softmax_kl_forward_cuda(student, teacher, labels, grad_scale, **kwargs,
+                                                                **cuda_plan_override())
+        return rows, grad_s, grad_t
     raise ValueError(f"no fused softmax_kl kernel for backend {backend!r}")
+
+
+def cuda_plan_override() -> dict:
+    """The CUDA kernels' plan forced by ``KDK_CUDA_SOFTMAX_KL_PLAN`` (tests and benchmarks):
+    ``stream``, ``staged`` or ``staged:<cluster>``, optionally ``/<threads>`` (``staged:4/256``).
+    Unset: the planner decides (staged when rows are 16-byte aligned and fit, else streaming)."""
+    spec = os.environ.get("KDK_CUDA_SOFTMAX_KL_PLAN", "").strip()
+    if not spec:
+        return {}
+    mode, _, threads = spec.partition("/")
+    mode, _, cluster = mode.partition(":")
+    try:
+        out = {"force_mode": {"stream": 0, "staged": 1}[mode], "force_cluster": int(cluster or 0),
+               "force_threads": int(threads or 0)}
+    except (KeyError, ValueError):
+        raise ValueError(f"KDK_CUDA_SOFTMAX_KL_PLAN must be stream, staged or staged:<cluster>, optionally "
+                         f"followed by /<threads>; got {spec!r}") from None
+    return out
 
 
 @torch.library.custom_op("kdkernels::softmax_kl", mutates_args=())

@@ -1,0 +1,96 @@
+// Torch side of the CUDA softmax-KL kernels: checks the tensors, allocates the outputs and fills
+// the raw kdk::cuda::SoftmaxKLArgs. Shared by the CUDA binding (bindings.cpp, KDK_WITH_CUDA) and the
+// CPU emulation of the same kernels (tests/cuda_emu/), which pass their own `alloc` and `launch`.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "../csrc/cuda/softmax_kl_plan.h"
+
+namespace kdk {
+
+inline int cuda_dtype_code(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return cuda::kFloat32;
+    case at::kBFloat16: return cuda::kBFloat16;
+    case at::kHalf: return cuda::kFloat16;
+    case at::kDouble: return cuda::kFloat64;
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
+  }
+}
+
+// (loss_rows [N], grad_student [N, V] or undefined, grad_teacher [N, V] or undefined, plan).
+// `plan` is (mode, cluster, threads, seg, smem): what the planner chose, for tests and benchmarks.
+template <class Alloc, class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>
+softmax_kl_forward_device(const at::Tensor& student, const at::Tensor& teacher,
+                          const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature,
+                          int64_t kind, double beta, int64_t ignore_index, double ce_weight, double kd_weight,
+                          bool need_grad_student, bool need_grad_teacher, int64_t force_mode, int64_t force_cluster,
+                          int64_t force_threads, Alloc&& alloc, Launch&& launch) {
+  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
+              "softmax_kl (cuda): student and teacher must be [N, V] of the same shape, got ", student.sizes(),
+              " and ", teacher.sizes());
+  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1,
+              "softmax_kl (cuda): the vocabulary dimension must be contiguous");
+  TORCH_CHECK(student.device() == teacher.device() && grad_scale.device() == student.device(),
+              "softmax_kl (cuda): student, teacher and grad_scale must be on one device");
+  TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
+              "softmax_kl (cuda): grad_scale must be one float32 element");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "softmax_kl (cuda): kind must be 0, 1 or 2, got ", kind);
+  TORCH_CHECK(kind != 2 || (beta > 0.0 && beta < 1.0), "softmax_kl (cuda): JSD needs 0 < beta < 1, got ", beta);
+  TORCH_CHECK(temperature > 0.0, "softmax_kl (cuda): temperature must be > 0, got ", temperature);
+  TORCH_CHECK(ce_weight <= 0.0 || labels.has_value(), "softmax_kl (cuda): ce_weight > 0 needs labels");
+  const int s_code = cuda_dtype_code(student, "student"), t_code = cuda_dtype_code(teacher, "teacher");
+  TORCH_CHECK((s_code == cuda::kFloat64) == (t_code == cuda::kFloat64),
+              "softmax_kl (cuda): float64 logits pair with float64 only");
+  const int64_t N = student.size(0), V = student.size(1);
+  TORCH_CHECK(V >= 1, "softmax_kl (cuda): V must be >= 1");
+  at::Tensor lab;
+  if (labels.has_value()) {
+    lab = labels->to(at::kLong).contiguous();
+    TORCH_CHECK(lab.dim() == 1 && lab.size(0) == N && lab.device() == student.device(),
+                "softmax_kl (cuda): labels must be [N] int64 on the logits' device");
+  }
+  const at::Tensor gscale = grad_scale.reshape({1}).contiguous();
+
+  const auto acc = s_code == cuda::kFloat64 ? at::kDouble : at::kFloat;
+  at::Tensor loss = alloc(at::IntArrayRef{N}, student.options().dtype(acc));
+  at::Tensor gs = need_grad_student ? alloc(at::IntArrayRef{N, V}, student.options()) : at::Tensor();
+  at::Tensor gt = need_grad_teacher ? alloc(at::IntArrayRef{N, V}, teacher.options()) : at::Tensor();
+
+  cuda::SoftmaxKLArgs a;
+  a.student = student.data_ptr();
+  a.teacher = teacher.data_ptr();
+  a.labels = lab.defined() ? lab.data_ptr<int64_t>() : nullptr;
+  a.grad_scale = gscale.data_ptr<float>();
+  a.loss = loss.data_ptr();
+  a.grad_student = gs.defined() ? gs.data_ptr() : nullptr;
+  a.grad_teacher = gt.defined() ? gt.data_ptr() : nullptr;
+  a.N = N;
+  a.V = V;
+  a.stride_s = student.stride(0);
+  a.stride_t = teacher.stride(0);
+  a.student_dtype = s_code;
+  a.teacher_dtype = t_code;
+  a.kind = static_cast<int>(kind);
+  a.inv_temperature = 1.0 / temperature;
+  a.beta = kind == 2 ? beta : 0.5;
+  a.ce_weight = ce_weight;
+  a.kd_weight = kd_weight;
+  a.ignore_index = ignore_index;
+  a.force_mode = static_cast<int>(force_mode);
+  a.force_cluster = static_cast<int>(force_cluster);
+  a.force_threads = static_cast<int>(force_threads);
+
+  cuda::Plan plan;
+  const std::string err = launch(a, &plan);
+  TORCH_CHECK(err.empty(), "softmax_kl (cuda): ", err);
+  return {loss, gs, gt, {plan.mode, plan.cluster, plan.threads, plan.seg, plan.smem}};
+}
+
+}  // namespace kdk
