@@ -50,6 +50,23 @@ def kdkernels_loss(backend):
     return loss
 
 
+def kdkernels_cuda_streaming_loss():
+    """The CUDA C++ kernels forced onto their streaming plan (each row read twice), to set beside
+    the staged plan the planner picks (each row read once)."""
+    import os
+
+    inner = kdkernels_loss("cuda")
+
+    def loss(s, t):
+        os.environ["KDK_CUDA_SOFTMAX_KL_PLAN"] = "stream"
+        try:
+            return inner(s, t)
+        finally:
+            del os.environ["KDK_CUDA_SOFTMAX_KL_PLAN"]
+
+    return loss
+
+
 def _import_trl():
     import os
     import warnings
@@ -90,8 +107,10 @@ def providers(device, notes):
         peers += peer_provider("liger", _import_liger, liger_loss, notes, "pip install .[bench]")
     else:
         notes.append("liger skipped: its KL-divergence loss is a Triton kernel (CUDA only)")
-    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss), *peers,
-            *kdkernels_providers(device, kdkernels_loss, notes)]
+    ours = kdkernels_providers(device, kdkernels_loss, notes)
+    if any(p.name == "kdkernels-cuda" for p in ours):
+        ours.append(Provider("kdkernels-cuda-stream", kdkernels_cuda_streaming_loss()))
+    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss), *peers, *ours]
 
 
 FAMILY = Family(

@@ -42,7 +42,10 @@ def _nvcc(source, tmp_dir):
     the real build (setup.py); returns (returncode, ptxas output)."""
     if source not in _NVCC_RESULTS:
         gencodes = [f"-gencode=arch={a.replace('sm_', 'compute_')},code={a}" for a in CUDA_ARCHS]
-        out = subprocess.run([NVCC, "-std=c++17", "-O3", "--use_fast_math", "--threads", "0", "-c", source,
+        from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what torch's CUDAExtension adds
+
+        out = subprocess.run([NVCC, "-std=c++17", "-O3", "--use_fast_math", *COMMON_NVCC_FLAGS, "--threads", "0",
+                              "-c", source,
                               "-o", os.path.join(tmp_dir, "k.o"), *gencodes,
                               "-Xptxas=-v,-warn-spills,-warn-lmem-usage", f"-I{os.path.join(ROOT, 'csrc')}"],
                              capture_output=True, text=True)
