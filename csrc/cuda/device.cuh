@@ -9,7 +9,8 @@
 //
 // Kernels use only: ld / st (every access to global memory, and the vector reads of shared memory),
 // thread_idx, block_dim, block_idx, sync_threads, shfl_xor, dynamic_smem,
-// cluster_rank / cluster_sync / cluster_arrive / cluster_wait / cluster_map (sm_90; no-ops below),
+// cluster_rank / cluster_sync / cluster_arrive / cluster_wait / cluster_map (sm_90; no-ops below,
+// where require_clusters traps),
 // cp_async / cp_async_wait_all (sm_80+), exp2 / log2 / fmax, and the bf16 / fp16 conversions.
 #pragma once
 
@@ -54,6 +55,15 @@ KDK_DEVICE unsigned cluster_rank() {
   return cooperative_groups::this_cluster().block_rank();
 #else
   return 0;
+#endif
+}
+// A kernel compiled below sm_90 (e.g. PTX for sm_80 JIT-compiled on a Hopper GPU) has no clusters:
+// a launch that relies on them must fail loudly, never compute per-block partial results.
+KDK_DEVICE void require_clusters(int cluster) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  if (cluster > 1) __trap();
+#else
+  (void)cluster;
 #endif
 }
 KDK_DEVICE void cluster_arrive() {  // release: this block's shared-memory writes become visible

@@ -30,6 +30,13 @@ const DeviceLimits& limits_of(int device) {
     // 8 blocks is the portable cluster size; 16 is tried at launch (it needs an opt-in and an SM
     // layout that can hold it) and falls back to 8 when the occupancy query says no.
     d.max_cluster = d.cc_major >= 9 ? 16 : 1;
+    // the binary this GPU runs must itself be sm_90+ code (not sm_80 PTX JIT-compiled for it)
+    cudaFuncAttributes attr{};
+    if (cudaFuncGetAttributes(&attr, softmax_kl_staged<float, float, float, 0>) != cudaSuccess ||
+        attr.binaryVersion < 90) {
+      cudaGetLastError();
+      d.max_cluster = 1;
+    }
     d.target_smem_per_block = d.max_smem_per_block / 3;
   });
   return limits[device];

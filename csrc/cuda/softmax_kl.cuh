@@ -402,6 +402,7 @@ constexpr int kMinBlocks = sizeof(Acc) == 8 ? 1 : kPack<S, T> == 8 ? 2 : 3;
 template <class S, class T, class Acc, int KIND>
 KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params p) {
   constexpr int P = kPack<S, T>;
+  dev::require_clusters(p.cluster);
   const int rank = p.cluster > 1 ? static_cast<int>(dev::cluster_rank()) : 0;
   const int64_t row = dev::block_idx() / p.cluster;
   const int64_t lo = rank * p.seg;
