@@ -12,7 +12,7 @@ from torch import Tensor
 from kdkernels import _backend, reference
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
-__all__ = ["softmax_kl", "distill_loss", "available_backends"]
+__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "available_backends"]
 
 available_backends = _backend.available_backends
 
@@ -183,3 +183,116 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optiona
     return _fused(student_logits, teacher_logits, labels, temperature=temperature, kind=kind, beta=beta,
                   ignore_index=ignore_index, reduction=reduction, backend=backend, ce_weight=alpha,
                   kd_weight=(1.0 - alpha) * temperature * temperature, op_name="distill_loss")
+
+
+# ------------------------------------------------------------------------------ fused-linear KL
+
+def _check_float(name: str, x, dims: Optional[int] = None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(x.shape)}")
+    if dims is None and x.dim() == 0:
+        raise ValueError(f"{name} must have a feature dimension [..., H], got a 0-d tensor")
+
+
+def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
+                    teacher_weight: Optional[Tensor] = None, *, teacher_logits: Optional[Tensor] = None,
+                    student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                    temperature: float = 1.0, kind: str = "forward", beta: float = 0.5, alpha: float = 0.0,
+                    labels: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                    backend: str = "auto") -> Tensor:
+    r""":func:`distill_loss` on the logits ``student_hidden @ student_weight.T + student_bias`` and
+    ``teacher_hidden @ teacher_weight.T + teacher_bias`` (or the given ``teacher_logits``), without
+    ever forming a ``[N, V]`` logits tensor:
+
+    ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)``
+
+    The vocabulary is processed in tiles: a first pass keeps per-row online statistics, a second
+    recomputes each logits tile and accumulates the gradients of the hidden states, weights and
+    biases (of the teacher too, when its tensors require grad). Matmuls accumulate in float32
+    (float64 for float64 inputs); logits are never rounded to the input dtype. Rows labelled
+    ``ignore_index`` cost nothing. Peak extra memory: the gradients, O(rows) statistics and a few
+    logits tiles, independent of V.
+
+    Args:
+        student_hidden: ``[..., H]``; student_weight: ``[V, H]``; student_bias: ``[V]`` or None.
+        teacher_hidden: ``[..., Ht]`` (the same leading shape); teacher_weight: ``[V, Ht]``;
+            teacher_bias: ``[V]`` or None. Or instead ``teacher_logits``: ``[..., V]``.
+        temperature, kind, beta, alpha, labels, ignore_index, reduction: as in :func:`distill_loss`.
+        backend: ``"auto"`` or ``"torch"`` (the tiled PyTorch implementation; every device).
+    """
+    _check_float("student_hidden", student_hidden)
+    _check_float("student_weight", student_weight, 2)
+    lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
+    V = student_weight.shape[0]
+    if student_weight.shape[1] != H:
+        raise ValueError(f"student_weight must be [V, H] with H = {H} (student_hidden {tuple(student_hidden.shape)}), "
+                         f"got {tuple(student_weight.shape)}")
+    if V == 0:
+        raise ValueError("student_weight has an empty vocabulary: V = 0")
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("give either teacher_logits or teacher_hidden and teacher_weight (and teacher_bias), "
+                             "not both")
+        _check_float("teacher_logits", teacher_logits)
+        if teacher_logits.shape != (*lead, V):
+            raise ValueError(f"teacher_logits must be {(*lead, V)} (student_hidden's leading shape and V), got "
+                             f"{tuple(teacher_logits.shape)}")
+    else:
+        if teacher_hidden is None or teacher_weight is None:
+            raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
+        _check_float("teacher_hidden", teacher_hidden)
+        _check_float("teacher_weight", teacher_weight, 2)
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)}, got "
+                             f"{tuple(teacher_hidden.shape)}")
+        if teacher_weight.shape != (V, teacher_hidden.shape[-1]):
+            raise ValueError(f"teacher_weight must be [V, Ht] = {(V, teacher_hidden.shape[-1])} (V from "
+                             f"student_weight, Ht from teacher_hidden), got {tuple(teacher_weight.shape)}")
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None:
+            _check_float(name, b, 1)
+            if b.shape[0] != V:
+                raise ValueError(f"{name} must be [V] = [{V}], got {tuple(b.shape)}")
+    tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           teacher_logits) if x is not None]
+    if len({x.device for x in tensors}) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted({str(x.device) for x in tensors})}")
+    # labels, scalars, kind, reduction: the checks of distill_loss on a [..., V] stand-in
+    stand_in = student_hidden.new_empty((*lead, V)) if labels is not None else student_hidden.new_empty((1, 1))
+    temperature, beta, alpha = _validate(stand_in, stand_in, labels, temperature, kind, beta, ignore_index,
+                                         reduction, backend, alpha=alpha)
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"fused_linear_kl(backend={backend!r}): this release has the tiled PyTorch implementation "
+                         "only; use backend='auto' or 'torch'")
+
+    from kdkernels.ops.fused_linear_kl import fused_linear_kl_op
+
+    flat = lambda x, d: None if x is None else x.reshape(-1, x.shape[-1]) if d else x  # noqa: E731
+    hs, ht, tl = flat(student_hidden, 1), flat(teacher_hidden, 1), flat(teacher_logits, 1)
+    N = hs.shape[0]
+    lab = None if labels is None else labels.reshape(-1).to(torch.int64)
+    red = "mean" if reduction == "batchmean" else reduction
+    # in the accumulation dtype: a float32 1/N would cost float64 inputs 8 digits
+    scale_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+    if red == "mean":
+        count = N if lab is None else (lab != ignore_index).sum().clamp_min(1)
+        grad_scale = torch.as_tensor(count, device=hs.device).to(scale_dtype).reciprocal().reshape(())
+    else:
+        grad_scale = torch.ones((), dtype=scale_dtype, device=hs.device)
+    kind_id = KIND_IDS[kind]
+    if kind_id == 2 and beta == 0.0:
+        kind_id = 0
+    elif kind_id == 2 and beta == 1.0:
+        kind_id = 1
+    grad_on = torch.is_grad_enabled()
+    srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
+    need = [bool(grad_on and x is not None and x.requires_grad) for x in srcs]
+    outs = fused_linear_kl_op(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, tl, lab, grad_scale,
+                              temperature, kind_id, beta, ignore_index, alpha,
+                              (1.0 - alpha) * temperature * temperature, REDUCTION_IDS[red], need, "torch")
+    loss = outs[0]
+    return loss.reshape(lead) if red == "none" else loss

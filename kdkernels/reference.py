@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div"]
+__all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div", "linear_logits",
+           "fused_linear_kl"]
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -125,3 +126,21 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0
 def kl_div(input, target, reduction="mean", log_target=False):
     """Reference for :class:`kdkernels.nn.KLDivLoss` (the semantics of ``torch.nn.functional.kl_div``)."""
     return F.kl_div(input, target, reduction=reduction, log_target=log_target)
+
+
+def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``hidden @ weight.T + bias``: ``[..., H] x [V, H] -> [..., V]``, in the promoted dtype."""
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    out = hidden.to(dtype) @ weight.to(dtype).t()
+    return out if bias is None else out + bias.to(dtype)
+
+
+def fused_linear_kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+                    teacher_logits=None, student_bias=None, teacher_bias=None, temperature=1.0, kind="forward",
+                    beta=0.5, alpha=0.0, labels=None, ignore_index=-100, reduction="mean"):
+    """Reference for :func:`kdkernels.fused_linear_kl`: materializes both ``[N, V]`` logits, then
+    ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)`` as in :func:`distill_loss`."""
+    s = linear_logits(student_hidden, student_weight, student_bias)
+    t = teacher_logits if teacher_logits is not None else linear_logits(teacher_hidden, teacher_weight, teacher_bias)
+    return distill_loss(s, t, labels, temperature=temperature, alpha=alpha, kind=kind, beta=beta,
+                        ignore_index=ignore_index, reduction=reduction)

@@ -1,0 +1,191 @@
+"""fused_linear_kl: the loss and every gradient against the float64 reference, which materializes
+the logits; the tiled implementation never does (checked by a memory test in a subprocess)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import reference
+from kdkernels.ops import fused_linear_kl as FL
+from conftest import RTOL, assert_close
+
+KINDS = ["forward", "reverse", "jsd"]
+
+
+def make(N, H, Ht, V, dtype, *, bias=True, teacher="hidden", teacher_grad=False, scale=0.5):
+    hs = torch.randn(N, H, dtype=torch.float64).to(dtype).requires_grad_()
+    Ws = (torch.randn(V, H, dtype=torch.float64) * scale / H ** 0.25).to(dtype).requires_grad_()
+    bs = torch.randn(V, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    t = {}
+    if teacher == "hidden":
+        t["teacher_hidden"] = torch.randn(N, Ht, dtype=torch.float64).to(dtype).requires_grad_(teacher_grad)
+        t["teacher_weight"] = (torch.randn(V, Ht, dtype=torch.float64) * scale / Ht ** 0.25).to(dtype) \
+            .requires_grad_(teacher_grad)
+        if bias:
+            t["teacher_bias"] = torch.randn(V, dtype=torch.float64).to(dtype).requires_grad_(teacher_grad)
+    else:
+        t["teacher_logits"] = (torch.randn(N, V, dtype=torch.float64) * 2).to(dtype).requires_grad_(teacher_grad)
+    return hs, Ws, bs, t
+
+
+def compare(hs, Ws, bs, t, dtype, *, labels=None, what="", **kw):
+    tensors = {"student_hidden": hs, "student_weight": Ws, "student_bias": bs, **t}
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    out = kdkernels.fused_linear_kl(hs, Ws, t.get("teacher_hidden"), t.get("teacher_weight"),
+                                    teacher_logits=t.get("teacher_logits"), student_bias=bs,
+                                    teacher_bias=t.get("teacher_bias"), labels=labels, **kw)
+    go = torch.rand_like(out) + 0.5
+    names = [k for k, v in tensors.items() if v.requires_grad]
+    grads = torch.autograd.grad(out, [tensors[k] for k in names], go)
+    ref_in = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in tensors.items()}
+    ref = reference.fused_linear_kl(ref_in["student_hidden"], ref_in["student_weight"], ref_in.get("teacher_hidden"),
+                                    ref_in.get("teacher_weight"), teacher_logits=ref_in.get("teacher_logits"),
+                                    student_bias=ref_in.get("student_bias"), teacher_bias=ref_in.get("teacher_bias"),
+                                    labels=labels, **kw)
+    rgrads = torch.autograd.grad(ref, [ref_in[k] for k in names], go.double())
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out, ref, dtype, f"loss {what}")
+    for k, g, r in zip(names, grads, rgrads):
+        assert g.dtype == tensors[k].dtype, k
+        assert_close(g, r, dtype, f"grad {k} {what}")
+
+
+@pytest.mark.parametrize("V,H", [(1, 64), (1000, 64), (1000, 1000), (32001, 64), (131073, 64)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(V, H, kind, seed):
+    N = 5 if V < 100000 else 3
+    hs, Ws, bs, t = make(N, H, H + 7, V, torch.float32)
+    labels = torch.randint(0, V, (N,))
+    labels[1] = -100
+    T = [1.0, 2.0][seed % 2]
+    alpha = [0.0, 0.3][(seed >> 1) % 2]
+    compare(hs, Ws, bs, t, torch.float32, labels=labels, temperature=T, kind=kind, beta=0.3, alpha=alpha,
+            reduction="mean", what=f"seed={seed} T={T} alpha={alpha}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_dtypes(dtype, kind, seed, monkeypatch):
+    monkeypatch.setattr(FL, "V_TILE", 256)  # several tiles, the last one partial
+    hs, Ws, bs, t = make(6, 48, 40, 1000, dtype)
+    labels = torch.randint(0, 1000, (6,))
+    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, kind=kind, beta=0.6, alpha=0.25,
+            what=f"seed={seed}")
+
+
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_gradients_tiles_and_reductions(teacher, reduction, kind, seed, monkeypatch):
+    """Gradients to the teacher too; small tiles and row blocks so that rows, labels and maxima
+    fall in different tiles; per-row grad_output for "none"."""
+    monkeypatch.setattr(FL, "V_TILE", 97)
+    monkeypatch.setattr(FL, "TILE_ELEMENTS", 97 * 3)  # row blocks of 3
+    N, V = 8, 1001
+    hs, Ws, bs, t = make(N, 24, 17, V, torch.float32, teacher=teacher, teacher_grad=True)
+    labels = torch.randint(0, V, (N,))
+    labels[[2, 5]] = -100
+    compare(hs, Ws, bs, t, torch.float32, labels=labels, temperature=[1.0, 0.7][seed % 2], kind=kind, beta=0.4,
+            alpha=[0.0, 0.5][(seed >> 1) % 2], reduction=reduction, what=f"seed={seed}")
+
+
+def test_leading_shape_no_bias_no_labels(seed):
+    hs = torch.randn(2, 3, 32, requires_grad=True)
+    Ws = torch.randn(500, 32, requires_grad=True)
+    ht, Wt = torch.randn(2, 3, 20), torch.randn(500, 20)
+    out = kdkernels.fused_linear_kl(hs, Ws, ht, Wt, temperature=2.0, reduction="none")
+    assert out.shape == (2, 3)
+    ref = reference.softmax_kl(hs.double() @ Ws.double().t(), ht.double() @ Wt.double().t(), temperature=2.0,
+                               reduction="none") * 4.0
+    assert_close(out, ref, torch.float32, "leading shape")
+
+
+def test_ignored_rows_cost_nothing_and_get_zero_gradients():
+    hs, Ws, bs, t = make(4, 16, 16, 300, torch.float32)
+    labels = torch.full((4,), -100)
+    out = kdkernels.fused_linear_kl(hs, Ws, t["teacher_hidden"], t["teacher_weight"], student_bias=bs,
+                                    teacher_bias=t["teacher_bias"], labels=labels, alpha=0.5)
+    out.backward()
+    assert out.item() == 0.0
+    assert hs.grad.abs().sum() == 0 and Ws.grad.abs().sum() == 0 and bs.grad.abs().sum() == 0
+
+
+def test_compiles_fullgraph():
+    hs, Ws, bs, t = make(4, 16, 16, 300, torch.float32)
+    fn = torch.compile(lambda a, b: kdkernels.fused_linear_kl(a, b, t["teacher_hidden"], t["teacher_weight"],
+                                                              temperature=2.0), fullgraph=True, backend="eager")
+    out = fn(hs, Ws)
+    ref = kdkernels.fused_linear_kl(hs, Ws, t["teacher_hidden"], t["teacher_weight"], temperature=2.0)
+    assert torch.allclose(out, ref)
+
+
+def _bad_cases():
+    hs, W, ht, Wt = torch.randn(4, 8), torch.randn(10, 8), torch.randn(4, 6), torch.randn(10, 6)
+    f = kdkernels.fused_linear_kl
+    return [
+        ("weight dims", lambda: f(hs, torch.randn(10, 7), ht, Wt), ValueError, "student_weight must be [V, H]"),
+        ("weight 1-D", lambda: f(hs, torch.randn(10), ht, Wt), ValueError, "student_weight must be 2-D"),
+        ("no teacher", lambda: f(hs, W), ValueError, "teacher is missing"),
+        ("both teachers", lambda: f(hs, W, ht, Wt, teacher_logits=torch.randn(4, 10)), ValueError, "not both"),
+        ("teacher weight", lambda: f(hs, W, ht, torch.randn(11, 6)), ValueError, "teacher_weight must be"),
+        ("teacher hidden rows", lambda: f(hs, W, torch.randn(5, 6), Wt), ValueError, "leading shape"),
+        ("teacher logits", lambda: f(hs, W, teacher_logits=torch.randn(4, 9)), ValueError, "teacher_logits must be"),
+        ("bias", lambda: f(hs, W, ht, Wt, student_bias=torch.randn(9)), ValueError, "student_bias must be [V]"),
+        ("int hidden", lambda: f(hs.long(), W, ht, Wt), TypeError, "student_hidden"),
+        ("alpha no labels", lambda: f(hs, W, ht, Wt, alpha=0.5), ValueError, "labels"),
+        ("labels shape", lambda: f(hs, W, ht, Wt, labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
+        ("labels range", lambda: f(hs, W, ht, Wt, labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
+        ("temperature", lambda: f(hs, W, ht, Wt, temperature=0.0), ValueError, "temperature"),
+        ("backend", lambda: f(hs, W, ht, Wt, backend="triton"), ValueError, "backend='triton'"),
+        ("V=0", lambda: f(hs, torch.randn(0, 8), ht, torch.randn(0, 6)), ValueError, "V = 0"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input(name, call, exc, match):
+    import re
+
+    with pytest.raises(exc, match=re.escape(match)):
+        call()
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import sys, torch, kdkernels
+    torch.set_num_threads(1)
+    N, H, V = (int(x) for x in sys.argv[1:4])
+    hs = torch.randn(N, H, requires_grad=True); Ws = (torch.randn(V, H) * 0.1).requires_grad_()
+    ht = torch.randn(N, H); Wt = torch.randn(V, H) * 0.1
+    kdkernels.fused_linear_kl(hs[:2], Ws[:64], ht[:2], Wt[:64]).backward()  # load code paths
+    hs.grad = Ws.grad = None
+    def kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = kib("VmRSS")
+    kdkernels.fused_linear_kl(hs, Ws, ht, Wt, temperature=2.0).backward()
+    grads = (hs.grad.numel() + Ws.grad.numel()) * 4
+    print((kib("VmHWM") - base) * 1024 - grads)
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_does_not_grow_with_V():
+    """Peak extra memory beyond the gradients (which are V x H for the weight) is the same at
+    V = 16384 and V = 131072: no [N, V] tensor, in any dtype, in any chunk of rows."""
+    def extra(V):
+        # large blocks straight from mmap: freed tiles go back to the OS, so RSS peaks are exact
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "512", "64", str(V)], capture_output=True,
+                             text=True, check=True, env=env)
+        return int(out.stdout.strip().splitlines()[-1])
+
+    small, large = extra(16384), extra(131072)
+    msg = f"extra beyond the gradients: {small / 2**20:.1f} MiB at V=16384, {large / 2**20:.1f} MiB at V=131072"
+    assert large - small < 8 * 2**20, msg  # one [512, 131072] fp32 logits tensor would be 256 MiB
+    assert large < 64 * 2**20, msg
