@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace kdk {
 
@@ -17,6 +18,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
     double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher);
+
+// Fused-linear KL on the CPU; see csrc/cpu/fused_linear_kl.cpp. need: which of (student hidden, weight, bias,
+// teacher hidden, weight, bias, teacher logits) get a gradient. Returns [loss_rows, then the 7 gradients
+// (undefined where not needed)], gradients pre-multiplied by grad_scale (one value, or one per row).
+std::vector<at::Tensor> fused_linear_kl_forward_cpu(
+    const at::Tensor& student_hidden, const at::Tensor& student_weight, const std::optional<at::Tensor>& student_bias,
+    const std::optional<at::Tensor>& teacher_hidden, const std::optional<at::Tensor>& teacher_weight,
+    const std::optional<at::Tensor>& teacher_bias, const std::optional<at::Tensor>& teacher_logits,
+    const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature, int64_t kind,
+    double beta, int64_t ignore_index, double ce_weight, double kd_weight, const std::vector<bool>& need,
+    int64_t v_tile, int64_t tile_elements);
 
 // Debug switch: when on, kernels allocate their outputs filled with NaN instead of uninitialized,
 // so that an element a kernel forgets to write fails the tests (kdkernels._debug.poison_outputs).

@@ -222,8 +222,22 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         teacher_hidden: ``[..., Ht]`` (the same leading shape); teacher_weight: ``[V, Ht]``;
             teacher_bias: ``[V]`` or None. Or instead ``teacher_logits``: ``[..., V]``.
         temperature, kind, beta, alpha, labels, ignore_index, reduction: as in :func:`distill_loss`.
-        backend: ``"auto"`` or ``"torch"`` (the tiled PyTorch implementation; every device).
+        backend: ``"auto"`` (the C++ kernel on CPU tensors when the extension is built, else
+            ``"torch"``), ``"cpu"``, or ``"torch"`` (the same tiles in PyTorch operations; any device).
     """
+    temperature, beta, alpha = _validate_fused_linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
+        labels, temperature, kind, beta, alpha, ignore_index, reduction, backend)
+    return _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                         teacher_logits, labels, temperature=temperature, kind=kind, beta=beta,
+                         ignore_index=ignore_index, reduction=reduction, ce_weight=alpha,
+                         kd_weight=(1.0 - alpha) * temperature * temperature, backend=backend)
+
+
+def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
+                           student_bias, teacher_bias, labels, temperature, kind, beta, alpha, ignore_index,
+                           reduction, backend):
+    """The checks of :func:`fused_linear_kl`; returns (temperature, beta, alpha) as floats."""
     _check_float("student_hidden", student_hidden)
     _check_float("student_weight", student_weight, 2)
     lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
@@ -262,14 +276,32 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
     if len({x.device for x in tensors}) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted({str(x.device) for x in tensors})}")
     # labels, scalars, kind, reduction: the checks of distill_loss on a [..., V] stand-in
-    stand_in = student_hidden.new_empty((*lead, V)) if labels is not None else student_hidden.new_empty((1, 1))
+    stand_in = student_hidden.new_zeros(()).expand(*lead, V)  # the logits' shape, no memory
     temperature, beta, alpha = _validate(stand_in, stand_in, labels, temperature, kind, beta, ignore_index,
                                          reduction, backend, alpha=alpha)
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"fused_linear_kl(backend={backend!r}): this release has the tiled PyTorch implementation "
-                         "only; use backend='auto' or 'torch'")
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"fused_linear_kl(backend={backend!r}): this release has the C++ CPU kernel ('cpu') and the "
+                         "tiled PyTorch implementation ('torch', any device); use backend='auto', 'cpu' or 'torch'")
+    return temperature, beta, alpha
 
+
+def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher_logits, labels, *, temperature, kind, beta, ignore_index, reduction, ce_weight, kd_weight,
+                  backend="auto"):
+    """The fused-linear op on validated inputs, with explicit CE and divergence weights."""
+    from kdkernels import _ext
     from kdkernels.ops.fused_linear_kl import fused_linear_kl_op
+
+    if backend == "auto":
+        backend = "cpu" if student_hidden.device.type == "cpu" and _ext.available() else "torch"
+    elif backend == "cpu":
+        if student_hidden.device.type != "cpu":
+            raise ValueError(f"fused_linear_kl(backend='cpu') runs CPU tensors, got tensors on {student_hidden.device}")
+        _ext.require("fused_linear_kl(backend='cpu')")
+
+    lead = student_hidden.shape[:-1]
+    tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                           teacher_logits) if x is not None]
 
     flat = lambda x, d: None if x is None else x.reshape(-1, x.shape[-1]) if d else x  # noqa: E731
     hs, ht, tl = flat(student_hidden, 1), flat(teacher_hidden, 1), flat(teacher_logits, 1)
@@ -292,7 +324,7 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     need = [bool(grad_on and x is not None and x.requires_grad) for x in srcs]
     outs = fused_linear_kl_op(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, tl, lab, grad_scale,
-                              temperature, kind_id, beta, ignore_index, alpha,
-                              (1.0 - alpha) * temperature * temperature, REDUCTION_IDS[red], need, "torch")
+                              temperature, kind_id, beta, ignore_index, ce_weight, kd_weight, REDUCTION_IDS[red], need,
+                              backend)
     loss = outs[0]
     return loss.reshape(lead) if red == "none" else loss

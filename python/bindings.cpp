@@ -49,6 +49,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("need_grad_teacher"),
         "Fused softmax-KL on the CPU: returns (loss_rows, grad_student|None, grad_teacher|None).",
         py::call_guard<py::gil_scoped_release>());
+  m.def("fused_linear_kl_forward_cpu", &kdk::fused_linear_kl_forward_cpu, py::arg("student_hidden"),
+        py::arg("student_weight"), py::arg("student_bias"), py::arg("teacher_hidden"), py::arg("teacher_weight"),
+        py::arg("teacher_bias"), py::arg("teacher_logits"), py::arg("labels"), py::arg("grad_scale"),
+        py::arg("temperature"), py::arg("kind"), py::arg("beta"), py::arg("ignore_index"), py::arg("ce_weight"),
+        py::arg("kd_weight"), py::arg("need"), py::arg("v_tile"), py::arg("tile_elements"),
+        "Fused-linear KL on the CPU: [loss_rows, d student hidden/weight/bias, d teacher hidden/weight/bias, "
+        "d teacher logits] (None where not needed).",
+        py::call_guard<py::gil_scoped_release>());
   m.def("set_poison_outputs", &kdk::set_poison_outputs, py::arg("on"),
         "Debug: allocate kernel outputs filled with NaN so that unwritten elements show.");
   m.def("cpu_simd", &kdk::cpu_simd, "SIMD instruction set the CPU kernels were compiled for.");

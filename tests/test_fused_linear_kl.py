@@ -15,6 +15,7 @@ from kdkernels.ops import fused_linear_kl as FL
 from conftest import RTOL, assert_close
 
 KINDS = ["forward", "reverse", "jsd"]
+BACKENDS = ["cpu", "torch"] if kdkernels.build_info()["extension"] else ["torch"]
 
 
 def make(N, H, Ht, V, dtype, *, bias=True, teacher="hidden", teacher_grad=False, scale=0.5):
@@ -33,12 +34,12 @@ def make(N, H, Ht, V, dtype, *, bias=True, teacher="hidden", teacher_grad=False,
     return hs, Ws, bs, t
 
 
-def compare(hs, Ws, bs, t, dtype, *, labels=None, what="", **kw):
+def compare(hs, Ws, bs, t, dtype, *, labels=None, what="", backend="auto", **kw):
     tensors = {"student_hidden": hs, "student_weight": Ws, "student_bias": bs, **t}
     tensors = {k: v for k, v in tensors.items() if v is not None}
     out = kdkernels.fused_linear_kl(hs, Ws, t.get("teacher_hidden"), t.get("teacher_weight"),
                                     teacher_logits=t.get("teacher_logits"), student_bias=bs,
-                                    teacher_bias=t.get("teacher_bias"), labels=labels, **kw)
+                                    teacher_bias=t.get("teacher_bias"), labels=labels, backend=backend, **kw)
     go = torch.rand_like(out) + 0.5
     names = [k for k, v in tensors.items() if v.requires_grad]
     grads = torch.autograd.grad(out, [tensors[k] for k in names], go)
@@ -55,9 +56,10 @@ def compare(hs, Ws, bs, t, dtype, *, labels=None, what="", **kw):
         assert_close(g, r, dtype, f"grad {k} {what}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("V,H", [(1, 64), (1000, 64), (1000, 1000), (32001, 64), (131073, 64)])
 @pytest.mark.parametrize("kind", KINDS)
-def test_matches_reference(V, H, kind, seed):
+def test_matches_reference(V, H, kind, backend, seed):
     N = 5 if V < 100000 else 3
     hs, Ws, bs, t = make(N, H, H + 7, V, torch.float32)
     labels = torch.randint(0, V, (N,))
@@ -65,33 +67,39 @@ def test_matches_reference(V, H, kind, seed):
     T = [1.0, 2.0][seed % 2]
     alpha = [0.0, 0.3][(seed >> 1) % 2]
     compare(hs, Ws, bs, t, torch.float32, labels=labels, temperature=T, kind=kind, beta=0.3, alpha=alpha,
-            reduction="mean", what=f"seed={seed} T={T} alpha={alpha}")
+            reduction="mean", backend=backend, what=f"{backend} seed={seed} T={T} alpha={alpha}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
-def test_dtypes(dtype, kind, seed, monkeypatch):
+def test_dtypes(dtype, kind, backend, seed, monkeypatch):
     monkeypatch.setattr(FL, "V_TILE", 256)  # several tiles, the last one partial
     hs, Ws, bs, t = make(6, 48, 40, 1000, dtype)
     labels = torch.randint(0, 1000, (6,))
-    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, kind=kind, beta=0.6, alpha=0.25,
-            what=f"seed={seed}")
+    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, kind=kind, beta=0.6, alpha=0.25, backend=backend,
+            what=f"{backend} seed={seed}")
 
 
-@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teacher", ["hidden", "logits", "bf16-logits"])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean", "batchmean"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_teacher_gradients_tiles_and_reductions(teacher, reduction, kind, seed, monkeypatch):
+def test_teacher_gradients_tiles_and_reductions(teacher, reduction, kind, backend, seed, monkeypatch):
     """Gradients to the teacher too; small tiles and row blocks so that rows, labels and maxima
     fall in different tiles; per-row grad_output for "none"."""
     monkeypatch.setattr(FL, "V_TILE", 97)
     monkeypatch.setattr(FL, "TILE_ELEMENTS", 97 * 3)  # row blocks of 3
     N, V = 8, 1001
-    hs, Ws, bs, t = make(N, 24, 17, V, torch.float32, teacher=teacher, teacher_grad=True)
+    hs, Ws, bs, t = make(N, 24, 17, V, torch.float32, teacher="hidden" if teacher == "hidden" else "logits",
+                         teacher_grad=True)
+    if teacher == "bf16-logits":
+        t = {"teacher_logits": t["teacher_logits"].detach().bfloat16().requires_grad_()}
     labels = torch.randint(0, V, (N,))
     labels[[2, 5]] = -100
-    compare(hs, Ws, bs, t, torch.float32, labels=labels, temperature=[1.0, 0.7][seed % 2], kind=kind, beta=0.4,
-            alpha=[0.0, 0.5][(seed >> 1) % 2], reduction=reduction, what=f"seed={seed}")
+    compare(hs, Ws, bs, t, torch.bfloat16 if teacher == "bf16-logits" else torch.float32, labels=labels,
+            temperature=[1.0, 0.7][seed % 2], kind=kind, beta=0.4, alpha=[0.0, 0.5][(seed >> 1) % 2],
+            reduction=reduction, backend=backend, what=f"{backend} seed={seed}")
 
 
 def test_leading_shape_no_bias_no_labels(seed):
@@ -105,11 +113,12 @@ def test_leading_shape_no_bias_no_labels(seed):
     assert_close(out, ref, torch.float32, "leading shape")
 
 
-def test_ignored_rows_cost_nothing_and_get_zero_gradients():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_cost_nothing_and_get_zero_gradients(backend):
     hs, Ws, bs, t = make(4, 16, 16, 300, torch.float32)
     labels = torch.full((4,), -100)
     out = kdkernels.fused_linear_kl(hs, Ws, t["teacher_hidden"], t["teacher_weight"], student_bias=bs,
-                                    teacher_bias=t["teacher_bias"], labels=labels, alpha=0.5)
+                                    teacher_bias=t["teacher_bias"], labels=labels, alpha=0.5, backend=backend)
     out.backward()
     assert out.item() == 0.0
     assert hs.grad.abs().sum() == 0 and Ws.grad.abs().sum() == 0 and bs.grad.abs().sum() == 0

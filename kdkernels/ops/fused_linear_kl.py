@@ -20,7 +20,8 @@ the gradients: per-row statistics O(N) and a few [R, Vt] fp32 tiles, independent
 run in fp32 (fp64 for fp64 inputs): logits are never rounded to the input dtype before the softmax.
 
 This module holds the PyTorch implementation of the tile loop (``backend="torch"``; any device);
-the compiled backends run the same two passes.
+the C++ backend (``backend="cpu"``, csrc/cpu/fused_linear_kl.cpp) runs the same two passes with the
+per-row work fused into vectorized sweeps.
 """
 
 from __future__ import annotations
@@ -249,9 +250,19 @@ NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "
          "teacher_logits")
 
 
-def launch(backend: str, *args, **kwargs):
+def launch(backend: str, hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
+           ignore_index, ce_weight, kd_weight, need):
     if backend == "torch":
-        return tiled_forward(*args, **kwargs)
+        return tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature=temperature, kind=kind,
+                             beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                             need=need)
+    if backend == "cpu":
+        from kdkernels import _ext
+
+        C = _ext.require("fused_linear_kl(backend='cpu')")
+        return list(C.fused_linear_kl_forward_cpu(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature,
+                                                  kind, beta, ignore_index, ce_weight, kd_weight, list(need), V_TILE,
+                                                  TILE_ELEMENTS))
     raise ValueError(f"no fused_linear_kl kernel for backend {backend!r}")
 
 

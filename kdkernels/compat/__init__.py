@@ -1,0 +1,14 @@
+"""Drop-in replacements for the distillation losses of other libraries: the same names,
+signatures and results, computed by the fused kdkernels kernels, so that existing code changes
+only an import.
+
+* :mod:`kdkernels.compat.trl`: ``generalized_jsd_loss`` (TRL's ``GKDTrainer.generalized_jsd_loss``);
+* :mod:`kdkernels.compat.torchtune`: ``ForwardKLLoss``, ``ReverseKLLoss``, ``SymmetricKLLoss`` and their
+  ``...WithChunkedOutputLoss`` forms (``torchtune.modules.loss``);
+* :mod:`kdkernels.compat.liger`: ``LigerFusedLinearJSDLoss``, ``LigerFusedLinearJSD``, ``LigerJSD``,
+  ``LigerKLDIVLoss`` (Liger-Kernel).
+"""
+
+from kdkernels.compat import liger, torchtune, trl
+
+__all__ = ["trl", "torchtune", "liger"]

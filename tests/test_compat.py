@@ -1,0 +1,289 @@
+"""kdkernels.compat: the peers' loss functions, same signatures and results.
+
+Expected values come from the peers' definitions restated here in float64 (and, where the peer is
+installed, from the peer itself)."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdkernels.compat import trl as ktrl
+from conftest import assert_close
+
+
+def trl_definition(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None):
+    """TRL 1.16 GKDTrainer.generalized_jsd_loss, restated (float64 in the tests)."""
+    s = F.log_softmax(s / temperature, -1)
+    t = F.log_softmax(t / temperature, -1)
+    if beta == 0:
+        jsd = F.kl_div(s, t, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(t, s, reduction="none", log_target=True)
+    else:
+        b = torch.tensor(beta, dtype=s.dtype)
+        m = torch.logsumexp(torch.stack([s + torch.log1p(-b), t + torch.log(b)]), 0)
+        jsd = b * F.kl_div(m, t, reduction="none", log_target=True) + (1 - b) * F.kl_div(m, s, reduction="none",
+                                                                                        log_target=True)
+    if labels is not None:
+        mask = labels != -100
+        jsd = jsd[mask]
+    if num_items_in_batch is not None:
+        return jsd.sum() / num_items_in_batch
+    if reduction == "batchmean":
+        return jsd.sum() / (mask.sum().clamp_min(1) if labels is not None else max(jsd.size(0), 1))
+    if reduction == "sum":
+        return jsd.sum()
+    if reduction == "mean":
+        return jsd.mean()
+    return jsd
+
+
+def _trl():
+    try:
+        os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from trl.experimental.gkd.gkd_trainer import GKDTrainer
+        return GKDTrainer.generalized_jsd_loss
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none", "items"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("with_labels", [False, True], ids=["nolabels", "labels"])
+def test_trl_generalized_jsd_loss(reduction, beta, with_labels, seed):
+    B, T, V = 2, 5, 301
+    s, t = torch.randn(B, T, V) * 2, torch.randn(B, T, V) * 2
+    labels = None
+    if with_labels:
+        labels = torch.randint(0, V, (B, T))
+        labels[0, :2] = -100
+    kw = dict(labels=labels, beta=beta, temperature=1.7)
+    if reduction == "items":
+        kw["num_items_in_batch"] = torch.tensor(7)
+    else:
+        kw["reduction"] = reduction
+    s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
+    out = ktrl.generalized_jsd_loss(s1, t1, **kw)
+    s2, t2 = s.double().requires_grad_(), t.double().requires_grad_()
+    ref = trl_definition(s2, t2, **kw)
+    assert out.shape == ref.shape
+    go = torch.rand_like(ref)
+    g1 = torch.autograd.grad(out, [s1, t1], go.to(out.dtype))
+    g2 = torch.autograd.grad(ref, [s2, t2], go)
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    assert_close(g1[0], g2[0], torch.float32, "grad student")
+    assert_close(g1[1], g2[1], torch.float32, "grad teacher")
+    peer = _trl()
+    if peer is not None:
+        theirs = peer(s, t, **kw)
+        assert_close(out, theirs.double(), torch.float32, "against the installed TRL")
+
+
+def test_trl_bf16_matches_to_bf16_precision():
+    s, t = (torch.randn(4, 1000) * 3).bfloat16(), (torch.randn(4, 1000) * 3).bfloat16()
+    out = ktrl.generalized_jsd_loss(s, t, beta=0.5, temperature=2.0)
+    ref = trl_definition(s.double(), t.double(), beta=0.5, temperature=2.0)
+    assert_close(out, ref, torch.bfloat16, "bf16")
+
+
+# ------------------------------------------------------------------------------ torchtune
+
+from kdkernels.compat import torchtune as ktt  # noqa: E402
+
+
+def tt_forward(s, t, labels, ignore_index=-100, normalize=True):
+    """torchtune 0.6.1 ForwardKLLoss, restated: -sum p_t log p_s per row (student inf terms dropped)."""
+    x = torch.masked_fill(F.softmax(t, -1) * F.log_softmax(s, -1), torch.isinf(s), 0).sum(-1).reshape(-1)
+    mask = (labels != ignore_index).reshape(-1)
+    total = -(x * mask).sum()
+    if not normalize:
+        return total
+    return torch.zeros((), dtype=s.dtype) if mask.sum() == 0 else total / mask.sum()
+
+
+def tt_reverse(s, t, labels, ignore_index=-100, normalize=True):
+    """torchtune 0.6.1 ReverseKLLoss, restated: sum p_s (log p_s - log p_t) per row."""
+    ps, ls, lt = F.softmax(s, -1), F.log_softmax(s, -1), F.log_softmax(t, -1)
+    inf = torch.isinf(s) | torch.isinf(t)
+    x = (torch.masked_fill(ps * lt, inf, 0) - torch.masked_fill(ps * ls, inf, 0)).sum(-1).reshape(-1)
+    mask = (labels != ignore_index).reshape(-1)
+    total = -(x * mask).sum()
+    if not normalize:
+        return total
+    return torch.zeros((), dtype=s.dtype) if mask.sum() == 0 else total / mask.sum()
+
+
+def tt_symmetric(s, t, labels, ratio, ignore_index=-100, normalize=True):
+    return ratio * tt_forward(s, t, labels, ignore_index, normalize) + \
+        (1 - ratio) * tt_reverse(s, t, labels, ignore_index, normalize)
+
+
+def _check(out, ref, inputs, ref_inputs, what):
+    assert out.shape == ref.shape == ()
+    assert_close(out, ref, torch.float32, what)
+    want = [x for x in inputs if x.requires_grad]
+    if not want:
+        return
+    g = torch.autograd.grad(out, want)
+    rg = torch.autograd.grad(ref, [x for x in ref_inputs if x.requires_grad])
+    for a, b in zip(g, rg):
+        assert_close(a, b, torch.float32, f"{what} grad")
+
+
+def _inputs(B, T, V, teacher_grad):
+    s = (torch.randn(B * T, V) * 2).requires_grad_()
+    t = (torch.randn(B * T, V) * 2).requires_grad_(teacher_grad)
+    labels = torch.randint(0, V, (B * T,))
+    labels[:3] = -100
+    return s, t, labels, s.detach().double().requires_grad_(), t.detach().double().requires_grad_(teacher_grad)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("teacher_grad", [False, True], ids=["frozen", "teacher_grad"])
+@pytest.mark.parametrize("loss", ["forward", "reverse", "symmetric"])
+def test_torchtune_losses(loss, teacher_grad, normalize, seed):
+    s, t, labels, s2, t2 = _inputs(2, 6, 257, teacher_grad)
+    if loss == "forward":
+        out = ktt.ForwardKLLoss()(s, t, labels, normalize)
+        ref = tt_forward(s2, t2, labels, normalize=normalize)
+    elif loss == "reverse":
+        out = ktt.ReverseKLLoss()(s, t, labels, normalize)
+        ref = tt_reverse(s2, t2, labels, normalize=normalize)
+    else:
+        out = ktt.SymmetricKLLoss(sym_kd_ratio=0.3)(s, t, labels, normalize)
+        ref = tt_symmetric(s2, t2, labels, 0.3, normalize=normalize)
+    _check(out, ref, [s, t], [s2, t2], f"{loss} seed={seed}")
+
+
+def test_torchtune_all_ignored_and_padded_vocabulary():
+    s, t = torch.randn(4, 50), torch.randn(4, 50)
+    assert ktt.ForwardKLLoss()(s, t, torch.full((4,), -100)).item() == 0.0
+    s[:, 40:] = float("-inf")
+    t[:, 40:] = float("-inf")  # padded vocabulary: both -inf, the term is dropped either way
+    labels = torch.zeros(4, dtype=torch.long)
+    for mine, ref in [(ktt.ForwardKLLoss(), tt_forward), (ktt.ReverseKLLoss(), tt_reverse)]:
+        assert_close(mine(s, t, labels), ref(s.double(), t.double(), labels), torch.float32, "padded")
+    with pytest.raises(ValueError, match="sym_kd_ratio"):
+        ktt.SymmetricKLLoss(sym_kd_ratio=1.5)
+
+
+@pytest.mark.parametrize("loss", ["forward", "reverse", "symmetric"])
+def test_torchtune_chunked_output_losses(loss, seed):
+    B, T, V, chunks = 2, 8, 129, 4
+    s = (torch.randn(B, T, V) * 2).requires_grad_()
+    t = torch.randn(B, T, V) * 2
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :3] = -100
+    mine = {"forward": ktt.ForwardKLWithChunkedOutputLoss(num_output_chunks=chunks),
+            "reverse": ktt.ReverseKLWithChunkedOutputLoss(num_output_chunks=chunks),
+            "symmetric": ktt.SymmetricKLWithChunkedOutputLoss(num_output_chunks=chunks, sym_kd_ratio=0.7)}[loss]
+    out = mine(list(s.chunk(chunks, dim=1)), list(t.chunk(chunks, dim=1)), labels)
+    s2 = s.detach().double().requires_grad_()
+    flat_s, flat_t = s2.reshape(-1, V), t.double().reshape(-1, V)
+    ref = {"forward": lambda: tt_forward(flat_s, flat_t, labels),
+           "reverse": lambda: tt_reverse(flat_s, flat_t, labels),
+           "symmetric": lambda: tt_symmetric(flat_s, flat_t, labels, 0.7)}[loss]()
+    _check(out, ref, [s], [s2], f"chunked {loss} seed={seed}")
+
+
+# ------------------------------------------------------------------------------ Liger-Kernel
+
+from kdkernels.compat import liger as kl  # noqa: E402
+
+
+def _jsd_rows(ls, lt, beta):
+    """Liger's generalized JSD per row from log-probabilities (beta 0 / 1: forward / reverse KL)."""
+    if beta == 0:
+        return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)
+    m = torch.logsumexp(torch.stack([ls + torch.log1p(torch.tensor(-beta, dtype=ls.dtype)),
+                                     lt + torch.log(torch.tensor(beta, dtype=ls.dtype))]), 0)
+    return (beta * F.kl_div(m, lt, reduction="none", log_target=True)
+            + (1 - beta) * F.kl_div(m, ls, reduction="none", log_target=True)).sum(-1)
+
+
+def liger_fused_definition(hs, Ws, ht, Wt, labels, bs=None, bt=None, *, wh=0.5, ws=0.5, beta=0.5, T=1.0,
+                           ignore_index=-100):
+    """liger_kernel 0.8.5 chunked LigerFusedLinearJSDLoss, restated."""
+    zs = hs @ Ws.t() + (0 if bs is None else bs)
+    zt = (ht @ Wt.t() + (0 if bt is None else bt)).detach()
+    valid = labels != ignore_index
+    n = valid.sum().clamp_min(1)
+    hard = F.cross_entropy(zs, labels, ignore_index=ignore_index, reduction="sum") / n
+    if zt.shape[-1] > zs.shape[-1]:
+        zs = torch.cat([zs, zs.new_zeros(zs.shape[0], zt.shape[-1] - zs.shape[-1])], -1)
+    rows = _jsd_rows(F.log_softmax(zs / T, -1), F.log_softmax(zt / T, -1), beta)
+    soft = torch.where(valid, rows, torch.zeros_like(rows)).sum() / n
+    return wh * hard + ws * soft, soft, hard
+
+
+def _liger_chunked():
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        return LigerFusedLinearJSDLoss
+    except Exception:
+        return None
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("pad", [0, 37], ids=["samevocab", "padded"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_liger_fused_linear_jsd_loss(beta, pad, bias, seed):
+    N, H, Ht, V = 12, 32, 24, 500
+    hs = torch.randn(N, H, requires_grad=True)
+    Ws = (torch.randn(V, H) * 0.2).requires_grad_()
+    bs = torch.randn(V, requires_grad=True) if bias else None
+    ht, Wt = torch.randn(N, Ht), torch.randn(V + pad, Ht) * 0.2
+    bt = torch.randn(V + pad) if bias else None
+    labels = torch.randint(0, V, (N,))
+    labels[:3] = -100
+    kw = dict(weight_hard_loss=0.3, weight_soft_loss=0.7, beta=beta, temperature=1.5)
+    loss, soft, hard = kl.LigerFusedLinearJSDLoss(**kw, return_soft_hard_loss=True)(hs, Ws, ht, Wt, labels, bs, bt)
+    inputs = [x for x in (hs, Ws, bs) if x is not None]
+    grads = torch.autograd.grad(loss, inputs)
+    d = [x.detach().double().requires_grad_() if x is not None else None for x in (hs, Ws, bs)]
+    ref, rsoft, rhard = liger_fused_definition(d[0], d[1], ht.double(), Wt.double(), labels, d[2],
+                                               None if bt is None else bt.double(), wh=0.3, ws=0.7, beta=beta, T=1.5)
+    rgrads = torch.autograd.grad(ref, [x for x in d if x is not None])
+    assert_close(loss, ref, torch.float32, f"loss seed={seed}")
+    assert_close(soft, rsoft, torch.float32, "soft")
+    assert_close(hard, rhard, torch.float32, "hard")
+    for g, r in zip(grads, rgrads):
+        assert_close(g, r, torch.float32, "grad")
+    peer = _liger_chunked()
+    if peer is not None:
+        theirs = peer(**kw, compiled=False)(hs.detach(), Ws.detach(), ht, Wt, labels,
+                                            None if bs is None else bs.detach(), bt)
+        assert_close(loss, theirs.double(), torch.float32, "against the installed Liger-Kernel")
+
+
+def test_liger_fused_linear_jsd_and_jsd(seed):
+    N, H, V = 10, 16, 300
+    hs, Ws = torch.randn(N, H, requires_grad=True), torch.randn(V, H) * 0.3
+    ht, Wt = torch.randn(N, H), torch.randn(V, H) * 0.3
+    labels = torch.randint(0, V, (N,))
+    labels[0] = -100
+    out = kl.LigerFusedLinearJSD(jsd_beta=0.3, temperature=2.0)(hs, Ws, ht, Wt, labels)
+    zs, zt = hs.double() @ Ws.double().t(), ht.double() @ Wt.double().t()
+    rows = _jsd_rows(F.log_softmax(zs / 2, -1), F.log_softmax(zt / 2, -1), 0.3)
+    ref = rows[labels != -100].sum() / (labels != -100).sum()
+    assert_close(out, ref, torch.float32, "LigerFusedLinearJSD")
+    lq, lp = F.log_softmax(torch.randn(N, V), -1), F.log_softmax(torch.randn(N, V), -1)
+    for beta in (0.0, 0.5, 1.0):
+        out = kl.LigerJSD(beta=beta)(lq, lp, labels)
+        rows = _jsd_rows(lq.double(), lp.double(), beta)
+        assert_close(out, rows[labels != -100].sum() / (labels != -100).sum(), torch.float32, f"LigerJSD {beta}")
+    out = kl.LigerKLDIVLoss(reduction="batchmean", log_target=True)(lq, lp)
+    assert_close(out, F.kl_div(lq.double(), lp.double(), reduction="batchmean", log_target=True), torch.float32, "kl")
+
+
+def test_liger_bad_vocab():
+    with pytest.raises(ValueError, match="larger than the teacher"):
+        kl.LigerFusedLinearJSDLoss()(torch.randn(2, 4), torch.randn(10, 4), torch.randn(2, 4), torch.randn(9, 4),
+                                     torch.zeros(2, dtype=torch.long))
