@@ -8,7 +8,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q
 BIN := $(VENV)/bin
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp python/*.h)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp python/*.h)
 
 .PHONY: demo test bench install clean
 
