@@ -29,6 +29,8 @@ def parse_args(argv):
     parser.add_argument("--dtype", default="fp32,bf16",
                         help=f"comma-separated, from {', '.join(common.DTYPES)} (default: fp32,bf16)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and reps")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shapes to run instead of the family's (e.g. 1024x512x32768)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed reps per provider (default: as many as fit a time budget per case)")
     parser.add_argument("--skip-memory", action="store_true",
@@ -75,6 +77,8 @@ def run_family(name, args):
     log(f"providers: {', '.join(p.name for p in providers)}")
     plan = common.timing_plan(args.device, args.quick, args.reps)
     shapes = family.quick_shapes if args.quick else family.shapes
+    if args.shapes:
+        shapes = [family.parse_shape(label) for label in args.shapes.split(",")]
     started = time.perf_counter()
     rows = []
     for shape in shapes:
