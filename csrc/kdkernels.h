@@ -30,6 +30,15 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
     double beta, int64_t ignore_index, double ce_weight, double kd_weight, const std::vector<bool>& need,
     int64_t v_tile, int64_t tile_elements);
 
+// Forward KL to a top-k teacher on the CPU; see csrc/cpu/topk_kl.cpp. Returns (loss_rows, grad_student or
+// undefined), the gradient pre-multiplied by grad_scale.
+std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student, const at::Tensor& values,
+                                                       const at::Tensor& indices,
+                                                       const std::optional<at::Tensor>& labels,
+                                                       const at::Tensor& grad_scale, bool values_are_logits,
+                                                       bool uniform_tail, double temperature, int64_t ignore_index,
+                                                       bool need_grad);
+
 // Debug switch: when on, kernels allocate their outputs filled with NaN instead of uninitialized,
 // so that an element a kernel forgets to write fails the tests (kdkernels._debug.poison_outputs).
 void set_poison_outputs(bool on);

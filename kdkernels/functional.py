@@ -12,7 +12,7 @@ from torch import Tensor
 from kdkernels import _backend, reference
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
-__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "available_backends"]
+__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "available_backends"]
 
 available_backends = _backend.available_backends
 
@@ -328,3 +328,92 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
                               backend)
     loss = outs[0]
     return loss.reshape(lead) if red == "none" else loss
+
+
+# ------------------------------------------------------------------------------ top-k teacher
+
+def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, *,
+            values: str = "logprobs", tail: str = "ignore", temperature: float = 1.0, labels: Optional[Tensor] = None,
+            ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""Forward ``KL(p_t || p_s)`` against a teacher stored as its top-k entries per row.
+
+    Args:
+        student_logits: ``[..., V]`` float logits.
+        teacher_topk_values: ``[..., k]``: log-probabilities over the full vocabulary (``values=
+            "logprobs"``, temperature 1, as ``log_softmax(teacher).topk(k)`` stores them) or logits
+            (``values="logits"``). ``-inf`` entries (padding) are legal.
+        teacher_topk_indices: ``[..., k]`` integer vocabulary indices, distinct within a row.
+        tail: what the probability mass outside the top-k means: ``"ignore"`` drops it (the top-k
+            renormalized), ``"uniform"`` spreads it evenly over the other ``V - k`` entries (needs
+            log-probabilities, whose missing mass is ``1 - sum exp(values)``).
+        temperature: ``T``: the student's softmax of ``s / T``; the teacher's probabilities are raised
+            to ``1/T`` and renormalized (for logits: their softmax at ``T``). No ``T**2`` factor.
+        labels, ignore_index, reduction, backend: as in :func:`softmax_kl` (backends ``"cpu"``, the
+            C++ kernel, and ``"torch"``, the reference).
+
+    The gradient flows to the student only, ``(p_s - p_t) / T`` with ``p_t`` the sparse (plus
+    uniform tail) teacher; it is computed in the forward pass in one more read of the row.
+    """
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_topk_values", teacher_topk_values)
+    if not isinstance(teacher_topk_indices, Tensor) or teacher_topk_indices.dtype.is_floating_point \
+            or teacher_topk_indices.dtype == torch.bool:
+        raise TypeError("teacher_topk_indices must be an integer tensor")
+    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
+    if V == 0:
+        raise ValueError("student_logits has an empty vocabulary (last) dimension: V = 0")
+    if teacher_topk_values.shape[:-1] != lead or teacher_topk_indices.shape != teacher_topk_values.shape:
+        raise ValueError(f"teacher_topk_values and teacher_topk_indices must both be [..., k] with the student's "
+                         f"leading shape {tuple(lead)}, got {tuple(teacher_topk_values.shape)} and "
+                         f"{tuple(teacher_topk_indices.shape)}")
+    k = teacher_topk_values.shape[-1]
+    if k == 0 or k > V:
+        raise ValueError(f"k (the last dimension of the top-k tensors) must be in [1, V = {V}], got {k}")
+    if values not in ("logprobs", "logits"):
+        raise ValueError(f"values must be 'logprobs' or 'logits', got {values!r}")
+    if tail not in ("ignore", "uniform"):
+        raise ValueError(f"tail must be 'ignore' or 'uniform', got {tail!r}")
+    if tail == "uniform" and values == "logits":
+        raise ValueError("tail='uniform' needs values='logprobs': logits do not say how much mass the top-k miss")
+    devices = {student_logits.device, teacher_topk_values.device, teacher_topk_indices.device}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if teacher_topk_indices.numel() and not torch.compiler.is_compiling():
+        if bool(((teacher_topk_indices < 0) | (teacher_topk_indices >= V)).any()):
+            raise ValueError(f"teacher_topk_indices must be in [0, {V})")
+    temperature, _, _ = _validate(student_logits, student_logits, labels, temperature, "forward", 0.5, ignore_index,
+                                  reduction, backend)
+    if backend == "auto":
+        backend = "cpu" if student_logits.device.type == "cpu" and _ext_available() else "torch"
+    elif backend in ("triton", "cuda"):
+        raise ValueError(f"topk_kl(backend={backend!r}): this release has the C++ CPU kernel ('cpu') and the "
+                         "reference ('torch'); use backend='auto', 'cpu' or 'torch'")
+    elif backend == "cpu" and student_logits.device.type != "cpu":
+        raise ValueError(f"topk_kl(backend='cpu') runs CPU tensors, got tensors on {student_logits.device}")
+
+    from kdkernels.ops.topk_kl import topk_kl_op
+
+    s2 = student_logits.reshape(-1, V)
+    if s2.stride(-1) != 1:
+        s2 = s2.contiguous()
+    vals = teacher_topk_values.reshape(-1, k)
+    idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
+    lab = None if labels is None else labels.reshape(-1).to(torch.int64)
+    red = "mean" if reduction == "batchmean" else reduction
+    N = s2.shape[0]
+    scale_dtype = torch.float64 if s2.dtype == torch.float64 else torch.float32
+    if red == "mean":
+        count = N if lab is None else (lab != ignore_index).sum().clamp_min(1)
+        grad_scale = torch.as_tensor(count, device=s2.device).to(scale_dtype).reciprocal().reshape(())
+    else:
+        grad_scale = torch.ones((), dtype=scale_dtype, device=s2.device)
+    need = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = topk_kl_op(s2, vals, idx, lab, grad_scale, values == "logits", tail == "uniform", temperature,
+                         ignore_index, REDUCTION_IDS[red], need, backend)
+    return loss.reshape(lead) if red == "none" else loss
+
+
+def _ext_available() -> bool:
+    from kdkernels import _ext
+
+    return _ext.available()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div", "linear_logits",
-           "fused_linear_kl"]
+           "fused_linear_kl", "topk_teacher_log_probs", "topk_kl"]
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -144,3 +144,41 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden=None, teacher
     t = teacher_logits if teacher_logits is not None else linear_logits(teacher_hidden, teacher_weight, teacher_bias)
     return distill_loss(s, t, labels, temperature=temperature, alpha=alpha, kind=kind, beta=beta,
                         ignore_index=ignore_index, reduction=reduction)
+
+
+def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, *, values_kind: str = "logprobs",
+                           tail: str = "ignore", temperature: float = 1.0) -> torch.Tensor:
+    """The full ``[..., V]`` teacher log-distribution at ``temperature`` that a top-k teacher stands for.
+
+    ``values_kind="logprobs"``: ``values`` are log p over the full vocabulary (temperature 1) at
+    ``indices``; the missing mass ``r = 1 - sum exp(values)`` is dropped (``tail="ignore"``: the
+    top-k renormalized) or spread evenly over the other ``V - k`` entries (``"uniform"``). At
+    temperature T every probability is raised to ``1/T`` and renormalized.
+    ``values_kind="logits"``: ``values`` are logits; the distribution is their softmax at T over
+    the top-k (``tail`` must be ``"ignore"``: the logits say nothing about the missing mass).
+    """
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    b = values.to(dtype) / temperature
+    full = torch.full((*values.shape[:-1], V), -math.inf, dtype=dtype, device=values.device)
+    k = values.shape[-1]
+    if tail == "uniform" and k < V:
+        mass = (1.0 - values.to(dtype).exp().sum(-1, keepdim=True)).clamp_min(0.0)
+        full = full.clone()
+        full[...] = (torch.log(mass) - math.log(V - k)) / temperature
+    full = full.scatter(-1, indices.long(), b)
+    return torch.log_softmax(full, dim=-1)
+
+
+def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, values="logprobs", tail="ignore",
+            temperature=1.0, labels=None, ignore_index=-100, reduction="mean"):
+    """Reference for :func:`kdkernels.topk_kl`: forward ``KL(p_t || p_s)`` with the teacher
+    distribution of :func:`topk_teacher_log_probs` (materialized)."""
+    V = student_logits.shape[-1]
+    log_pt = topk_teacher_log_probs(teacher_topk_values, teacher_topk_indices, V, values_kind=values, tail=tail,
+                                    temperature=temperature)
+    dtype = torch.promote_types(student_logits.dtype, log_pt.dtype)
+    log_ps = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    rows = kl_rows(log_ps, log_pt.to(dtype), "forward", 0.5)
+    if labels is not None:
+        rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
+    return reduce_rows(rows, labels, ignore_index, reduction)

@@ -57,6 +57,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Fused-linear KL on the CPU: [loss_rows, d student hidden/weight/bias, d teacher hidden/weight/bias, "
         "d teacher logits] (None where not needed).",
         py::call_guard<py::gil_scoped_release>());
+  m.def("topk_kl_forward_cpu", &kdk::topk_kl_forward_cpu, py::arg("student"), py::arg("values"),
+        py::arg("indices"), py::arg("labels"), py::arg("grad_scale"), py::arg("values_are_logits"),
+        py::arg("uniform_tail"), py::arg("temperature"), py::arg("ignore_index"), py::arg("need_grad"),
+        "Forward KL to a top-k teacher on the CPU: (loss_rows, grad_student|None).",
+        py::call_guard<py::gil_scoped_release>());
   m.def("set_poison_outputs", &kdk::set_poison_outputs, py::arg("on"),
         "Debug: allocate kernel outputs filled with NaN so that unwritten elements show.");
   m.def("cpu_simd", &kdk::cpu_simd, "SIMD instruction set the CPU kernels were compiled for.");

@@ -1,0 +1,175 @@
+// Forward KL to a top-k (sparse) teacher on the CPU: one sweep of each student row for its
+// normalizer, one to write the gradient; the teacher is k values and indices per row.
+//
+// Per row, a = s / T over the full vocabulary, lse_a = logsumexp(a), and the teacher at T given by
+// its top-k entries b_k (log-probabilities / T, or logits / T) and, for tail = uniform, one value
+// b_tail = log(r / (V - k)) / T shared by the V - k other entries (r = 1 - sum_k exp(logp_k)):
+//   lse_b = logsumexp(b_k, b_tail + log(V - k)),  pt_k = exp(b_k - lse_b),  pt_tail = exp(b_tail - lse_b)
+//   D = sum_k pt_k (b_k - lse_b - a_k + lse_a)
+//       + pt_tail ((V - k)(b_tail - lse_b + lse_a) - (sum_j a_j - sum_k a_k))      (uniform tail only)
+//   dD/ds_j = (ps_j - pt_j) / T, with pt_j = pt_tail off the top-k (0 for tail = ignore)
+// The row's sum of a (for the uniform tail) comes from the same sweep as lse_a. Terms with pt = 0
+// contribute nothing (-inf values are legal). Rows labelled ignore_index: zero loss and gradient.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../kdkernels.h"
+#include "sweeps.h"
+
+namespace kdk {
+namespace {
+
+using namespace kdk::cpu;
+
+constexpr int64_t kChunk = 2048;
+
+template <typename acc_t, typename TS>
+acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t k, bool uniform, acc_t inv_t,
+          acc_t g, TS* gs) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  const int64_t V_full = V / W * W, rem = V - V_full;
+  // ---- the student's normalizer and row sum, online over chunks
+  acc_t M = -kInf, z = 0, sum_a = 0;
+  alignas(64) TS tail_s[W];
+  for (int64_t j = 0; j < W; ++j) tail_s[j] = j < rem ? s[V_full + j] : static_cast<TS>(-kInf);
+  for (int64_t off = 0; off < V; off += kChunk) {
+    const int64_t n = std::min(kChunk, V - off), nvec = n / W;
+    const bool has_tail = off + n == V && rem > 0;
+    Vec vm(-kInf), dummy(-kInf);
+    sweep_max<acc_t>(s + off, s + off, nvec, vm, dummy);
+    if (has_tail) sweep_max<acc_t>(tail_s, tail_s, 1, vm, dummy);
+    const acc_t cm = hmax(vm) * inv_t;
+    if (cm > M) {
+      z *= std::exp(M - cm);
+      M = cm;
+    }
+    const Vec vinv(inv_t), vM(M == -kInf ? acc_t(0) : M);
+    Vec vz(0), vs(0);
+    for (int64_t i = 0; i < nvec; ++i) {
+      const Vec a = VecIO<acc_t, TS>::load(s + off + i * W) * vinv;
+      vz = vz + vexp(a - vM);
+      if (uniform) vs = vs + a;
+    }
+    if (has_tail) {  // the padding is -inf: it adds nothing to the exponentials, and is left out of the sum
+      vz = vz + vexp(VecIO<acc_t, TS>::load(tail_s) * vinv - vM);
+      if (uniform)
+        for (int64_t j = V_full; j < V; ++j) sum_a += static_cast<acc_t>(s[j]) * inv_t;
+    }
+    z += hsum(vz);
+    if (uniform) sum_a += hsum(vs);
+  }
+  const acc_t lse_a = M + std::log(z);
+  if (std::isnan(lse_a)) {  // NaN in the row
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    if (gs) std::fill(gs, gs + V, static_cast<TS>(nan));
+    return nan;
+  }
+
+  // ---- the teacher at T from its top-k
+  acc_t mb = -kInf;
+  for (int64_t i = 0; i < k; ++i) mb = std::max(mb, b_in[i]);
+  const acc_t tail_n = static_cast<acc_t>(V - k);
+  acc_t b_tail = -kInf;
+  if (uniform && V > k) {
+    acc_t mass = 1;
+    for (int64_t i = 0; i < k; ++i) mass -= std::exp(b_in[k + i]);  // b_in[k..2k): the raw log-probabilities
+    if (mass > 0) b_tail = (std::log(mass) - std::log(tail_n)) * inv_t;
+  }
+  const acc_t mt = std::max(mb, b_tail == -kInf ? -kInf : b_tail + std::log(tail_n));
+  const acc_t mt_s = mt == -kInf ? acc_t(0) : mt;
+  acc_t zt = 0;
+  for (int64_t i = 0; i < k; ++i) zt += std::exp(b_in[i] - mt_s);
+  if (b_tail != -kInf) zt += tail_n * std::exp(b_tail - mt_s);
+  const acc_t lse_b = mt_s + std::log(zt);
+  const acc_t pt_tail = b_tail == -kInf ? acc_t(0) : std::exp(b_tail - lse_b);
+
+  acc_t D = 0, sum_ak = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const acc_t a_k = static_cast<acc_t>(s[idx[i]]) * inv_t;
+    sum_ak += a_k;
+    const acc_t lpt = b_in[i] - lse_b, pt = std::exp(lpt);
+    if (pt > 0) D += pt * (lpt - (a_k - lse_a));
+  }
+  if (pt_tail > 0) D += pt_tail * (tail_n * (b_tail - lse_b + lse_a) - (sum_a - sum_ak));
+
+  // ---- gradient: g (ps - pt) / T, the tail value everywhere, then the k entries
+  if (gs) {
+    const Vec vinv(inv_t), vl(lse_a), vc(g * inv_t), vpt(pt_tail);
+    for (int64_t i = 0; i < V_full / W; ++i) {
+      const Vec a = VecIO<acc_t, TS>::load(s + i * W) * vinv;
+      VecIO<acc_t, TS>::store(gs + i * W, vc * (vexp(a - vl) - vpt));
+    }
+    for (int64_t j = V_full; j < V; ++j) {
+      const acc_t a = static_cast<acc_t>(s[j]) * inv_t;
+      gs[j] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) - pt_tail));
+    }
+    for (int64_t i = 0; i < k; ++i) {
+      const acc_t a = static_cast<acc_t>(s[idx[i]]) * inv_t;
+      gs[idx[i]] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) - std::exp(b_in[i] - lse_b)));
+    }
+  }
+  return D;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student, const at::Tensor& values,
+                                                       const at::Tensor& indices,
+                                                       const std::optional<at::Tensor>& labels,
+                                                       const at::Tensor& grad_scale, bool values_are_logits,
+                                                       bool uniform_tail, double temperature, int64_t ignore_index,
+                                                       bool need_grad) {
+  TORCH_CHECK(student.device().is_cpu(), "topk_kl_forward_cpu: CPU tensors expected");
+  TORCH_CHECK(student.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes() &&
+                  values.size(0) == student.size(0),
+              "topk_kl_forward_cpu: student [N, V], values and indices [N, k] expected");
+  TORCH_CHECK(student.size(1) == 0 || student.stride(1) == 1, "the vocabulary dimension must be contiguous");
+  TORCH_CHECK(!(values_are_logits && uniform_tail), "a uniform tail needs log-probabilities");
+  TORCH_CHECK(temperature > 0, "temperature must be > 0");
+  const int64_t N = student.size(0), V = student.size(1), k = values.size(1);
+  TORCH_CHECK(k <= V, "k must be <= V");
+  const bool fp64 = student.scalar_type() == at::kDouble;
+  const auto acc = fp64 ? at::kDouble : at::kFloat;
+  at::Tensor loss = new_output({N}, student.options().dtype(acc));
+  at::Tensor grad = need_grad ? new_output({N, V}, student.options()) : at::Tensor();
+  if (N == 0) return {loss, grad};
+  const at::Tensor idx = indices.to(at::kLong).contiguous();
+  const at::Tensor lab = labels.has_value() && labels->defined() ? labels->to(at::kLong).contiguous() : at::Tensor();
+  // per row: b_k = values / T (k of them), then the raw values (k more, for the uniform tail's mass)
+  const at::Tensor raw = values.to(acc);
+  const at::Tensor b = at::cat({raw / temperature, raw}, 1).contiguous();
+  const double g = grad_scale.to(at::kDouble).item<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "topk_kl_forward_cpu", [&] {
+    using TS = scalar_t;
+    using acc_t = std::conditional_t<std::is_same_v<TS, double>, double, float>;
+    const TS* s_base = student.data_ptr<TS>();
+    const int64_t stride = student.stride(0);
+    TS* g_base = need_grad ? grad.data_ptr<TS>() : nullptr;
+    const acc_t* b_base = b.data_ptr<acc_t>();
+    const int64_t* idx_base = idx.data_ptr<int64_t>();
+    const int64_t* lab_base = lab.defined() ? lab.data_ptr<int64_t>() : nullptr;
+    acc_t* loss_ptr = loss.data_ptr<acc_t>();
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        TS* gs = g_base ? g_base + r * V : nullptr;
+        if (lab_base && lab_base[r] == ignore_index) {
+          loss_ptr[r] = 0;
+          if (gs) std::fill(gs, gs + V, static_cast<TS>(0));
+          continue;
+        }
+        loss_ptr[r] = row<acc_t, TS>(s_base + r * stride, V, b_base + r * 2 * k, idx_base + r * k, k, uniform_tail,
+                                     static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(g), gs);
+      }
+    });
+  });
+  return {loss, grad};
+}
+
+}  // namespace kdk

@@ -1,0 +1,121 @@
+"""topk_kl: forward KL to a teacher stored as its top-k entries, every backend against the float64
+reference (which materializes the full teacher distribution)."""
+
+import re
+
+import pytest
+import torch
+
+import kdkernels
+from kdkernels import _debug, reference
+from conftest import assert_close, loosest
+
+BACKENDS = ["cpu", "torch"] if kdkernels.build_info()["extension"] else ["torch"]
+MODES = [("logprobs", "ignore"), ("logprobs", "uniform"), ("logits", "ignore")]
+
+
+def teacher(N, V, k, values, dtype=torch.float32):
+    t = torch.randn(N, V, dtype=torch.float64) * 3
+    src = torch.log_softmax(t, -1) if values == "logprobs" else t
+    top = src.topk(k, -1)
+    return top.values.to(dtype), top.indices
+
+
+def check(s, vals, idx, *, backend, values, tail, T, labels=None, reduction="none", what=""):
+    go = torch.rand(s.shape[0]) + 0.5
+    s1 = s.clone().requires_grad_()
+    with _debug.poison_outputs():
+        out = kdkernels.topk_kl(s1, vals, idx, values=values, tail=tail, temperature=T, labels=labels,
+                                reduction=reduction, backend=backend)
+        (g,) = torch.autograd.grad(out, [s1], go if out.dim() else None)
+    s2 = s.double().requires_grad_()
+    ref = reference.topk_kl(s2, vals.double(), idx, values=values, tail=tail, temperature=T, labels=labels,
+                            reduction=reduction)
+    (rg,) = torch.autograd.grad(ref, [s2], go.double() if ref.dim() else None)
+    dt = loosest(s.dtype, vals.dtype if vals.dtype != torch.float64 else torch.float32)
+    assert out.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    assert g.dtype == s.dtype
+    assert_close(out, ref, dt, f"loss {what}")
+    assert_close(g, rg, dt, f"grad {what}")
+    return out, g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V,k", [(1, 1), (7, 3), (1000, 1000), (1000, 20), (32001, 64)])
+@pytest.mark.parametrize("values,tail", MODES, ids=[f"{v}-{t}" for v, t in MODES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(backend, V, k, values, tail, dtype, seed):
+    N = 6
+    s = (torch.randn(N, V) * 3).to(dtype)
+    vals, idx = teacher(N, V, k, values)
+    labels = torch.randint(0, V, (N,))
+    labels[2] = -100
+    T = [1.0, 0.7, 2.0][seed % 3]
+    out, g = check(s, vals, idx, backend=backend, values=values, tail=tail, T=T, labels=labels,
+                   what=f"{backend} seed={seed} T={T}")
+    assert out[2].item() == 0.0 and g[2].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+def test_reductions_leading_shape_bf16_values(backend, reduction, seed):
+    s = torch.randn(2, 3, 500) * 2
+    vals, idx = teacher(6, 500, 10, "logprobs", torch.bfloat16)
+    vals, idx = vals.reshape(2, 3, 10), idx.reshape(2, 3, 10)
+    labels = torch.randint(0, 500, (2, 3))
+    labels[0, 1] = -100
+    out = kdkernels.topk_kl(s, vals, idx, tail="uniform", temperature=1.5, labels=labels, reduction=reduction,
+                            backend=backend)
+    ref = reference.topk_kl(s.double(), vals.double(), idx, tail="uniform", temperature=1.5, labels=labels,
+                            reduction=reduction)
+    assert_close(out, ref, torch.float32, f"{reduction} seed={seed}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_padded_topk_and_nan(backend):
+    s = torch.randn(3, 300)
+    vals, idx = teacher(3, 300, 8, "logprobs")
+    vals[:, 6:] = float("-inf")  # fewer than k entries stored: padding
+    out, g = check(s, vals, idx, backend=backend, values="logprobs", tail="uniform", T=1.0, what="padded")
+    assert torch.isfinite(out).all() and torch.isfinite(g).all()
+    s[1, 5] = float("nan")
+    out = kdkernels.topk_kl(s, vals, idx, reduction="none", backend=backend)
+    assert torch.isnan(out[1]) and torch.isfinite(out[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_gradcheck(backend):
+    s = torch.randn(3, 40, dtype=torch.float64, requires_grad=True)
+    vals, idx = teacher(3, 40, 5, "logprobs", torch.float64)
+    assert torch.autograd.gradcheck(lambda x: kdkernels.topk_kl(x, vals, idx, tail="uniform", temperature=1.3,
+                                                                backend=backend), (s,))
+
+
+def test_compiles_fullgraph():
+    s = torch.randn(4, 100, requires_grad=True)
+    vals, idx = teacher(4, 100, 5, "logprobs")
+    fn = torch.compile(lambda x: kdkernels.topk_kl(x, vals, idx, temperature=2.0), fullgraph=True, backend="eager")
+    assert torch.allclose(fn(s), kdkernels.topk_kl(s, vals, idx, temperature=2.0))
+
+
+def _bad_cases():
+    s = torch.randn(4, 10)
+    vals, idx = teacher(4, 10, 3, "logprobs")
+    f = kdkernels.topk_kl
+    return [
+        ("shape", lambda: f(s, vals[:3], idx[:3]), ValueError, "leading shape"),
+        ("k > V", lambda: f(s, torch.randn(4, 11), torch.zeros(4, 11, dtype=torch.long)), ValueError, "k"),
+        ("index range", lambda: f(s, vals, idx + 10), ValueError, "teacher_topk_indices must be in"),
+        ("float index", lambda: f(s, vals, idx.float()), TypeError, "integer"),
+        ("values kind", lambda: f(s, vals, idx, values="probs"), ValueError, "values must be"),
+        ("tail", lambda: f(s, vals, idx, tail="spread"), ValueError, "tail must be"),
+        ("logits + uniform", lambda: f(s, vals, idx, values="logits", tail="uniform"), ValueError, "uniform"),
+        ("temperature", lambda: f(s, vals, idx, temperature=0), ValueError, "temperature"),
+        ("backend", lambda: f(s, vals, idx, backend="triton"), ValueError, "backend='triton'"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input(name, call, exc, match):
+    with pytest.raises(exc, match=re.escape(match)):
+        call()
