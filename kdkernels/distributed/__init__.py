@@ -1,0 +1,10 @@
+"""Distillation losses over tensors sharded across processes (``torch.distributed``).
+
+* :func:`vocab_parallel_kl`: the lm_head's vocabulary is split across ranks (tensor
+  parallelism): each rank holds ``[..., V_rank]`` student and teacher logits for its slice of the
+  vocabulary; the loss and gradients equal those of :func:`kdkernels.softmax_kl` on the full rows.
+"""
+
+from kdkernels.distributed.vocab_parallel import vocab_parallel_kl
+
+__all__ = ["vocab_parallel_kl"]
