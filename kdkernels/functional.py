@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdkernels import _backend, reference
+from kdkernels import _backend, _ext, reference
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
 __all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "available_backends"]
@@ -83,6 +83,25 @@ def _validate(student_logits, teacher_logits, labels, temperature, kind, beta, i
     return temperature, beta, alpha
 
 
+def _kind_id(kind: str, beta: float) -> int:
+    """The kernel's kind: the generalized JSD at beta 0 and 1 is forward and reverse KL."""
+    kind_id = KIND_IDS[kind]
+    if kind_id == 2 and beta == 0.0:
+        return 0
+    if kind_id == 2 and beta == 1.0:
+        return 1
+    return kind_id
+
+
+def _grad_scale(N: int, labels: Optional[Tensor], ignore_index: int, reduction: str, dtype, device) -> Tensor:
+    """The gradient scale of a reduction over rows: 1 / (non-ignored rows) for "mean", else 1."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=device)
+    if labels is None:
+        return torch.full((), 1.0 / max(N, 1), dtype=dtype, device=device)
+    return (labels != ignore_index).sum().clamp_min(1).to(dtype).reciprocal().reshape(())
+
+
 def _fused(student_logits, teacher_logits, labels, *, temperature, kind, beta, ignore_index, reduction, backend,
            ce_weight, kd_weight, op_name):
     device = student_logits.device
@@ -106,19 +125,8 @@ def _fused(student_logits, teacher_logits, labels, *, temperature, kind, beta, i
     N = s2.shape[0]
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
 
-    if red == "mean":
-        if lab is None:
-            grad_scale = torch.full((), 1.0 / max(N, 1), dtype=torch.float32, device=device)
-        else:
-            grad_scale = (lab != ignore_index).sum().clamp_min(1).to(torch.float32).reciprocal()
-    else:
-        grad_scale = torch.ones((), dtype=torch.float32, device=device)
-
-    kind_id = KIND_IDS[kind]
-    if kind_id == 2 and beta == 0.0:  # the generalized JSD's endpoints: forward and reverse KL
-        kind_id = 0
-    elif kind_id == 2 and beta == 1.0:
-        kind_id = 1
+    grad_scale = _grad_scale(N, lab, ignore_index, red, torch.float32, device)
+    kind_id = _kind_id(kind, beta)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = softmax_kl_op(s2, t2, lab, grad_scale, temperature, kind_id, beta, ignore_index,
                                ce_weight, kd_weight, REDUCTION_IDS[red],
@@ -289,7 +297,6 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
                   teacher_logits, labels, *, temperature, kind, beta, ignore_index, reduction, ce_weight, kd_weight,
                   backend="auto"):
     """The fused-linear op on validated inputs, with explicit CE and divergence weights."""
-    from kdkernels import _ext
     from kdkernels.ops.fused_linear_kl import fused_linear_kl_op
 
     if backend == "auto":
@@ -310,16 +317,8 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     red = "mean" if reduction == "batchmean" else reduction
     # in the accumulation dtype: a float32 1/N would cost float64 inputs 8 digits
     scale_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-    if red == "mean":
-        count = N if lab is None else (lab != ignore_index).sum().clamp_min(1)
-        grad_scale = torch.as_tensor(count, device=hs.device).to(scale_dtype).reciprocal().reshape(())
-    else:
-        grad_scale = torch.ones((), dtype=scale_dtype, device=hs.device)
-    kind_id = KIND_IDS[kind]
-    if kind_id == 2 and beta == 0.0:
-        kind_id = 0
-    elif kind_id == 2 and beta == 1.0:
-        kind_id = 1
+    grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, hs.device)
+    kind_id = _kind_id(kind, beta)
     grad_on = torch.is_grad_enabled()
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     need = [bool(grad_on and x is not None and x.requires_grad) for x in srcs]
@@ -384,7 +383,7 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     temperature, _, _ = _validate(student_logits, student_logits, labels, temperature, "forward", 0.5, ignore_index,
                                   reduction, backend)
     if backend == "auto":
-        backend = "cpu" if student_logits.device.type == "cpu" and _ext_available() else "torch"
+        backend = "cpu" if student_logits.device.type == "cpu" and _ext.available() else "torch"
     elif backend in ("triton", "cuda"):
         raise ValueError(f"topk_kl(backend={backend!r}): this release has the C++ CPU kernel ('cpu') and the "
                          "reference ('torch'); use backend='auto', 'cpu' or 'torch'")
@@ -402,18 +401,8 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     red = "mean" if reduction == "batchmean" else reduction
     N = s2.shape[0]
     scale_dtype = torch.float64 if s2.dtype == torch.float64 else torch.float32
-    if red == "mean":
-        count = N if lab is None else (lab != ignore_index).sum().clamp_min(1)
-        grad_scale = torch.as_tensor(count, device=s2.device).to(scale_dtype).reciprocal().reshape(())
-    else:
-        grad_scale = torch.ones((), dtype=scale_dtype, device=s2.device)
+    grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, s2.device)
     need = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = topk_kl_op(s2, vals, idx, lab, grad_scale, values == "logits", tail == "uniform", temperature,
                          ignore_index, REDUCTION_IDS[red], need, backend)
     return loss.reshape(lead) if red == "none" else loss
-
-
-def _ext_available() -> bool:
-    from kdkernels import _ext
-
-    return _ext.available()

@@ -218,25 +218,30 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     }
     return std::make_pair(zs.contiguous(), zt.contiguous());
   };
+  // every pass: over vocabulary tiles, then blocks of rows; fn(w, r0, rn, v0, vt, zs, zs_p, zt_p)
+  auto for_each_tile = [&](auto&& fn) {
+    for (int64_t v0 = 0; v0 < V; v0 += v_tile) {
+      const int64_t vt = std::min(v_tile, V - v0);
+      const Weights w = weights(v0, vt);
+      for (int64_t r0 = 0; r0 < n; r0 += rows_per_block) {
+        const int64_t rn = std::min(rows_per_block, n - r0);
+        const auto zz = tiles(w, r0, rn, v0, vt);
+        fn(w, r0, rn, v0, vt, zz.first, zz.first.template data_ptr<acc_t>(), zz.second.template data_ptr<acc_t>());
+      }
+    }
+  };
 
   // ---- pass 1
-  for (int64_t v0 = 0; v0 < V; v0 += v_tile) {
-    const int64_t vt = std::min(v_tile, V - v0);
-    const Weights w = weights(v0, vt);
-    for (int64_t r0 = 0; r0 < n; r0 += rows_per_block) {
-      const int64_t rn = std::min(rows_per_block, n - r0);
-      auto [zs, zt] = tiles(w, r0, rn, v0, vt);
-      const acc_t* zs_p = zs.template data_ptr<acc_t>();
-      const acc_t* zt_p = zt.template data_ptr<acc_t>();
-      at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const int64_t r = r0 + i;
-          pass1_row<acc_t, K>(zs_p + i * vt, zt_p + i * vt, vt, r, st, c);
-          if (c.ce && lab[r] >= v0 && lab[r] < v0 + vt) st.s_label[r] = zs_p[i * vt + (lab[r] - v0)];
-        }
-      });
-    }
-  }
+  for_each_tile([&](const Weights&, int64_t r0, int64_t rn, int64_t v0, int64_t vt, const at::Tensor&,
+                    const acc_t* zs_p, const acc_t* zt_p) {
+    at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = r0 + i;
+        pass1_row<acc_t, K>(zs_p + i * vt, zt_p + i * vt, vt, r, st, c);
+        if (c.ce && lab[r] >= v0 && lab[r] < v0 + vt) st.s_label[r] = zs_p[i * vt + (lab[r] - v0)];
+      }
+    });
+  });
   for (int64_t r = 0; r < n; ++r) {
     const acc_t la = std::log(st.za[r]), lb = std::log(st.zb[r]);
     st.lse_a[r] = st.Ma[r] + la;
@@ -247,19 +252,12 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     if (K == Kind::Reverse) st.D[r] = st.w[r] / st.za[r] - ((st.Ma[r] - st.Mb[r]) + (la - lb));
   }
   if (K == Kind::JSD) {  // Ks, Kt
-    for (int64_t v0 = 0; v0 < V; v0 += v_tile) {
-      const int64_t vt = std::min(v_tile, V - v0);
-      const Weights w = weights(v0, vt);
-      for (int64_t r0 = 0; r0 < n; r0 += rows_per_block) {
-        const int64_t rn = std::min(rows_per_block, n - r0);
-        auto [zs, zt] = tiles(w, r0, rn, v0, vt);
-        const acc_t* zs_p = zs.template data_ptr<acc_t>();
-        const acc_t* zt_p = zt.template data_ptr<acc_t>();
-        at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
-          for (int64_t i = b; i < e; ++i) jsd_row<acc_t>(zs_p + i * vt, zt_p + i * vt, vt, r0 + i, st, c);
-        });
-      }
-    }
+    for_each_tile([&](const Weights&, int64_t r0, int64_t rn, int64_t, int64_t vt, const at::Tensor&,
+                      const acc_t* zs_p, const acc_t* zt_p) {
+      at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) jsd_row<acc_t>(zs_p + i * vt, zt_p + i * vt, vt, r0 + i, st, c);
+      });
+    });
     for (int64_t r = 0; r < n; ++r) st.D[r] = acc_t(c.beta) * st.Kt[r] + acc_t(1 - c.beta) * st.Ks[r];
   }
   {
@@ -274,40 +272,33 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
   if (!any_grad) return finish();
 
   // ---- pass 2
-  for (int64_t v0 = 0; v0 < V; v0 += v_tile) {
-    const int64_t vt = std::min(v_tile, V - v0);
-    const Weights w = weights(v0, vt);
-    for (int64_t r0 = 0; r0 < n; r0 += rows_per_block) {
-      const int64_t rn = std::min(rows_per_block, n - r0);
-      auto [zs, zt] = tiles(w, r0, rn, v0, vt);
-      at::Tensor dzs = c.want_s ? at::empty({rn, vt}, zs.options()) : at::Tensor();
-      at::Tensor dzt = c.want_t ? at::empty({rn, vt}, zs.options()) : at::Tensor();
-      const acc_t* zs_p = zs.template data_ptr<acc_t>();
-      acc_t* dzs_p = dzs.defined() ? dzs.template data_ptr<acc_t>() : nullptr;
-      acc_t* dzt_p = dzt.defined() ? dzt.template data_ptr<acc_t>() : nullptr;
-      const acc_t* zt_p = zt.template data_ptr<acc_t>();
-      at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const int64_t r = r0 + i;
-          grad_row<acc_t, K>(zs_p + i * vt, zt_p + i * vt, dzs_p ? dzs_p + i * vt : nullptr,
-                             dzt_p ? dzt_p + i * vt : nullptr, vt, c.ce ? lab[r] - v0 : -1, r, g[r], st, c);
-        }
-      });
-      if (dzs.defined()) {
-        if (dhs_k.defined()) dhs_k.narrow(0, r0, rn).addmm_(dzs, w.ws);
-        if (grads[1].defined()) grads[1].narrow(0, v0, vt).addmm_(dzs.t(), hs_k.narrow(0, r0, rn));
-        if (grads[2].defined()) grads[2].narrow(0, v0, vt).add_(dzs.sum(0));
+  for_each_tile([&](const Weights& w, int64_t r0, int64_t rn, int64_t v0, int64_t vt, const at::Tensor& zs,
+                    const acc_t* zs_p, const acc_t* zt_p) {
+    at::Tensor dzs = c.want_s ? at::empty({rn, vt}, zs.options()) : at::Tensor();
+    at::Tensor dzt = c.want_t ? at::empty({rn, vt}, zs.options()) : at::Tensor();
+    acc_t* dzs_p = dzs.defined() ? dzs.template data_ptr<acc_t>() : nullptr;
+    acc_t* dzt_p = dzt.defined() ? dzt.template data_ptr<acc_t>() : nullptr;
+    at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t r = r0 + i;
+        grad_row<acc_t, K>(zs_p + i * vt, zt_p + i * vt, dzs_p ? dzs_p + i * vt : nullptr,
+                           dzt_p ? dzt_p + i * vt : nullptr, vt, c.ce ? lab[r] - v0 : -1, r, g[r], st, c);
       }
-      if (dzt.defined()) {
-        if (dht_k.defined()) dht_k.narrow(0, r0, rn).addmm_(dzt, w.wt);
-        if (grads[4].defined()) grads[4].narrow(0, v0, vt).addmm_(dzt.t(), ht_k.narrow(0, r0, rn));
-        if (grads[5].defined()) grads[5].narrow(0, v0, vt).add_(dzt.sum(0));
-        if (grads[6].defined()) {
-          grads[6].index_put_({keep.narrow(0, r0, rn).unsqueeze(1), at::arange(v0, v0 + vt, keep.options())}, dzt);
-        }
+    });
+    if (dzs.defined()) {
+      if (dhs_k.defined()) dhs_k.narrow(0, r0, rn).addmm_(dzs, w.ws);
+      if (grads[1].defined()) grads[1].narrow(0, v0, vt).addmm_(dzs.t(), hs_k.narrow(0, r0, rn));
+      if (grads[2].defined()) grads[2].narrow(0, v0, vt).add_(dzs.sum(0));
+    }
+    if (dzt.defined()) {
+      if (dht_k.defined()) dht_k.narrow(0, r0, rn).addmm_(dzt, w.wt);
+      if (grads[4].defined()) grads[4].narrow(0, v0, vt).addmm_(dzt.t(), ht_k.narrow(0, r0, rn));
+      if (grads[5].defined()) grads[5].narrow(0, v0, vt).add_(dzt.sum(0));
+      if (grads[6].defined()) {
+        grads[6].index_put_({keep.narrow(0, r0, rn).unsqueeze(1), at::arange(v0, v0 + vt, keep.options())}, dzt);
       }
     }
-  }
+  });
   if (dhs_k.defined()) grads[0].index_copy_(0, keep, dhs_k);
   if (dht_k.defined()) grads[3].index_copy_(0, keep, dht_k);
   return finish();

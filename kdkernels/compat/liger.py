@@ -28,13 +28,6 @@ from kdkernels import nn as knn
 __all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearJSD", "LigerJSD", "LigerKLDIVLoss"]
 
 
-def _kind(beta: float):
-    if beta == 0:
-        return "forward", 0.5
-    if beta == 1:
-        return "reverse", 0.5
-    return "jsd", float(beta)
-
 
 def _pad_student(weight: torch.Tensor, bias: Optional[torch.Tensor], teacher_vocab: int):
     """Zero rows (and zero bias) for the teacher's extra vocabulary entries: zero student logits."""
@@ -63,19 +56,18 @@ class LigerFusedLinearJSDLoss(torch.nn.Module):
 
     def _loss(self, student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
               teacher_bias, ce_weight, kd_weight):
-        kind, beta = _kind(self.beta)
         Vs, Vt = student_weight.shape[0], teacher_weight.shape[0]
         if Vs > Vt:
             raise ValueError(f"the student's vocabulary ({Vs}) is larger than the teacher's ({Vt})")
         teacher = (teacher_input.detach(), teacher_weight.detach(),
                    None if teacher_bias is None else teacher_bias.detach())
-        common = dict(temperature=self.temperature, kind=kind, beta=beta, ignore_index=self.ignore_index,
-                      reduction="mean")
+        common = dict(temperature=self.temperature, kind="jsd", beta=float(self.beta),
+                      ignore_index=self.ignore_index, reduction="mean")
         if Vs == Vt or ce_weight == 0:
             weight, bias = _pad_student(student_weight, student_bias, Vt)
             KF._validate_fused_linear(student_input, weight, teacher[0], teacher[1], None, bias, teacher[2],
-                                      true_labels, self.temperature, kind, beta, 0.0, self.ignore_index, "mean",
-                                      "auto")
+                                      true_labels, self.temperature, "jsd", float(self.beta), 0.0, self.ignore_index,
+                                      "mean", "auto")
             return KF._fused_linear(student_input, weight, bias, *teacher, None, true_labels, ce_weight=ce_weight,
                                     kd_weight=kd_weight, **common)
         # a padded student: the CE is over the student's own vocabulary, the JSD over the padded one
@@ -109,9 +101,8 @@ class LigerFusedLinearJSD(torch.nn.Module):
         self.accum_dtype = accum_dtype  # accumulation is always float32 (float64 for float64 inputs)
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, shift_labels=None):
-        kind, beta = _kind(self.jsd_beta)
         return KF._fused_linear(student_input, student_weight, None, teacher_input.detach(), teacher_weight.detach(),
-                                None, None, shift_labels, temperature=self.temperature, kind=kind, beta=beta,
+                                None, None, shift_labels, temperature=self.temperature, kind="jsd", beta=float(self.jsd_beta),
                                 ignore_index=self.ignore_index, reduction="mean", ce_weight=0.0, kd_weight=1.0)
 
 
@@ -123,10 +114,9 @@ class LigerJSD(torch.nn.Module):
         self.beta, self.ignore_index = beta, ignore_index
 
     def forward(self, log_q: torch.Tensor, log_p: torch.Tensor, shift_labels: Optional[torch.LongTensor] = None):
-        kind, beta = _kind(self.beta)
         # log-probabilities are their own log-softmax: the fused kernel at T = 1 sees the same distributions
-        return KF.softmax_kl(log_q, log_p, kind=kind, beta=beta, labels=shift_labels, ignore_index=self.ignore_index,
-                             reduction="mean")
+        return KF.softmax_kl(log_q, log_p, kind="jsd", beta=float(self.beta), labels=shift_labels,
+                             ignore_index=self.ignore_index, reduction="mean")
 
 
 class LigerKLDIVLoss(knn.KLDivLoss):

@@ -30,13 +30,6 @@ from kdkernels import functional as KF
 __all__ = ["generalized_jsd_loss"]
 
 
-def _kind(beta: float):
-    if beta == 0:
-        return "forward", 0.5
-    if beta == 1:
-        return "reverse", 0.5
-    return "jsd", float(beta)
-
 
 def _elementwise(student_logits, teacher_logits, labels, beta, temperature):
     # TRL's own computation; the elementwise output is [..., V] by definition
@@ -59,8 +52,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     """TRL's ``GKDTrainer.generalized_jsd_loss``, fused (see the module docstring)."""
     if num_items_in_batch is None and reduction not in ("batchmean", "sum", "mean"):
         return _elementwise(student_logits, teacher_logits, labels, beta, temperature)
-    kind, b = _kind(beta)
-    total = KF.softmax_kl(student_logits, teacher_logits, temperature=temperature, kind=kind, beta=b,
+    total = KF.softmax_kl(student_logits, teacher_logits, temperature=temperature, kind="jsd", beta=float(beta),
                           labels=labels, ignore_index=-100, reduction="sum")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):

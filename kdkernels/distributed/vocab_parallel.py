@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdkernels import functional as KF
-from kdkernels.ops.softmax_kl import KIND_IDS
 
 
 def _safe(m: Tensor) -> Tensor:
@@ -109,11 +108,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
         if labels.shape != student_logits.shape[:-1] or labels.device != student_logits.device:
             raise ValueError(f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])} and "
                              f"device, got {tuple(labels.shape)} on {labels.device}")
-    kind_id = KIND_IDS[kind]
-    if kind_id == 2 and beta == 0.0:
-        kind_id = 0
-    elif kind_id == 2 and beta == 1.0:
-        kind_id = 1
+    kind_id = KF._kind_id(kind, beta)
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)

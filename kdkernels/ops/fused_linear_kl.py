@@ -216,25 +216,26 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
                         if inside.numel():                                        # - onehot(label)
                             gc_rows = gc.reshape(-1).expand(dzs.shape[0])
                             dzs[inside, lab[inside] - v0] -= gc_rows[inside]
-                    rows_k = keep[rb]
-                    if acc_grads[0] is not None:
-                        acc_grads[0].index_add_(0, rows_k, dzs @ ws)
-                    if acc_grads[1] is not None:
-                        acc_grads[1][v0:v1] += dzs.t() @ tiles.hs[rb].to(acc)
-                    if acc_grads[2] is not None:
-                        acc_grads[2][v0:v1] += dzs.sum(0)
+                    _accumulate(acc_grads[0:3], dzs, keep[rb], tiles.hs[rb].to(acc), ws, v0, v1)
                 if want_t:
                     dzt = dt * gk
-                    rows_k = keep[rb]
-                    if acc_grads[3] is not None:
-                        acc_grads[3].index_add_(0, rows_k, dzt @ wt)
-                    if acc_grads[4] is not None:
-                        acc_grads[4][v0:v1] += dzt.t() @ tiles.ht[rb].to(acc)
-                    if acc_grads[5] is not None:
-                        acc_grads[5][v0:v1] += dzt.sum(0)
+                    if tiles.ht is not None:
+                        _accumulate(acc_grads[3:6], dzt, keep[rb], tiles.ht[rb].to(acc), wt, v0, v1)
                     if acc_grads[6] is not None:
-                        acc_grads[6][rows_k, v0:v1] = dzt
+                        acc_grads[6][keep[rb], v0:v1] = dzt
     return _finish(outs, acc_grads, sources)
+
+
+def _accumulate(grads, dz, rows, hidden, weight, v0, v1):
+    """dh[rows] += dZ W[tile], dW[tile] += dZ^T h, db[tile] += sum_rows dZ (grads = [dh, dW, db], None where
+    not wanted)."""
+    d_hidden, d_weight, d_bias = grads
+    if d_hidden is not None:
+        d_hidden.index_add_(0, rows, dz @ weight)
+    if d_weight is not None:
+        d_weight[v0:v1] += dz.t() @ hidden
+    if d_bias is not None:
+        d_bias[v0:v1] += dz.sum(0)
 
 
 def _finish(outs, acc_grads, sources):
