@@ -39,7 +39,7 @@ def cuda_kernels_built() -> bool:
     return _ext.available() and bool(_ext._C.built_with_cuda())
 
 
-def available_backends(device: str | torch.device = "cpu") -> list[str]:
+def available_backends(device: str | torch.device = "cpu", has_cuda_kernel: bool = True) -> list[str]:
     """The backends that can run on ``device``, in the order ``auto`` tries them (``"torch"`` last).
 
     On CUDA tensors Triton comes before the CUDA C++ kernels: ``auto`` switches to them only once
@@ -54,7 +54,7 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     elif dev.type == "cuda":
         if triton_import_error() is None:
             out.append("triton")
-        if cuda_kernels_built():
+        if has_cuda_kernel and cuda_kernels_built():
             out.append("cuda")
     out.append("torch")
     return out
@@ -63,13 +63,14 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 _warned_fallback = False
 
 
-def resolve(backend: str, device: torch.device, op: str) -> str:
-    """Turn ``backend`` into the concrete backend for tensors on ``device``, or raise."""
+def resolve(backend: str, device: torch.device, op: str, has_cuda_kernel: bool = True) -> str:
+    """Turn ``backend`` into the concrete backend for tensors on ``device``, or raise.
+    ``has_cuda_kernel=False``: ``op`` has no CUDA C++ kernel, so ``auto`` never picks one."""
     global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        choice = available_backends(device)[0]
+        choice = available_backends(device, has_cuda_kernel)[0]
         if choice == "torch" and not _warned_fallback:
             _warned_fallback = True
             if device.type == "cpu":

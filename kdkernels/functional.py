@@ -230,8 +230,10 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         teacher_hidden: ``[..., Ht]`` (the same leading shape); teacher_weight: ``[V, Ht]``;
             teacher_bias: ``[V]`` or None. Or instead ``teacher_logits``: ``[..., V]``.
         temperature, kind, beta, alpha, labels, ignore_index, reduction: as in :func:`distill_loss`.
-        backend: ``"auto"`` (the C++ kernel on CPU tensors when the extension is built, else
-            ``"torch"``), ``"cpu"``, or ``"torch"`` (the same tiles in PyTorch operations; any device).
+        backend: ``"auto"`` (the C++ kernel on CPU tensors when the extension is built, the Triton
+            kernels on CUDA tensors, else ``"torch"``), ``"cpu"``, ``"triton"`` (tensor-core ``tl.dot``
+            tiles; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), or ``"torch"`` (the same
+            tiles in PyTorch operations; any device).
     """
     temperature, beta, alpha = _validate_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
@@ -287,9 +289,9 @@ def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teach
     stand_in = student_hidden.new_zeros(()).expand(*lead, V)  # the logits' shape, no memory
     temperature, beta, alpha = _validate(stand_in, stand_in, labels, temperature, kind, beta, ignore_index,
                                          reduction, backend, alpha=alpha)
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"fused_linear_kl(backend={backend!r}): this release has the C++ CPU kernel ('cpu') and the "
-                         "tiled PyTorch implementation ('torch', any device); use backend='auto', 'cpu' or 'torch'")
+    if backend == "cuda":
+        raise ValueError("fused_linear_kl(backend='cuda'): there is no CUDA C++ fused-linear kernel; on CUDA tensors "
+                         "use backend='auto' or 'triton' (tensor-core tiles), or 'torch'")
     return temperature, beta, alpha
 
 
@@ -299,12 +301,7 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     """The fused-linear op on validated inputs, with explicit CE and divergence weights."""
     from kdkernels.ops.fused_linear_kl import fused_linear_kl_op
 
-    if backend == "auto":
-        backend = "cpu" if student_hidden.device.type == "cpu" and _ext.available() else "torch"
-    elif backend == "cpu":
-        if student_hidden.device.type != "cpu":
-            raise ValueError(f"fused_linear_kl(backend='cpu') runs CPU tensors, got tensors on {student_hidden.device}")
-        _ext.require("fused_linear_kl(backend='cpu')")
+    backend = _backend.resolve(backend, student_hidden.device, "fused_linear_kl", has_cuda_kernel=False)
 
     lead = student_hidden.shape[:-1]
     tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,

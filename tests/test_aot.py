@@ -95,12 +95,13 @@ def test_cuda_sources_compile_without_spills(source, arch, tmp_path_factory):
 # ------------------------------------------------------------------ Triton kernels
 
 if triton is not None:
-    from kdkernels.triton import aot, softmax_kl  # noqa: E402
+    from kdkernels.triton import aot, fused_linear_kl, softmax_kl  # noqa: E402
 
     CUOBJDUMP = aot.cuobjdump_path()
     CASES = softmax_kl.aot_cases()
+    FL_CASES = fused_linear_kl.aot_cases()
 else:
-    CUOBJDUMP, CASES = "", []
+    CUOBJDUMP, CASES, FL_CASES = "", [], []
 
 
 def _case_id(case):
@@ -115,12 +116,23 @@ def _case_id(case):
 _RESULTS = {}
 
 
+def _fl_case_id(case):
+    kernel, sig, flags, num_warps = case
+    what = kernel.split("_")[-1] + (f"-phase{flags['PHASE']}" if kernel.endswith("stats") else "")
+    teacher = "tlogits" if flags["TEACHER_LOGITS"] else "thidden"
+    return (f"{sig['hs_ptr'].split(':')[0][1:]}-{what}-k{flags['KIND']}-{teacher}-{flags['PREC']}-"
+            f"{flags['BLOCK_N']}x{flags['BLOCK_V']}x{flags['BLOCK_K']}-w{num_warps}")
+
+
 def _results():
-    """All cases for all archs, compiled once (in parallel child processes) on first use."""
+    """All cases (softmax-KL, then fused-linear) for all archs, compiled once (in parallel child
+    processes) on first use; keyed by (kernel family, index, arch)."""
     if not _RESULTS:
-        keys = [(i, arch) for i in range(len(CASES)) for arch in ARCHS]
-        jobs = [("softmax_kl", *CASES[i], arch) for i, arch in keys]
-        _RESULTS.update(zip(keys, aot.compile_cases(jobs)))
+        keys = [("softmax_kl", i, arch) for i in range(len(CASES)) for arch in ARCHS]
+        jobs = [("softmax_kl", *CASES[i], arch) for _, i, arch in keys]
+        fl_keys = [("fused_linear_kl", i, arch) for i in range(len(FL_CASES)) for arch in ARCHS]
+        jobs += [(*FL_CASES[i], arch) for _, i, arch in fl_keys]
+        _RESULTS.update(zip(keys + fl_keys, aot.compile_cases(jobs)))
     return _RESULTS
 
 
@@ -128,9 +140,23 @@ def _results():
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
 def test_softmax_kl_compiles_without_spills(index, arch):
-    r = _results()[(index, arch)]
+    r = _results()[("softmax_kl", index, arch)]
     name = _case_id(CASES[index])
     assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
     occ = aot.occupancy(r["reg"], r["shared"], CASES[index][2], arch)
+    print(f"\nsm_{arch} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}", end="")
+    assert r["stack"] == 0, f"{name} sm_{arch}: register spills, STACK:{r['stack']} (REG:{r['reg']})"
+
+
+@pytest.mark.skipif(triton is None or not os.path.exists(CUOBJDUMP), reason="needs triton and its cuobjdump")
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: f"sm{a}")
+@pytest.mark.parametrize("index", range(len(FL_CASES)), ids=[_fl_case_id(c) for c in FL_CASES])
+def test_fused_linear_kl_compiles_without_spills(index, arch):
+    """The fused-linear statistics and gradient kernels (tl.dot tiles) for every operand dtype and
+    precision: compiled for real hardware, no register spills."""
+    r = _results()[("fused_linear_kl", index, arch)]
+    name = _fl_case_id(FL_CASES[index])
+    assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
+    occ = aot.occupancy(r["reg"], r["shared"], FL_CASES[index][3], arch)
     print(f"\nsm_{arch} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}", end="")
     assert r["stack"] == 0, f"{name} sm_{arch}: register spills, STACK:{r['stack']} (REG:{r['reg']})"

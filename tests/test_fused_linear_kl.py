@@ -12,10 +12,12 @@ import torch
 import kdkernels
 from kdkernels import reference
 from kdkernels.ops import fused_linear_kl as FL
-from conftest import RTOL, assert_close
+from conftest import RTOL, assert_close, fused_backends
+from kdkernels._backend import triton_interpreted
 
 KINDS = ["forward", "reverse", "jsd"]
-BACKENDS = ["cpu", "torch"] if kdkernels.build_info()["extension"] else ["torch"]
+# the C++ kernel, the Triton kernel (under the interpreter when there is no GPU), the PyTorch tiles
+BACKENDS = [b for b in fused_backends("cpu") if b != "cpu" or kdkernels.build_info()["extension"]] + ["torch"]
 
 
 def make(N, H, Ht, V, dtype, *, bias=True, teacher="hidden", teacher_grad=False, scale=0.5):
@@ -60,6 +62,8 @@ def compare(hs, Ws, bs, t, dtype, *, labels=None, what="", backend="auto", **kw)
 @pytest.mark.parametrize("V,H", [(1, 64), (1000, 64), (1000, 1000), (32001, 64), (131073, 64)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_matches_reference(V, H, kind, backend, seed):
+    if backend == "triton" and V > 100000 and kind != "forward" and triton_interpreted():
+        pytest.skip("interpreted Triton at V = 131073 costs 45-60 s a case: forward KL covers it (all kinds at 32001)")
     N = 5 if V < 100000 else 3
     hs, Ws, bs, t = make(N, H, H + 7, V, torch.float32)
     labels = torch.randint(0, V, (N,))
@@ -150,7 +154,8 @@ def _bad_cases():
         ("labels shape", lambda: f(hs, W, ht, Wt, labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
         ("labels range", lambda: f(hs, W, ht, Wt, labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
         ("temperature", lambda: f(hs, W, ht, Wt, temperature=0.0), ValueError, "temperature"),
-        ("backend", lambda: f(hs, W, ht, Wt, backend="triton"), ValueError, "backend='triton'"),
+        ("backend", lambda: f(hs, W, ht, Wt, backend="cuda"), ValueError, "no CUDA C++ fused-linear kernel"),
+        ("backend name", lambda: f(hs, W, ht, Wt, backend="gpu"), ValueError, "backend must be one of"),
         ("V=0", lambda: f(hs, torch.randn(0, 8), ht, torch.randn(0, 6)), ValueError, "V = 0"),
     ]
 

@@ -21,7 +21,9 @@ run in fp32 (fp64 for fp64 inputs): logits are never rounded to the input dtype 
 
 This module holds the PyTorch implementation of the tile loop (``backend="torch"``; any device);
 the C++ backend (``backend="cpu"``, csrc/cpu/fused_linear_kl.cpp) runs the same two passes with the
-per-row work fused into vectorized sweeps.
+per-row work fused into vectorized sweeps, and the Triton backend (``backend="triton"``,
+kdkernels/triton/fused_linear_kl.py) runs them as tensor-core tiles with the gradients' matmuls
+fused into the tile that produces ``dZ``.
 """
 
 from __future__ import annotations
@@ -264,6 +266,12 @@ def launch(backend: str, hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *
         return list(C.fused_linear_kl_forward_cpu(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature,
                                                   kind, beta, ignore_index, ce_weight, kd_weight, list(need), V_TILE,
                                                   TILE_ELEMENTS))
+    if backend == "triton":
+        from kdkernels.triton.fused_linear_kl import fused_linear_kl_forward
+
+        return fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature=temperature,
+                                       kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
+                                       kd_weight=kd_weight, need=need)
     raise ValueError(f"no fused_linear_kl kernel for backend {backend!r}")
 
 

@@ -23,7 +23,9 @@ import sys
 import tempfile
 
 # kernel name -> (module, attribute) of the @triton.jit function
-KERNELS = {"softmax_kl": ("kdkernels.triton.softmax_kl", "_softmax_kl_kernel")}
+KERNELS = {"softmax_kl": ("kdkernels.triton.softmax_kl", "_softmax_kl_kernel"),
+           "fused_linear_kl_stats": ("kdkernels.triton.fused_linear_kl", "_stats_kernel"),
+           "fused_linear_kl_grad": ("kdkernels.triton.fused_linear_kl", "_grad_kernel")}
 
 # per-SM limits: registers, max resident warps, max resident blocks, shared memory per SM (bytes)
 SM_LIMITS = {80: (65536, 64, 32, 164 * 1024), 90: (65536, 64, 32, 228 * 1024)}

@@ -1,0 +1,541 @@
+"""Fused-linear KL in Triton: the distillation loss from hidden states and lm_head weights, with
+tensor-core ``tl.dot`` tiles, never forming the ``[N, V]`` logits (not even per chunk of rows).
+
+The math is that of :mod:`kdkernels.ops.fused_linear_kl` (the PyTorch tile loop, read it first)
+and of the softmax-KL kernel header (:mod:`kdkernels.triton.softmax_kl`, whose element-wise
+helpers this module reuses on 2-D tiles). Base-2 exponentials throughout: ``a2 = z_s log2(e)/T``.
+
+Kernels
+=======
+``_stats_kernel`` (PHASE 0), grid ``(row blocks, vocabulary splits)``: each program walks its
+    split of V in ``BLOCK_V`` columns; per tile it computes ``z_s = h_s W_sᵀ + b_s`` (and ``z_t``, or
+    loads the teacher logits) as ``[BLOCK_N, BLOCK_V]`` fp32 accumulators over ``BLOCK_K`` slices
+    of H, and keeps per row the online statistics (max, rescaled sum of exponentials) of ``a2``,
+    ``b2`` and, for CE at ``T != 1``, ``z_s log2(e)``; the running ``sum 2^(b2-mb) (b2 - a2)``
+    (forward KL) or ``sum 2^(a2-ma) (a2 - b2)`` (reverse KL); and ``z_s[label]``. It writes them per
+    (split, row); the launcher combines the splits (a log-sum-exp merge of ``[splits, N]`` numbers).
+``_stats_kernel`` (PHASE 1, JSD only): the same walk with the final ``lse`` known, summing
+    ``Ks = sum ps log(ps/m)`` and ``Kt = sum pt log(pt/m)`` per (split, row).
+``_grad_kernel``, grid ``(row blocks, vocabulary tiles)``: recomputes one logits tile, forms
+    ``dZ_s = g (kd dD/dz_s + ce (softmax(z_s) - onehot))`` and ``dZ_t`` in registers, then for each
+    ``BLOCK_K`` slice of H adds ``dZ_s W_s[tile]`` into ``d h_s`` and ``dZ_sᵀ h_s`` into
+    ``d W_s[tile]`` (and ``sum_rows dZ_s`` into ``d b_s``) with atomic adds into fp32 (fp64)
+    buffers; the teacher's the same when it requires grad, or ``dZ_t`` stored into ``d z_t``.
+
+Rows labelled ``ignore_index`` are dropped by the launcher: the kernels read the kept rows
+through an index vector, so ignored rows cost no matmul. Matmuls take the inputs' dtype on the
+tensor cores (both operands cast to fp32 when the hidden states and the weight differ in dtype)
+and accumulate in fp32 (fp64 for fp64 inputs); fp32 operands use 3xTF32 products (each operand
+split into a TF32 high part and a TF32 remainder, three tensor-core products: about fp32
+accuracy), or one TF32 product when ``torch.backends.cuda.matmul.allow_tf32`` is set. The gradient tiles ``dZ`` are rounded to the
+operand dtype for the backward matmuls, as autograd's 16-bit matmul backward does; the softmax
+statistics never are. The atomic adds make the gradients' last bits depend on the order in which
+programs finish (run to run, on a GPU).
+
+Work per step, with ``F = N V H`` (student) and ``Ft = N V Ht`` (teacher from hidden states):
+    statistics: F + Ft multiply-adds; JSD: again F + Ft; gradients: F + Ft to recompute, then
+    2 F for ``d h_s``, ``d W_s`` (and 2 Ft for the teacher's when it requires grad).
+    Memory beyond the gradients: ``[splits, N]`` statistics; nothing grows with V.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kdkernels.triton.softmax_kl import (KIND_JSD, LN2, LOG2E, _divergence_grads, _divergence_terms,
+                                         _log_ratios, _safe_max)
+
+__all__ = ["fused_linear_kl_forward", "launch_config", "aot_cases"]
+
+# parameters read from a small tensor (in the accumulation dtype, so fp64 runs keep every digit)
+P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA = (tl.constexpr(i) for i in range(4))
+
+_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+# statistics rows written by PHASE 0 (per split, per kept row)
+S_MA, S_ZA, S_MB, S_ZB, S_W, S_MC, S_ZC, S_LABEL = (tl.constexpr(i) for i in range(8))
+N_STATS = 8
+
+
+# --------------------------------------------------------------------------------------------
+# tile helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _cast(x, DOT: tl.constexpr):
+    # DOT names the matmul operand dtype: "fp32", "bf16", "fp16" or "fp64"
+    if DOT == "bf16":
+        return x.to(tl.bfloat16)
+    elif DOT == "fp16":
+        return x.to(tl.float16)
+    elif DOT == "fp64":
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _dot(x, y, acc, DOT: tl.constexpr, PREC: tl.constexpr):
+    # x [M, K] @ y [K, Nc] + acc; PREC chooses IEEE or TF32 products for fp32 operands
+    if DOT == "fp32":
+        return tl.dot(x, y, acc, input_precision=PREC)
+    else:
+        return tl.dot(x, y, acc)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, K, stride_h, stride_w,
+                 HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # z[rows, cols] = h[rows] . w[cols] (+ b[cols]), accumulated in ACC over slices of K
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
+    h_rows = h_ptr + rows[:, None] * stride_h
+    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        kmask = ks < K
+        h = _cast(tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0), DOT)
+        w = _cast(tl.load(w_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0), DOT)
+        acc = _dot(h, tl.trans(w), acc, DOT, PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
+def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
+                H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+                HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
+                DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, rmask, cols, cmask, H, stride_hs, stride_ws,
+                      HAS_BS, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    if TEACHER_LOGITS:
+        zt = tl.load(zt_ptr + rows[:, None] * stride_zt + cols[None, :],
+                     mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
+    else:
+        zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, rmask, cols, cmask, Ht, stride_ht, stride_wt,
+                          HAS_BT, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    return zs, zt
+
+
+@triton.jit
+def _online(m, z, x2):
+    # merge a [BLOCK_N, BLOCK_V] tile of base-2 exponents into the running (max, sum of 2^(x - max));
+    # returns the new max, the new sum, the tile's 2^(x - new max) and the old sums' rescale factor
+    m_new = tl.maximum(m, tl.max(x2, axis=1))
+    sm = _safe_max(m_new)
+    f = tl.exp2(m - sm)
+    e = tl.exp2(x2 - sm[:, None])
+    return m_new, z * f + tl.sum(e, axis=1), e, f
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _stats_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, labels_ptr, params_ptr, lse_ptr, out_ptr,
+    n, V, H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt, split_cols,
+    PHASE: tl.constexpr, KIND: tl.constexpr, CE: tl.constexpr, CE_SEP: tl.constexpr,
+    HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    ACC = out_ptr.dtype.element_ty
+    NEG_INF: tl.constexpr = float("-inf")
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = r < n
+    rows = tl.load(rows_ptr + r, mask=rmask, other=0)  # int64 row indices of the kept rows
+    scale = tl.load(params_ptr + P_SCALE)
+    v_lo = split * split_cols
+    v_hi = tl.minimum(V, v_lo + split_cols)
+    out = out_ptr + split.to(tl.int64) * n + r  # out[stat, split, r], stat stride = splits * n
+    stat_stride = tl.num_programs(1).to(tl.int64) * n
+
+    if PHASE == 0:
+        ma = tl.full([BLOCK_N], NEG_INF, ACC)
+        mb = tl.full([BLOCK_N], NEG_INF, ACC)
+        mc = tl.full([BLOCK_N], NEG_INF, ACC)
+        za = tl.zeros([BLOCK_N], ACC)
+        zb = tl.zeros([BLOCK_N], ACC)
+        zc = tl.zeros([BLOCK_N], ACC)
+        w = tl.zeros([BLOCK_N], ACC)
+        s_label = tl.zeros([BLOCK_N], ACC)
+        label = tl.zeros([BLOCK_N], tl.int64)
+        if CE:
+            label = tl.load(labels_ptr + r, mask=rmask, other=-1)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            cmask = cols < v_hi
+            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
+                                 H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+                                 HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+            a2 = tl.where(cmask[None, :], zs * scale, NEG_INF)
+            b2 = tl.where(cmask[None, :], zt * scale, NEG_INF)
+            ma, za, ea, fa = _online(ma, za, a2)
+            mb, zb, eb, fb = _online(mb, zb, b2)
+            if KIND == 0:    # sum 2^(b2 - mb) (b2 - a2), 0 where the teacher's probability is 0
+                w = w * fb + tl.sum(tl.where(eb == 0.0, 0.0, eb * (b2 - a2)), axis=1)
+            elif KIND == 1:  # sum 2^(a2 - ma) (a2 - b2)
+                w = w * fa + tl.sum(tl.where(ea == 0.0, 0.0, ea * (a2 - b2)), axis=1)
+            if CE_SEP:       # CE at T = 1 when T != 1: statistics of z_s log2(e)
+                c2 = tl.where(cmask[None, :], zs * LOG2E, NEG_INF)
+                mc, zc, _ec, _fc = _online(mc, zc, c2)
+            if CE:
+                hit = (cols[None, :] == label[:, None]) & cmask[None, :]
+                s_label += tl.sum(tl.where(hit, zs, 0.0), axis=1)
+        tl.store(out + S_MA * stat_stride, ma, mask=rmask)
+        tl.store(out + S_ZA * stat_stride, za, mask=rmask)
+        tl.store(out + S_MB * stat_stride, mb, mask=rmask)
+        tl.store(out + S_ZB * stat_stride, zb, mask=rmask)
+        tl.store(out + S_W * stat_stride, w, mask=rmask)
+        tl.store(out + S_MC * stat_stride, mc, mask=rmask)
+        tl.store(out + S_ZC * stat_stride, zc, mask=rmask)
+        tl.store(out + S_LABEL * stat_stride, s_label, mask=rmask)
+    else:
+        # JSD: Ks, Kt with lse2(a2), lse2(b2) known
+        l2b = tl.load(params_ptr + P_LOG2_BETA)
+        l2nb = tl.load(params_ptr + P_LOG2_1MBETA)
+        lse2_a = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+        lse2_b = tl.load(lse_ptr + n + r, mask=rmask, other=0.0)
+        k1 = tl.zeros([BLOCK_N], ACC)
+        k2 = tl.zeros([BLOCK_N], ACC)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            cmask = cols < v_hi
+            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
+                                 H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+                                 HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+            lps2 = tl.where(cmask[None, :], zs * scale - lse2_a[:, None], NEG_INF)
+            lpt2 = tl.where(cmask[None, :], zt * scale - lse2_b[:, None], NEG_INF)
+            x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+            d1, d2 = _divergence_terms(tl.exp2(lps2), tl.exp2(lpt2), x, y, KIND)
+            k1 += tl.sum(d1, axis=1)
+            k2 += tl.sum(d2, axis=1)
+        tl.store(out, k1, mask=rmask)
+        tl.store(out + stat_stride, k2, mask=rmask)
+
+
+@triton.jit
+def _accumulate(dz, x_ptr, x_idx, x_mask, stride_x, w_ptr, w_idx, w_mask, stride_w, dx_ptr, dw_ptr, db_ptr, K,
+                NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # dz [BLOCK_N, BLOCK_V] (zero outside the tile): dx[x_idx] += dz @ w[w_idx], dw[w_idx] += dzᵀ @ x[x_idx],
+    # db[w_idx] += sum_rows dz; dx, dw are contiguous ACC buffers with row stride K
+    if NEED_B:
+        tl.atomic_add(db_ptr + w_idx, tl.sum(dz, axis=0), mask=w_mask)
+    if NEED_X or NEED_W:
+        dzc = _cast(dz, DOT)
+        w_off = w_idx[:, None].to(tl.int64)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < K
+            if NEED_X:
+                w = _cast(tl.load(w_ptr + w_off * stride_w + ks[None, :], mask=w_mask[:, None] & kmask[None, :],
+                                  other=0.0), DOT)
+                part = _dot(dzc, w, tl.zeros([BLOCK_N, BLOCK_K], ACC), DOT, PREC)
+                tl.atomic_add(dx_ptr + x_idx[:, None] * K + ks[None, :], part,
+                              mask=x_mask[:, None] & kmask[None, :])
+            if NEED_W:
+                x = _cast(tl.load(x_ptr + x_idx[:, None] * stride_x + ks[None, :],
+                                  mask=x_mask[:, None] & kmask[None, :], other=0.0), DOT)
+                part = _dot(tl.trans(dzc), x, tl.zeros([BLOCK_V, BLOCK_K], ACC), DOT, PREC)
+                tl.atomic_add(dw_ptr + w_off * K + ks[None, :], part, mask=w_mask[:, None] & kmask[None, :])
+
+
+@triton.jit
+def _grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, labels_ptr, params_ptr, row_ptr,
+    dhs_ptr, dws_ptr, dbs_ptr, dht_ptr, dwt_ptr, dbt_ptr, dzt_ptr,
+    n, V, H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt, stride_dzt,
+    KIND: tl.constexpr, CE: tl.constexpr, CE_SEP: tl.constexpr,
+    HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
+    NEED_HS: tl.constexpr, NEED_WS: tl.constexpr, NEED_BS: tl.constexpr,
+    NEED_HT: tl.constexpr, NEED_WT: tl.constexpr, NEED_BT: tl.constexpr, NEED_ZT: tl.constexpr,
+    DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # row_ptr: per kept row, [lse2_a, lse2_b, lse2_c, D, Ks, Kt, g_kd, g_ce] each of length n
+    ACC = dhs_ptr.dtype.element_ty
+    NEG_INF: tl.constexpr = float("-inf")
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = r < n
+    rows = tl.load(rows_ptr + r, mask=rmask, other=0)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < V
+    scale = tl.load(params_ptr + P_SCALE)
+    l2b = tl.load(params_ptr + P_LOG2_BETA)
+    l2nb = tl.load(params_ptr + P_LOG2_1MBETA)
+    beta = tl.load(params_ptr + P_BETA)
+    lse2_a = tl.load(row_ptr + r, mask=rmask, other=0.0)
+    lse2_b = tl.load(row_ptr + n + r, mask=rmask, other=0.0)
+    D = tl.load(row_ptr + 3 * n + r, mask=rmask, other=0.0)
+    Ks = tl.load(row_ptr + 4 * n + r, mask=rmask, other=0.0)
+    Kt = tl.load(row_ptr + 5 * n + r, mask=rmask, other=0.0)
+    g_kd = tl.load(row_ptr + 6 * n + r, mask=rmask, other=0.0)
+
+    zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
+                         H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+                         HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    tile = rmask[:, None] & cmask[None, :]
+    lps2 = tl.where(cmask[None, :], zs * scale - lse2_a[:, None], NEG_INF)
+    lpt2 = tl.where(cmask[None, :], zt * scale - lse2_b[:, None], NEG_INF)
+    x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
+    ps = tl.exp2(lps2)
+    pt = tl.exp2(lpt2)
+    ds, dt = _divergence_grads(ps, pt, x, y, D[:, None], Ks[:, None], Kt[:, None], beta, KIND)
+
+    NEED_S: tl.constexpr = NEED_HS or NEED_WS or NEED_BS
+    NEED_T: tl.constexpr = NEED_HT or NEED_WT or NEED_BT or NEED_ZT
+    if NEED_S:
+        dzs = ds * g_kd[:, None]
+        if CE:
+            g_ce = tl.load(row_ptr + 7 * n + r, mask=rmask, other=0.0)
+            label = tl.load(labels_ptr + r, mask=rmask, other=-1)
+            if CE_SEP:
+                lse2_c = tl.load(row_ptr + 2 * n + r, mask=rmask, other=0.0)
+                pc = tl.exp2(zs * LOG2E - lse2_c[:, None])
+            else:
+                pc = ps
+            onehot = (cols[None, :] == label[:, None]).to(ACC)
+            dzs += g_ce[:, None] * (pc - onehot)
+        dzs = tl.where(tile, dzs, 0.0)
+        _accumulate(dzs, hs_ptr, rows, rmask, stride_hs, ws_ptr, cols, cmask, stride_ws, dhs_ptr, dws_ptr, dbs_ptr,
+                    H, NEED_HS, NEED_WS, NEED_BS, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    if NEED_T:
+        dzt = tl.where(tile, dt * g_kd[:, None], 0.0)
+        if NEED_ZT:
+            tl.store(dzt_ptr + rows[:, None] * stride_dzt + cols[None, :], dzt.to(dzt_ptr.dtype.element_ty),
+                     mask=tile)
+        else:
+            _accumulate(dzt, ht_ptr, rows, rmask, stride_ht, wt_ptr, cols, cmask, stride_wt, dht_ptr, dwt_ptr,
+                        dbt_ptr, Ht, NEED_HT, NEED_WT, NEED_BT, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+
+
+# --------------------------------------------------------------------------------------------
+# launch configuration
+# --------------------------------------------------------------------------------------------
+def launch_config(key_dtype, interpreted: bool = False, precision: str = "tf32x3") -> dict:
+    """Tile sizes and warps, chosen so that no variant spills registers on sm_80 / sm_90
+    (tests/test_aot.py): [64, 64] logits tiles over 32-wide slices of H with 8 warps for 16-bit
+    operands; for fp32, [32, 64] tiles over 16-wide slices with 3xTF32 products ([64, 64] spills on
+    sm_80) and [64, 64] with plain TF32; [32, 32] tiles with 4 warps for fp64.
+    ``key_dtype``: fp64 or fp32 when any operand (or the teacher logits) is, else a 16-bit dtype.
+    Under the interpreter the tiles only set how many programs numpy runs."""
+    if interpreted:
+        return {"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_K": 64, "num_warps": 4}
+    if key_dtype == torch.float64:
+        return {"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_K": 16, "num_warps": 4}
+    if key_dtype == torch.float32:
+        if precision == "tf32":
+            return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 16, "num_warps": 8}
+        return {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 16, "num_warps": 8}
+    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8}
+
+
+def _dot_dtype(x, w):
+    if x.dtype == w.dtype:
+        return x.dtype
+    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+
+
+def _precision() -> str:
+    # fp32 operands: 3xTF32 (products split into high and low TF32 parts, about fp32 accuracy, on the
+    # tensor cores) unless the user allowed plain TF32 for matmuls
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _splits(n_row_blocks: int, V: int, block_v: int, device) -> int:
+    """Vocabulary splits of the statistics pass: enough programs for two waves over the SMs."""
+    if device.type != "cuda":
+        return 3  # the interpreter: every test exercises the merge of splits
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(V, block_v), triton.cdiv(2 * sms, n_row_blocks)))
+
+
+def _contig_last(x):
+    return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
+
+
+def _safe(m):
+    return torch.where(m == -math.inf, torch.zeros_like(m), m)
+
+
+def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
+                            ignore_index, ce_weight, kd_weight, need, splits=None):
+    """The contract of :func:`kdkernels.ops.fused_linear_kl.tiled_forward` (same arguments and
+    outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``. ``splits`` forces the number of
+    vocabulary splits of the statistics pass (tests)."""
+    from kdkernels.ops.fused_linear_kl import _acc_dtype, _finish
+
+    hs, Ws, ht, Wt, t_logits = (_contig_last(x) for x in (hs, Ws, ht, Wt, t_logits))
+    bs = None if bs is None else bs.contiguous()
+    bt = None if bt is None else bt.contiguous()
+    acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
+    dev = hs.device
+    N, H, V = hs.shape[0], hs.shape[1], Ws.shape[0]
+    Ht = 0 if ht is None else ht.shape[1]
+    sources = (hs, Ws, bs, ht, Wt, bt, t_logits)
+    loss = torch.zeros(N, dtype=acc, device=dev)
+    outs = [loss] + [None] * 7
+    # d(teacher logits) is stored tile by tile (zero rows for ignored rows); the others accumulate
+    acc_grads = [torch.zeros(x.shape, dtype=acc, device=dev) if (x is not None and need[i] and i < 6) else None
+                 for i, x in enumerate(sources)]
+    if need[6]:
+        acc_grads[6] = torch.zeros(t_logits.shape, dtype=t_logits.dtype, device=dev)
+    keep = (labels != ignore_index).nonzero().squeeze(1) if labels is not None else torch.arange(N, device=dev)
+    n = keep.numel()
+    if n == 0:
+        return _finish(outs, acc_grads, sources)
+    lab_k = labels.index_select(0, keep).contiguous() if labels is not None else keep
+
+    wide = [x.dtype for x in (hs, Ws, ht, Wt, t_logits) if x is not None and x.dtype in (torch.float32, torch.float64)]
+    key = acc if wide else torch.bfloat16  # the tiles of 16-bit operands, else those of fp32 / fp64
+    prec = _precision()
+    cfg = launch_config(key, interpreted=dev.type == "cpu", precision=prec)
+    BN, BV, BK = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_K"]
+    ce = ce_weight != 0.0
+    ce_sep = ce and temperature != 1.0
+    lb = math.log2(beta) if kind == KIND_JSD else 0.0
+    lnb = math.log2(1.0 - beta) if kind == KIND_JSD else 0.0
+    params = torch.tensor([math.log2(math.e) / temperature, lb, lnb, beta if kind == KIND_JSD else 0.5],
+                          dtype=acc, device=dev)  # at P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA
+    teacher_logits = t_logits is not None
+    dot_s = _TL_NAME[_dot_dtype(hs, Ws)]
+    dot_t = _TL_NAME[_dot_dtype(ht, Wt)] if not teacher_logits else dot_s
+    if dev.type == "cpu":
+        # triton 3.9's interpreter multiplies bf16 dot operands as raw bits: give it the same values
+        # in fp32 (exact), with products accumulated in fp32 as bf16 tensor-core MMAs do
+        dot_s, dot_t = ("fp32" if d == "bf16" else d for d in (dot_s, dot_t))
+    placeholder = params
+    ptrs = (hs, Ws, bs if bs is not None else placeholder,
+            ht if ht is not None else placeholder, Wt if Wt is not None else placeholder,
+            bt if bt is not None else placeholder, t_logits if teacher_logits else placeholder, keep, lab_k, params)
+    strides = (hs.stride(0), Ws.stride(0), ht.stride(0) if ht is not None else 0,
+               Wt.stride(0) if Wt is not None else 0, t_logits.stride(0) if teacher_logits else 0)
+    common = dict(KIND=kind, CE=ce, CE_SEP=ce_sep, HAS_BS=bs is not None, TEACHER_LOGITS=teacher_logits,
+                  HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, PREC=prec, BLOCK_N=BN, BLOCK_V=BV,
+                  BLOCK_K=BK, num_warps=cfg["num_warps"])
+
+    row_blocks = triton.cdiv(n, BN)
+    S = splits if splits is not None else _splits(row_blocks, V, BV, dev)
+    S = max(1, min(S, triton.cdiv(V, BV)))
+    split_cols = triton.cdiv(triton.cdiv(V, S), BV) * BV
+    S = triton.cdiv(V, split_cols)
+    stats = torch.empty((N_STATS, S, n), dtype=acc, device=dev)
+    _stats_kernel[(row_blocks, S)](*ptrs, stats, stats, n, V, H, Ht, *strides, split_cols, PHASE=0, **common)
+
+    # merge the splits
+    def merge(m, z):
+        M = m.max(0).values
+        f = torch.exp2(m - _safe(M)[None])
+        return M, (z * f).sum(0), f
+
+    ma, za, mb, zb, w, mc, zc, s_label = stats.unbind(0)  # the order of S_MA ... S_LABEL
+    Ma, Za, fa = merge(ma, za)
+    Mb, Zb, fb = merge(mb, zb)
+    lse2_a = _safe(Ma) + torch.log2(Za)
+    lse2_b = _safe(Mb) + torch.log2(Zb)
+    if ce_sep:
+        Mc, Zc, _ = merge(mc, zc)
+        lse_c = (_safe(Mc) + torch.log2(Zc)) * math.log(2)
+    else:
+        lse_c = lse2_a * math.log(2)  # T == 1: lse(z_s) = lse(a)
+    Ks = Kt = torch.zeros(n, dtype=acc, device=dev)
+    ln2 = math.log(2)
+    if kind == 0:
+        D = ln2 * ((w * fb).sum(0) / Zb - lse2_b + lse2_a)
+    elif kind == 1:
+        D = ln2 * ((w * fa).sum(0) / Za - lse2_a + lse2_b)
+    else:
+        lse = torch.stack([lse2_a, lse2_b]).contiguous()
+        kk = torch.empty((2, S, n), dtype=acc, device=dev)
+        _stats_kernel[(row_blocks, S)](*ptrs, lse, kk, n, V, H, Ht, *strides, split_cols, PHASE=1, **common)
+        Ks, Kt = kk[0].sum(0), kk[1].sum(0)
+        D = beta * Kt + (1.0 - beta) * Ks
+    rows_loss = kd_weight * D
+    if ce:
+        rows_loss = rows_loss + ce_weight * (lse_c - s_label.sum(0))
+    loss.index_copy_(0, keep, rows_loss)
+
+    if any(need):
+        g = grad_scale.to(acc).reshape(-1)
+        g_k = g.expand(N).index_select(0, keep) if g.numel() == 1 else g.index_select(0, keep)
+        per_row = torch.stack([lse2_a, lse2_b, lse_c * math.log2(math.e), D, Ks, Kt,
+                               g_k * (kd_weight / temperature), g_k * ce_weight]).contiguous()
+        dummy = stats
+        grads = [acc_grads[i] if acc_grads[i] is not None else dummy for i in range(7)]
+        dzt_stride = acc_grads[6].stride(0) if acc_grads[6] is not None else 0
+        _grad_kernel[(row_blocks, triton.cdiv(V, BV))](
+            *ptrs, per_row, *grads, n, V, H, Ht, *strides, dzt_stride,
+            NEED_HS=need[0], NEED_WS=need[1], NEED_BS=need[2], NEED_HT=need[3], NEED_WT=need[4], NEED_BT=need[5],
+            NEED_ZT=need[6], **common)
+    return _finish(outs, acc_grads, sources)
+
+
+# --------------------------------------------------------------------------------------------
+# ahead-of-time compile cases (tests/test_aot.py)
+# --------------------------------------------------------------------------------------------
+_SCALARS = ("n", "V", "H", "Ht", "stride_hs", "stride_ws", "stride_ht", "stride_wt", "stride_zt")
+
+
+def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=None, phase=0, prec="tf32x3"):
+    """(signature, constexprs, num_warps) of one variant of ``kernel`` ("stats" or "grad") for inputs of
+    dtype ``dt``, with biases, as the launcher passes them (every pointer 16-byte aligned)."""
+    acc = "fp64" if dt == torch.float64 else "fp32"
+    name = _TL_NAME[dt]
+    sig = {p: "*" + name for p in ("hs_ptr", "ws_ptr", "bs_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "zt_ptr")}
+    sig.update({"rows_ptr": "*i64", "labels_ptr": "*i64", "params_ptr": "*" + acc})
+    if kernel == "stats":
+        sig.update({"lse_ptr": "*" + acc, "out_ptr": "*" + acc})
+    else:
+        sig["row_ptr"] = "*" + acc
+        sig.update({p: "*" + acc for p in ("dhs_ptr", "dws_ptr", "dbs_ptr", "dht_ptr", "dwt_ptr", "dbt_ptr")})
+        sig["dzt_ptr"] = "*" + name
+    sig = {k: v + ":16" for k, v in sig.items()}
+    sig.update({k: "i32" for k in _SCALARS})
+    sig["split_cols" if kernel == "stats" else "stride_dzt"] = "i32"
+    cfg = launch_config(dt if dt in (torch.float32, torch.float64) else torch.bfloat16, precision=prec)
+    flags = {"PHASE": phase} if kernel == "stats" else {}
+    flags.update(KIND=kind, CE=ce_weight != 0, CE_SEP=ce_weight != 0 and temperature != 1.0, HAS_BS=True,
+                 TEACHER_LOGITS=teacher_logits, HAS_BT=not teacher_logits)
+    if kernel == "grad":
+        flags.update(zip(("NEED_HS", "NEED_WS", "NEED_BS", "NEED_HT", "NEED_WT", "NEED_BT", "NEED_ZT"), need))
+    flags.update(DOT_S=name, DOT_T=name, PREC=prec, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
+                 BLOCK_K=cfg["BLOCK_K"])
+    sig.update({k: "constexpr" for k in flags})
+    return sig, flags, cfg["num_warps"]
+
+
+def aot_cases() -> list:
+    """(kernel, signature, constexprs, num_warps) of the variants that matter for registers, per
+    dtype: the statistics pass (forward KL, CE at T != 1, teacher from hidden states), JSD's second
+    phase, the gradient kernel with every student and teacher gradient, and the gradient kernel for
+    a teacher given as logits (JSD, its gradient stored)."""
+    cases = []
+    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        cases.append(("fused_linear_kl_stats",
+                      *aot_case("stats", dt, teacher_logits=False, kind=0, ce_weight=0.5, temperature=2.0)))
+        cases.append(("fused_linear_kl_stats",
+                      *aot_case("stats", dt, teacher_logits=True, kind=KIND_JSD, ce_weight=0.0, temperature=2.0,
+                                phase=1)))
+        cases.append(("fused_linear_kl_grad",
+                      *aot_case("grad", dt, teacher_logits=False, kind=0, ce_weight=0.5, temperature=2.0,
+                                need=(True,) * 6 + (False,))))
+        cases.append(("fused_linear_kl_grad",
+                      *aot_case("grad", dt, teacher_logits=True, kind=KIND_JSD, ce_weight=0.0, temperature=1.0,
+                                need=(True, True, True, False, False, False, True))))
+    for kernel, need in (("stats", None), ("grad", (True,) * 6 + (False,))):  # fp32 with allow_tf32
+        cases.append(("fused_linear_kl_" + kernel,
+                      *aot_case(kernel, torch.float32, teacher_logits=False, kind=1, ce_weight=0.5, temperature=2.0,
+                                need=need, prec="tf32")))
+    return cases
