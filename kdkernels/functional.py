@@ -344,8 +344,9 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
             log-probabilities, whose missing mass is ``1 - sum exp(values)``).
         temperature: ``T``: the student's softmax of ``s / T``; the teacher's probabilities are raised
             to ``1/T`` and renormalized (for logits: their softmax at ``T``). No ``T**2`` factor.
-        labels, ignore_index, reduction, backend: as in :func:`softmax_kl` (backends ``"cpu"``, the
-            C++ kernel, and ``"torch"``, the reference).
+        labels, ignore_index, reduction, backend: as in :func:`softmax_kl`: ``"cpu"`` (the C++
+            kernel), ``"triton"`` (CUDA tensors, or the interpreter), ``"torch"`` (the float64
+            reference, materialized).
 
     The gradient flows to the student only, ``(p_s - p_t) / T`` with ``p_t`` the sparse (plus
     uniform tail) teacher; it is computed in the forward pass in one more read of the row.
@@ -379,13 +380,10 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
             raise ValueError(f"teacher_topk_indices must be in [0, {V})")
     temperature, _, _ = _validate(student_logits, student_logits, labels, temperature, "forward", 0.5, ignore_index,
                                   reduction, backend)
-    if backend == "auto":
-        backend = "cpu" if student_logits.device.type == "cpu" and _ext.available() else "torch"
-    elif backend in ("triton", "cuda"):
-        raise ValueError(f"topk_kl(backend={backend!r}): this release has the C++ CPU kernel ('cpu') and the "
-                         "reference ('torch'); use backend='auto', 'cpu' or 'torch'")
-    elif backend == "cpu" and student_logits.device.type != "cpu":
-        raise ValueError(f"topk_kl(backend='cpu') runs CPU tensors, got tensors on {student_logits.device}")
+    if backend == "cuda":
+        raise ValueError("topk_kl(backend='cuda'): there is no CUDA C++ top-k kernel; on CUDA tensors use "
+                         "backend='auto' or 'triton', or 'torch'")
+    backend = _backend.resolve(backend, student_logits.device, "topk_kl", has_cuda_kernel=False)
 
     from kdkernels.ops.topk_kl import topk_kl_op
 

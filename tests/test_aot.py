@@ -1,5 +1,6 @@
-"""Ahead-of-time compile, with no GPU: every csrc/cuda/*.cu with nvcc, and every softmax-KL Triton
-kernel variant the launcher uses, for sm_80 and sm_90; a compile error or a register spill fails.
+"""Ahead-of-time compile, with no GPU: every csrc/cuda/*.cu with nvcc, and every Triton kernel
+variant the launchers use (softmax-KL, fused-linear KL, top-k KL) for sm_80 and sm_90; a compile
+error or a register spill fails.
 
 Run ``pytest -s tests/test_aot.py`` to see the REG / STACK / SHARED / occupancy table. The Triton
 compiles run in child processes (kdkernels.triton.aot) because the test session may run Triton in
@@ -160,3 +161,25 @@ def test_fused_linear_kl_compiles_without_spills(index, arch):
     occ = aot.occupancy(r["reg"], r["shared"], FL_CASES[index][3], arch)
     print(f"\nsm_{arch} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}", end="")
     assert r["stack"] == 0, f"{name} sm_{arch}: register spills, STACK:{r['stack']} (REG:{r['reg']})"
+
+
+if triton is not None:
+    from kdkernels.triton import topk_kl  # noqa: E402
+
+    TOPK_CASES = topk_kl.aot_cases()
+else:
+    TOPK_CASES = []
+
+
+@pytest.mark.skipif(triton is None or not os.path.exists(CUOBJDUMP), reason="needs triton and its cuobjdump")
+def test_topk_kl_compiles_without_spills():
+    """The top-k teacher kernel for every student dtype and tail, sm_80 and sm_90: no spills."""
+    jobs = [("topk_kl", sig, flags, warps, arch) for sig, flags, warps in TOPK_CASES for arch in ARCHS]
+    bad = []
+    for (_, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
+        name = f"{sig['s_ptr'].split(':')[0][1:]}-{'uniform' if flags['UNIFORM'] else 'ignore'}-V{flags['BLOCK_V']}"
+        assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
+        print(f"\nsm_{arch} topk {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']}", end="")
+        if r["stack"]:
+            bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
+    assert not bad, bad

@@ -3,8 +3,8 @@
 The teacher is given by its top-k values (log-probabilities or logits) and indices per row, as
 distillation pipelines store it offline; the loss is forward ``KL(p_t || p_s)`` with the teacher
 distribution of :func:`kdkernels.reference.topk_teacher_log_probs`. The C++ kernel
-(csrc/cpu/topk_kl.cpp) reads each student row twice (normalizer, gradient) and the teacher's k
-entries; the gradient is computed in the forward pass and backward only scales it, as in
+(csrc/cpu/topk_kl.cpp) and the Triton kernel (kdkernels/triton/topk_kl.py) read each student row
+twice (normalizer, gradient) and the teacher's k entries; the gradient is computed in the forward pass and backward only scales it, as in
 :mod:`kdkernels.ops.softmax_kl`.
 """
 
@@ -27,6 +27,12 @@ def topk_kl_op(student: Tensor, values: Tensor, indices: Tensor, labels: Optiona
         C = _ext.require("topk_kl(backend='cpu')")
         rows, grad = C.topk_kl_forward_cpu(student, values, indices, labels, grad_scale, values_are_logits,
                                            uniform_tail, temperature, ignore_index, need_grad)
+    elif backend == "triton":
+        from kdkernels.triton.topk_kl import topk_kl_forward
+
+        rows, grad = topk_kl_forward(student, values, indices, labels, grad_scale, values_are_logits=values_are_logits,
+                                     uniform_tail=uniform_tail, temperature=temperature, ignore_index=ignore_index,
+                                     need_grad=need_grad)
     elif backend == "torch":
         # the reference, materialized in float64 (a uniform tail over a large V loses float32 digits);
         # its gradient g (p_s - p_t) / T written out

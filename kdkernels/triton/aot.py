@@ -24,6 +24,7 @@ import tempfile
 
 # kernel name -> (module, attribute) of the @triton.jit function
 KERNELS = {"softmax_kl": ("kdkernels.triton.softmax_kl", "_softmax_kl_kernel"),
+           "topk_kl": ("kdkernels.triton.topk_kl", "_topk_kl_kernel"),
            "fused_linear_kl_stats": ("kdkernels.triton.fused_linear_kl", "_stats_kernel"),
            "fused_linear_kl_grad": ("kdkernels.triton.fused_linear_kl", "_grad_kernel")}
 
