@@ -12,7 +12,7 @@ from torch import Tensor
 from kdkernels import _backend, _ext, reference
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
-__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "available_backends"]
+__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "available_backends"]
 
 available_backends = _backend.available_backends
 
@@ -328,6 +328,44 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
 
 # ------------------------------------------------------------------------------ top-k teacher
 
+def _validate_topk(stand_in, teacher_topk_values, teacher_topk_indices, values, tail, temperature, labels,
+                   ignore_index, reduction, backend, op):
+    """The checks of :func:`topk_kl` on the student logits (or a ``[..., V]`` stand-in with their
+    shape); returns (temperature, the resolved backend)."""
+    _check_logits("teacher_topk_values", teacher_topk_values)
+    if not isinstance(teacher_topk_indices, Tensor) or teacher_topk_indices.dtype.is_floating_point \
+            or teacher_topk_indices.dtype == torch.bool:
+        raise TypeError("teacher_topk_indices must be an integer tensor")
+    lead, V = stand_in.shape[:-1], stand_in.shape[-1]
+    if V == 0:
+        raise ValueError("the student has an empty vocabulary: V = 0")
+    if teacher_topk_values.shape[:-1] != lead or teacher_topk_indices.shape != teacher_topk_values.shape:
+        raise ValueError(f"teacher_topk_values and teacher_topk_indices must both be [..., k] with the student's "
+                         f"leading shape {tuple(lead)}, got {tuple(teacher_topk_values.shape)} and "
+                         f"{tuple(teacher_topk_indices.shape)}")
+    k = teacher_topk_values.shape[-1]
+    if k == 0 or k > V:
+        raise ValueError(f"k (the last dimension of the top-k tensors) must be in [1, V = {V}], got {k}")
+    if values not in ("logprobs", "logits"):
+        raise ValueError(f"values must be 'logprobs' or 'logits', got {values!r}")
+    if tail not in ("ignore", "uniform"):
+        raise ValueError(f"tail must be 'ignore' or 'uniform', got {tail!r}")
+    if tail == "uniform" and values == "logits":
+        raise ValueError("tail='uniform' needs values='logprobs': logits do not say how much mass the top-k miss")
+    devices = {stand_in.device, teacher_topk_values.device, teacher_topk_indices.device}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if teacher_topk_indices.numel() and not torch.compiler.is_compiling():
+        if bool(((teacher_topk_indices < 0) | (teacher_topk_indices >= V)).any()):
+            raise ValueError(f"teacher_topk_indices must be in [0, {V})")
+    temperature, _, _ = _validate(stand_in, stand_in, labels, temperature, "forward", 0.5, ignore_index,
+                                  reduction, backend)
+    if backend == "cuda":
+        raise ValueError(f"{op}(backend='cuda'): there is no CUDA C++ top-k kernel; on CUDA tensors use "
+                         "backend='auto' or 'triton', or 'torch'")
+    return temperature, _backend.resolve(backend, stand_in.device, op, has_cuda_kernel=False)
+
+
 def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, *,
             values: str = "logprobs", tail: str = "ignore", temperature: float = 1.0, labels: Optional[Tensor] = None,
             ignore_index: int = -100, reduction: str = "mean", backend: str = "auto") -> Tensor:
@@ -352,38 +390,11 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     uniform tail) teacher; it is computed in the forward pass in one more read of the row.
     """
     _check_logits("student_logits", student_logits)
-    _check_logits("teacher_topk_values", teacher_topk_values)
-    if not isinstance(teacher_topk_indices, Tensor) or teacher_topk_indices.dtype.is_floating_point \
-            or teacher_topk_indices.dtype == torch.bool:
-        raise TypeError("teacher_topk_indices must be an integer tensor")
-    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
-    if V == 0:
-        raise ValueError("student_logits has an empty vocabulary (last) dimension: V = 0")
-    if teacher_topk_values.shape[:-1] != lead or teacher_topk_indices.shape != teacher_topk_values.shape:
-        raise ValueError(f"teacher_topk_values and teacher_topk_indices must both be [..., k] with the student's "
-                         f"leading shape {tuple(lead)}, got {tuple(teacher_topk_values.shape)} and "
-                         f"{tuple(teacher_topk_indices.shape)}")
+    temperature, backend = _validate_topk(student_logits, teacher_topk_values, teacher_topk_indices, values, tail,
+                                          temperature, labels, ignore_index, reduction, backend, "topk_kl")
+    V = student_logits.shape[-1]
     k = teacher_topk_values.shape[-1]
-    if k == 0 or k > V:
-        raise ValueError(f"k (the last dimension of the top-k tensors) must be in [1, V = {V}], got {k}")
-    if values not in ("logprobs", "logits"):
-        raise ValueError(f"values must be 'logprobs' or 'logits', got {values!r}")
-    if tail not in ("ignore", "uniform"):
-        raise ValueError(f"tail must be 'ignore' or 'uniform', got {tail!r}")
-    if tail == "uniform" and values == "logits":
-        raise ValueError("tail='uniform' needs values='logprobs': logits do not say how much mass the top-k miss")
-    devices = {student_logits.device, teacher_topk_values.device, teacher_topk_indices.device}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if teacher_topk_indices.numel() and not torch.compiler.is_compiling():
-        if bool(((teacher_topk_indices < 0) | (teacher_topk_indices >= V)).any()):
-            raise ValueError(f"teacher_topk_indices must be in [0, {V})")
-    temperature, _, _ = _validate(student_logits, student_logits, labels, temperature, "forward", 0.5, ignore_index,
-                                  reduction, backend)
-    if backend == "cuda":
-        raise ValueError("topk_kl(backend='cuda'): there is no CUDA C++ top-k kernel; on CUDA tensors use "
-                         "backend='auto' or 'triton', or 'torch'")
-    backend = _backend.resolve(backend, student_logits.device, "topk_kl", has_cuda_kernel=False)
+    lead = student_logits.shape[:-1]
 
     from kdkernels.ops.topk_kl import topk_kl_op
 
@@ -400,4 +411,62 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     need = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = topk_kl_op(s2, vals, idx, lab, grad_scale, values == "logits", tail == "uniform", temperature,
                          ignore_index, REDUCTION_IDS[red], need, backend)
+    return loss.reshape(lead) if red == "none" else loss
+
+
+def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher_topk_values: Tensor,
+                         teacher_topk_indices: Tensor, *, student_bias: Optional[Tensor] = None,
+                         values: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
+                         labels: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         backend: str = "auto") -> Tensor:
+    r""":func:`topk_kl` on the student logits ``student_hidden @ student_weight.T + student_bias``,
+    without forming them: the vocabulary is processed in tiles as in :func:`fused_linear_kl`, and
+    the k teacher columns of each row are gathered from the weight.
+
+    Args:
+        student_hidden: ``[..., H]``; student_weight: ``[V, H]``; student_bias: ``[V]`` or None.
+        teacher_topk_values, teacher_topk_indices: ``[..., k]`` with student_hidden's leading shape.
+        values, tail, temperature, labels, ignore_index, reduction: as in :func:`topk_kl`.
+        backend: ``"auto"`` or ``"torch"``: tiles of ATen matmuls on any device (the matmuls are the
+            whole cost; the per-row work is O(k)).
+
+    Gradients go to the hidden states, the weight and the bias. Peak extra memory: the gradients,
+    O(rows · k) statistics and tiles of a fixed size, independent of V.
+    """
+    _check_float("student_hidden", student_hidden)
+    _check_float("student_weight", student_weight, 2)
+    lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
+    V = student_weight.shape[0]
+    if student_weight.shape[1] != H:
+        raise ValueError(f"student_weight must be [V, H] with H = {H} (student_hidden {tuple(student_hidden.shape)}), "
+                         f"got {tuple(student_weight.shape)}")
+    if student_bias is not None:
+        _check_float("student_bias", student_bias, 1)
+        if student_bias.shape[0] != V:
+            raise ValueError(f"student_bias must be [V] = [{V}], got {tuple(student_bias.shape)}")
+    if student_hidden.device != student_weight.device or (student_bias is not None
+                                                          and student_bias.device != student_weight.device):
+        raise ValueError("student_hidden, student_weight and student_bias must be on one device")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"fused_linear_topk_kl(backend={backend!r}): the fused-linear top-k loss runs as tiles of "
+                         "ATen matmuls on any device; use backend='auto' or 'torch'")
+    stand_in = student_hidden.new_zeros(()).expand(*lead, V)
+    temperature, _ = _validate_topk(stand_in, teacher_topk_values, teacher_topk_indices, values, tail, temperature,
+                                    labels, ignore_index, reduction, "torch", "fused_linear_topk_kl")
+
+    from kdkernels.ops.fused_linear_topk_kl import FusedLinearTopkKL
+
+    k = teacher_topk_values.shape[-1]
+    hs = student_hidden.reshape(-1, H)
+    vals = teacher_topk_values.reshape(-1, k)
+    idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
+    lab = None if labels is None else labels.reshape(-1).to(torch.int64)
+    red = "mean" if reduction == "batchmean" else reduction
+    fp64 = torch.float64 in (student_hidden.dtype, student_weight.dtype)
+    grad_scale = _grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32, hs.device)
+    grad_on = torch.is_grad_enabled()
+    need = tuple(bool(grad_on and x is not None and x.requires_grad)
+                 for x in (student_hidden, student_weight, student_bias))
+    loss = FusedLinearTopkKL.apply(hs, student_weight, student_bias, vals, idx, lab, grad_scale, tail == "uniform",
+                                   temperature, ignore_index, REDUCTION_IDS[red], need)
     return loss.reshape(lead) if red == "none" else loss

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from kdkernels import functional as KF
 
-__all__ = ["SoftmaxKL", "DistillationLoss", "KLDivLoss"]
+__all__ = ["SoftmaxKL", "DistillationLoss", "FusedLinearDistillationLoss", "TopkKLLoss", "FusedLinearTopkKLLoss",
+           "KLDivLoss"]
 
 
 class SoftmaxKL(torch.nn.Module):
@@ -48,6 +49,69 @@ class DistillationLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, beta={self.beta}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class FusedLinearDistillationLoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.fused_linear_kl`: the distillation loss from the hidden
+    states and lm_head weights of both models, never forming the logits::
+
+        loss_fn = FusedLinearDistillationLoss(temperature=2.0, alpha=0.1)
+        loss = loss_fn(student_hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight,
+                       labels=labels)
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, kind: str = "forward", beta: float = 0.5,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.alpha, self.kind, self.beta = temperature, alpha, kind, beta
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
+                teacher_weight: Optional[Tensor] = None, *, teacher_logits: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return KF.fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                  teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
+                                  temperature=self.temperature, kind=self.kind, beta=self.beta, alpha=self.alpha,
+                                  labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
+                                  backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, beta={self.beta}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class TopkKLLoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.topk_kl` (a teacher stored as its top-k entries per row)."""
+
+    def __init__(self, values: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.values, self.tail, self.temperature = values, tail, temperature
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor,
+                labels: Optional[Tensor] = None) -> Tensor:
+        return KF.topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, values=self.values,
+                          tail=self.tail, temperature=self.temperature, labels=labels,
+                          ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"values={self.values!r}, tail={self.tail!r}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class FusedLinearTopkKLLoss(TopkKLLoss):
+    """Module form of :func:`kdkernels.fused_linear_topk_kl`: :class:`TopkKLLoss` from the
+    student's hidden states and lm_head weight (and bias)."""
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_topk_values: Tensor,
+                teacher_topk_indices: Tensor, labels: Optional[Tensor] = None,
+                student_bias: Optional[Tensor] = None) -> Tensor:
+        return KF.fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices,
+                                       student_bias=student_bias, values=self.values, tail=self.tail,
+                                       temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
+                                       reduction=self.reduction, backend=self.backend)
 
 
 class KLDivLoss(torch.nn.KLDivLoss):

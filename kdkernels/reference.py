@@ -182,3 +182,12 @@ def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, values
     if labels is not None:
         rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
     return reduce_rows(rows, labels, ignore_index, reduction)
+
+
+def fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices, *,
+                         student_bias=None, values="logprobs", tail="ignore", temperature=1.0, labels=None,
+                         ignore_index=-100, reduction="mean"):
+    """Reference for :func:`kdkernels.fused_linear_topk_kl`: :func:`topk_kl` on the materialized logits."""
+    return topk_kl(linear_logits(student_hidden, student_weight, student_bias), teacher_topk_values,
+                   teacher_topk_indices, values=values, tail=tail, temperature=temperature, labels=labels,
+                   ignore_index=ignore_index, reduction=reduction)
