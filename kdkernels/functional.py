@@ -246,8 +246,9 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
 
 def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
                            student_bias, teacher_bias, labels, temperature, kind, beta, alpha, ignore_index,
-                           reduction, backend):
-    """The checks of :func:`fused_linear_kl`; returns (temperature, beta, alpha) as floats."""
+                           reduction, backend, allow_empty_vocab=False):
+    """The checks of :func:`fused_linear_kl`; returns (temperature, beta, alpha) as floats.
+    ``allow_empty_vocab``: V = 0 is legal (a rank's empty vocabulary slice)."""
     _check_float("student_hidden", student_hidden)
     _check_float("student_weight", student_weight, 2)
     lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
@@ -255,7 +256,7 @@ def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teach
     if student_weight.shape[1] != H:
         raise ValueError(f"student_weight must be [V, H] with H = {H} (student_hidden {tuple(student_hidden.shape)}), "
                          f"got {tuple(student_weight.shape)}")
-    if V == 0:
+    if V == 0 and not allow_empty_vocab:
         raise ValueError("student_weight has an empty vocabulary: V = 0")
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
@@ -286,7 +287,7 @@ def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teach
     if len({x.device for x in tensors}) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted({str(x.device) for x in tensors})}")
     # labels, scalars, kind, reduction: the checks of distill_loss on a [..., V] stand-in
-    stand_in = student_hidden.new_zeros(()).expand(*lead, V)  # the logits' shape, no memory
+    stand_in = student_hidden.new_zeros(()).expand(*lead, max(V, 1))  # the logits' shape, no memory
     temperature, beta, alpha = _validate(stand_in, stand_in, labels, temperature, kind, beta, ignore_index,
                                          reduction, backend, alpha=alpha)
     if backend == "cuda":

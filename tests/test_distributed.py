@@ -1,5 +1,6 @@
-"""kdkernels.distributed on the CPU with the gloo backend and 2 processes: the vocab-parallel loss
-and gradients equal the unsharded ones (the float64 reference)."""
+"""kdkernels.distributed on the CPU with the gloo backend and 2 processes: the vocab-parallel losses
+(from logits slices, and from hidden states and weight slices) and their gradients equal the
+unsharded ones (the float64 reference)."""
 
 import os
 import sys
@@ -67,3 +68,74 @@ def test_vocab_parallel_kl_needs_a_process_group():
         pytest.skip("a process group is already initialized")
     with pytest.raises(RuntimeError, match="process group"):
         vocab_parallel_kl(torch.randn(2, 5), torch.randn(2, 5))
+
+
+FL_CASES = [  # (kind, beta, temperature, reduction, split of V, teacher as "hidden" or "logits", teacher grad)
+    ("forward", 0.5, 1.0, "mean", (500, 501), "hidden", True),
+    ("reverse", 0.5, 2.0, "sum", (1001, 0), "hidden", False),   # one rank holds no vocabulary
+    ("jsd", 0.3, 0.7, "none", (700, 301), "logits", True),
+    ("forward", 0.5, 1.5, "batchmean", (1, 1000), "logits", False),
+]
+
+
+def _fl_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import kdkernels
+    from kdkernels.distributed import vocab_parallel_fused_linear_kl
+
+    results = []
+    for i, (kind, beta, T, reduction, split, teacher, tgrad) in enumerate(FL_CASES):
+        g = torch.Generator().manual_seed(200 + i)
+        N, H, Ht, V = 7, 24, 17, sum(split)
+        hs = torch.randn(N, H, generator=g, dtype=torch.float64)
+        Ws = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.4
+        bs = torch.randn(V, generator=g, dtype=torch.float64)
+        ht = torch.randn(N, Ht, generator=g, dtype=torch.float64)
+        Wt = torch.randn(V, Ht, generator=g, dtype=torch.float64) * 0.4
+        zt = torch.randn(N, V, generator=g, dtype=torch.float64) * 2
+        labels = torch.randint(0, V, (N,), generator=g)
+        labels[2] = -100
+        go = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+        lo, hi = sum(split[:rank]), sum(split[:rank + 1])
+        # float32 on the ranks; the reference in float64
+        loc = {"hs": hs.float().requires_grad_(), "Ws": Ws[lo:hi].float().requires_grad_(),
+               "bs": bs[lo:hi].float().requires_grad_()}
+        if teacher == "hidden":
+            loc.update(ht=ht.float().requires_grad_(tgrad), Wt=Wt[lo:hi].float().requires_grad_(tgrad))
+        else:
+            loc.update(zt=zt[:, lo:hi].float().requires_grad_(tgrad))
+        out = vocab_parallel_fused_linear_kl(loc["hs"], loc["Ws"], loc.get("ht"), loc.get("Wt"),
+                                             teacher_logits=loc.get("zt"), student_bias=loc["bs"], temperature=T,
+                                             kind=kind, beta=beta, labels=labels, reduction=reduction)
+        names = [k for k, v in loc.items() if v.requires_grad]
+        grads = torch.autograd.grad(out, [loc[k] for k in names], go.float() if out.dim() else None)
+        full = {"hs": hs, "Ws": Ws, "bs": bs, "ht": ht, "Wt": Wt, "zt": zt}
+        ref_in = {k: full[k].clone().requires_grad_() for k in names}
+        get = lambda k: ref_in.get(k, full[k])  # noqa: E731
+        ref = kdkernels.reference.fused_linear_kl(get("hs"), get("Ws"), get("ht") if teacher == "hidden" else None,
+                                                  get("Wt") if teacher == "hidden" else None,
+                                                  teacher_logits=get("zt") if teacher == "logits" else None,
+                                                  student_bias=get("bs"), temperature=T, kind=kind, beta=beta,
+                                                  labels=labels, reduction=reduction)
+        rgrads = torch.autograd.grad(ref, [ref_in[k] for k in names], go if ref.dim() else None)
+        sl = {"Ws": slice(lo, hi), "bs": slice(lo, hi), "Wt": slice(lo, hi)}
+        rel = lambda a, b: ((a.double() - b).norm() / max(b.norm().item(), 1e-2)).item()  # noqa: E731
+        errs = {"loss": rel(out, ref.detach())}
+        for k, gr, rg in zip(names, grads, rgrads):
+            rg = rg[:, lo:hi] if k == "zt" else (rg[sl[k]] if k in sl else rg)
+            errs[k] = rel(gr, rg)
+        results.append(errs)
+    torch.save(results, os.path.join(out_dir, f"fl_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_vocab_parallel_fused_linear_kl_two_processes_match_the_unsharded_loss():
+    """Weight (and bias, teacher-logits) slices get their slice of the full gradient; the hidden
+    states, replicated, get the full gradient on every rank."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_fl_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        for rank in range(2):
+            for case, errs in zip(FL_CASES, torch.load(os.path.join(d, f"fl_rank{rank}.pt"))):
+                assert max(errs.values()) < 1e-5, (rank, case, errs)
+                assert "hs" in errs and ("ht" in errs or "zt" in errs or not case[6])

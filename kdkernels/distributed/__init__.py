@@ -3,8 +3,11 @@
 * :func:`vocab_parallel_kl`: the lm_head's vocabulary is split across ranks (tensor
   parallelism): each rank holds ``[..., V_rank]`` student and teacher logits for its slice of the
   vocabulary; the loss and gradients equal those of :func:`kdkernels.softmax_kl` on the full rows.
+* :func:`vocab_parallel_fused_linear_kl`: the same from the hidden states and each rank's slice of
+  the lm_head weights (column parallelism), as :func:`kdkernels.fused_linear_kl`: no logits tile
+  ever leaves a rank, only per-row statistics.
 """
 
-from kdkernels.distributed.vocab_parallel import vocab_parallel_kl
+from kdkernels.distributed.vocab_parallel import vocab_parallel_fused_linear_kl, vocab_parallel_kl
 
-__all__ = ["vocab_parallel_kl"]
+__all__ = ["vocab_parallel_kl", "vocab_parallel_fused_linear_kl"]

@@ -127,3 +127,110 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
         return rows.reshape(lead)
     total = rows.sum()
     return total if red == "sum" else total * scale.to(total.dtype)
+
+
+# ------------------------------------------------------------------------------ from hidden states and weight shards
+
+class _AllReduceStats:
+    """The ``merge`` of :func:`kdkernels.ops.fused_linear_kl.tiled_forward` across ``group``: the
+    online statistics of every rank's slice rescaled to the global maxima and summed."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def stats(self, kind, ma, za, mb, zb, w):
+        m = torch.stack([ma, mb])
+        gm = m.clone()
+        dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=self.group)
+        f = torch.exp(m - _safe(gm))  # 0 where this slice saw nothing (m = -inf)
+        w = w * f[1] if kind == 0 else (w * f[0] if kind == 1 else w)
+        z = torch.stack([za * f[0], zb * f[1], w])
+        dist.all_reduce(z, group=self.group)
+        return gm[0], z[0], gm[1], z[1], z[2]
+
+    def sums(self, *xs):
+        t = torch.stack(xs)
+        dist.all_reduce(t, group=self.group)
+        return t.unbind(0)
+
+
+class _VocabParallelFusedLinearKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, kw, reduction, need, group):
+        ctx.kw, ctx.reduction, ctx.need, ctx.group = kw, reduction, need, group
+        outs = _run(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, kw, need if reduction else (False,) * 7,
+                    group)
+        if reduction == 0:
+            ctx.save_for_backward(hs, Ws, bs, ht, Wt, bt, t_logits, labels)
+            return outs[0]
+        ctx.save_for_backward(*outs[1:])
+        return outs[0].sum() * grad_scale.to(outs[0].dtype)  # the gradients already carry grad_scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == 0:
+            hs, Ws, bs, ht, Wt, bt, t_logits, labels = ctx.saved_tensors
+            grads = _run(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_loss, ctx.kw, ctx.need, ctx.group)[1:]
+        else:
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None)
+
+
+def _run(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, kw, need, group):
+    """The tile loop on this rank's slice with the statistics merged across ranks; the hidden
+    states' gradients summed across ranks (each rank's slice contributes to them)."""
+    from kdkernels.ops.fused_linear_kl import tiled_forward
+
+    outs = tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, need=need,
+                         merge=_AllReduceStats(group), **kw)
+    for i in (1, 4):  # d student_hidden, d teacher_hidden
+        if outs[i] is not None:
+            dist.all_reduce(outs[i], group=group)
+    return outs
+
+
+def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tensor,
+                                   teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
+                                   *, teacher_logits: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
+                                   teacher_bias: Optional[Tensor] = None, temperature: float = 1.0,
+                                   kind: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
+                                   ignore_index: int = -100, reduction: str = "mean", group=None) -> Tensor:
+    """:func:`kdkernels.fused_linear_kl` for an lm_head whose vocabulary is split across the ranks
+    of ``group`` (column-parallel): each rank passes the full hidden states (the same on every
+    rank) and its ``[V_rank, H]`` weight slices (and ``[V_rank]`` bias slices, or ``[..., V_rank]``
+    teacher logits), and gets the full-vocabulary loss, the same on every rank.
+
+    No logits tile leaves a rank: per row, pass 1's statistics are combined with two all-reduces
+    (maxima, then the rescaled sums), JSD adds one. Gradients: each rank gets those of its own
+    weight and bias slices; the hidden states' gradients are summed over the ranks (an all-reduce),
+    so every rank holds the full gradient of its replicated hidden states. ``labels`` only mask
+    rows (no cross-entropy term: a label's logit lives on one rank). The local work is the tiled
+    PyTorch loop of ``backend="torch"``.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_fused_linear_kl needs an initialized torch.distributed process group")
+    temperature, beta, _ = KF._validate_fused_linear(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
+        None, temperature, kind, beta, 0.0, ignore_index, reduction, "torch", allow_empty_vocab=True)
+    if labels is not None:
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError("labels must be an integer tensor or None")
+        if labels.shape != student_hidden.shape[:-1]:
+            raise ValueError(f"labels must have the hidden states' leading shape {tuple(student_hidden.shape[:-1])}, "
+                             f"got {tuple(labels.shape)}")
+    lead = student_hidden.shape[:-1]
+    flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
+    hs, ht, tl = flat(student_hidden), flat(teacher_hidden), flat(teacher_logits)
+    lab = None if labels is None else labels.reshape(-1).to(torch.int64)
+    red = "mean" if reduction == "batchmean" else reduction
+    fp64 = any(x is not None and x.dtype == torch.float64 for x in (hs, student_weight, ht, teacher_weight, tl))
+    grad_scale = KF._grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32,
+                                hs.device)
+    grad_on = torch.is_grad_enabled()
+    srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
+    need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in srcs)
+    kw = dict(temperature=temperature, kind=KF._kind_id(kind, beta), beta=beta, ignore_index=ignore_index,
+              ce_weight=0.0, kd_weight=temperature * temperature)
+    loss = _VocabParallelFusedLinearKL.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, tl,
+                                             lab, grad_scale, kw, KF.REDUCTION_IDS[red], need, group)
+    return loss.reshape(lead) if red == "none" else loss

@@ -82,11 +82,16 @@ class _Tiles:
 def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor], Wt: Optional[Tensor],
                   bt: Optional[Tensor], t_logits: Optional[Tensor], labels: Optional[Tensor], grad_scale: Tensor, *,
                   temperature: float, kind: int, beta: float, ignore_index: int, ce_weight: float,
-                  kd_weight: float, need: Tuple[bool, ...], v_tile: Optional[int] = None) -> List[Optional[Tensor]]:
+                  kd_weight: float, need: Tuple[bool, ...], v_tile: Optional[int] = None,
+                  merge=None) -> List[Optional[Tensor]]:
     """Loss rows and the requested gradients, pre-multiplied by ``grad_scale`` (a scalar, or one
     value per row). ``hs [N, H]``, ``Ws [V, H]``, ``bs [V]``; teacher ``ht [N, Ht]``, ``Wt [V, Ht]``,
     ``bt [V]`` or ``t_logits [N, V]``. ``need`` = which of (hs, Ws, bs, ht, Wt, bt, t_logits) get a
     gradient. Returns [loss_rows, d_hs, d_Ws, d_bs, d_ht, d_Wt, d_bt, d_tlogits] (None where not needed).
+
+    ``merge``: for a vocabulary split across processes (kdkernels.distributed), an object whose
+    ``stats(kind, ma, za, mb, zb, w)`` combines the per-row statistics of pass 1 over all slices
+    and whose ``sums(K1, K2)`` adds the JSD sums; the gradients stay those of this slice.
     """
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
     v_tile = V_TILE if v_tile is None else v_tile
@@ -106,7 +111,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     else:
         keep = torch.arange(N, device=dev)
     n = keep.numel()
-    if n == 0 or V == 0:
+    if n == 0 or (V == 0 and merge is None):  # an empty slice still takes part in the merge
         return _finish(outs, acc_grads, sources)
     sel = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
     hs_k, ht_k, tl_k = sel(hs), sel(ht), sel(t_logits)
@@ -155,6 +160,8 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
                     picked = zs.gather(1, idx[:, None]).squeeze(1)
                     s_label[rb] = torch.where(inside, picked, s_label[rb])
 
+    if merge is not None:
+        ma, za, mb, zb, w = merge.stats(kind, ma, za, mb, zb, w)
     lse_a = _safe(ma) + torch.log(za)
     lse_b = _safe(mb) + torch.log(zb)
     lse_c = (_safe(mc) + torch.log(zc)) if ce_sep else lse_a * temperature  # lse(z_s) at T = 1
@@ -176,6 +183,8 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
                 lm = torch.where(lps == lpt, lps, torch.logaddexp(lpt + lb, lps + l1b))
                 K1[rb] += _xlogy_ratio(lps.exp(), lps - lm).sum(1)
                 K2[rb] += _xlogy_ratio(lpt.exp(), lpt - lm).sum(1)
+        if merge is not None:
+            K1, K2 = merge.sums(K1, K2)
         D = beta * K2 + (1.0 - beta) * K1
     rows = kd_weight * D
     if ce:
