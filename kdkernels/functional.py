@@ -12,7 +12,8 @@ from torch import Tensor
 from kdkernels import _backend, _ext, reference
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
-__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "available_backends"]
+__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "info_nce",
+           "similarity_kd", "available_backends"]
 
 available_backends = _backend.available_backends
 
@@ -471,3 +472,208 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     loss = FusedLinearTopkKL.apply(hs, student_weight, student_bias, vals, idx, lab, grad_scale, tail == "uniform",
                                    temperature, ignore_index, REDUCTION_IDS[red], need)
     return loss.reshape(lead) if red == "none" else loss
+
+
+# ------------------------------------------------------------------------------ similarity losses
+
+def _check_embeddings(name: str, x, D: Optional[int] = None) -> None:
+    _check_float(name, x, 2)
+    if D is not None and x.shape[1] != D:
+        raise ValueError(f"{name} must be [N, {D}], got {tuple(x.shape)}")
+
+
+def _similarity_backend(backend: str, op: str) -> str:
+    if backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"{op}(backend={backend!r}): this release computes {op} as tiles of ATen matmuls "
+                         "('torch', any device); use backend='auto' or 'torch'")
+    return "torch"
+
+
+class _InfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, log_scale, bias, labels, grad_scale, sigmoid, symmetric, reduction, need):
+        from kdkernels.ops.similarity import info_nce_tiled
+
+        ctx.kw = dict(sigmoid=sigmoid, symmetric=symmetric, need=need)
+        ctx.reduction = reduction
+        outs = info_nce_tiled(a, b, log_scale, bias, labels, grad_scale,
+                              **{**ctx.kw, "need": need if reduction else (False,) * 4})
+        if reduction == 0:
+            ctx.save_for_backward(a, b, log_scale, bias, labels)
+            return outs[0]
+        ctx.save_for_backward(*outs[1:])
+        return outs[0].sum() * grad_scale.to(outs[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from kdkernels.ops.similarity import info_nce_tiled
+
+        if ctx.reduction == 0:
+            a, b, log_scale, bias, labels = ctx.saved_tensors
+            grads = info_nce_tiled(a, b, log_scale, bias, labels, grad_loss, **ctx.kw)[1:]
+        else:
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None)
+
+
+def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit_scale: Optional[Tensor] = None,
+             logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None, symmetric: bool = True,
+             kind: str = "softmax", reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""Contrastive loss on ``S = scale · a bᵀ`` without forming ``S``.
+
+    ``kind="softmax"`` (InfoNCE / CLIP): row i of ``a`` matches row ``labels[i]`` of ``b`` (default
+    i); its loss is the cross-entropy of row i of S with target ``labels[i]``; with ``symmetric``
+    it is averaged with the cross-entropy of column ``labels[i]`` with target i (CLIP's two
+    directions). ``kind="sigmoid"`` (SigLIP): ``Σ_j −log σ(z_ij (S_ij + logit_bias))`` with
+    ``z = +1`` for the matching pair and ``−1`` otherwise (``symmetric`` does not apply).
+
+    Args:
+        a: ``[N_a, D]``; b: ``[N_b, D]`` (``N_b ≥ N_a`` without labels). Any float dtype; the
+            products accumulate in float32 (float64 for float64 inputs).
+        temperature: ``scale = 1 / temperature``; or ``logit_scale``: a 0-d tensor holding
+            ``log(scale)`` (as CLIP stores it), which gets a gradient when it requires one.
+        logit_bias: a 0-d tensor (``kind="sigmoid"`` only), with gradient.
+        labels: int ``[N_a]`` in ``[0, N_b)``, or None.
+        reduction: ``"mean"`` over rows of ``a``, ``"sum"``, or ``"none"`` (``[N_a]``).
+        backend: ``"auto"`` or ``"torch"`` (tiles of ATen matmuls, any device).
+
+    Memory beyond the inputs and their gradients: O(N) statistics and fixed-size tiles of S.
+    """
+    _check_embeddings("a", a)
+    _check_embeddings("b", b, a.shape[1])
+    if kind not in ("softmax", "sigmoid"):
+        raise ValueError(f"kind must be 'softmax' or 'sigmoid', got {kind!r}")
+    if (temperature is None) == (logit_scale is None):
+        raise ValueError("give exactly one of temperature (scale = 1 / temperature) and logit_scale "
+                         "(a 0-d tensor holding log(scale))")
+    if temperature is not None:
+        temperature = _check_scalar("temperature", temperature, 0.0, math.inf, lo_open=True)
+    if logit_scale is not None and (not isinstance(logit_scale, Tensor) or logit_scale.numel() != 1):
+        raise TypeError("logit_scale must be a one-element tensor holding log(scale)")
+    if logit_bias is not None:
+        if kind != "sigmoid":
+            raise ValueError("logit_bias is only used by kind='sigmoid' (it cancels in a softmax)")
+        if not isinstance(logit_bias, Tensor) or logit_bias.numel() != 1:
+            raise TypeError("logit_bias must be a one-element tensor")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    na, nb = a.shape[0], b.shape[0]
+    if labels is None:
+        if nb < na:
+            raise ValueError(f"without labels row i of a matches row i of b: b needs at least N_a = {na} rows, "
+                             f"got {nb}")
+        lab = torch.arange(na, device=a.device)
+    else:
+        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise TypeError("labels must be an integer tensor")
+        if labels.shape != (na,):
+            raise ValueError(f"labels must be [N_a] = [{na}], got {tuple(labels.shape)}")
+        lab = labels.to(torch.int64)
+        if na and not torch.compiler.is_compiling() and bool(((lab < 0) | (lab >= nb)).any()):
+            raise ValueError(f"labels must be in [0, N_b = {nb})")
+    devs = {x.device for x in (a, b, logit_scale, logit_bias, labels) if isinstance(x, Tensor)}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    _similarity_backend(backend, "info_nce")
+    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    log_scale = logit_scale.reshape(()) if logit_scale is not None else \
+        torch.tensor(-math.log(temperature), dtype=acc, device=a.device)
+    bias = None if logit_bias is None else logit_bias.reshape(())
+    red = REDUCTION_IDS[reduction]
+    grad_scale = torch.full((), 1.0 / max(na, 1) if reduction == "mean" else 1.0, dtype=acc, device=a.device)
+    on = torch.is_grad_enabled()
+    need = tuple(bool(on and x is not None and x.requires_grad) for x in (a, b, log_scale, bias))
+    out = _InfoNCE.apply(a, b, log_scale, bias, lab, grad_scale, kind == "sigmoid", bool(symmetric), red, need)
+    return out
+
+
+class _SimilarityKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sa, sb, ta, tb, grad_scale, kw, reduction, need):
+        from kdkernels.ops.similarity import similarity_kd_tiled
+
+        ctx.kw, ctx.reduction, ctx.need = kw, reduction, need
+        outs = similarity_kd_tiled(sa, ta, sb, tb, grad_scale, need=need if reduction else (False, False), **kw)
+        if reduction == 0:
+            ctx.save_for_backward(sa, sb, ta, tb)
+            return outs[0]
+        ctx.save_for_backward(*outs[1:])
+        return outs[0].sum() * grad_scale.to(outs[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        from kdkernels.ops.similarity import similarity_kd_tiled
+
+        if ctx.reduction == 0:
+            sa, sb, ta, tb = ctx.saved_tensors
+            grads = similarity_kd_tiled(sa, ta, sb, tb, grad_loss, need=ctx.need, **ctx.kw)[1:]
+        else:
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None, None)
+
+
+def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tensor] = None,
+                  teacher_b: Optional[Tensor] = None, *, temperature: float = 1.0,
+                  student_temperature: Optional[float] = None, kind: str = "forward", beta: float = 0.5,
+                  normalize: bool = True, symmetric: bool = True, reduction: str = "mean",
+                  backend: str = "auto") -> Tensor:
+    r"""Relational distillation: the student's similarity rows pulled to the teacher's.
+
+    The teacher's ``S_t = a_t b_tᵀ / temperature`` and the student's ``S_s = a_s b_sᵀ /
+    student_temperature`` (self-similarity ``a aᵀ`` without its diagonal when the ``*_b`` are None;
+    cross-modal, e.g. image-text, when given) are turned into row-wise softmaxes and compared with
+    ``D(teacher row, student row)`` (``kind`` as in :func:`softmax_kl`); with ``b`` given and
+    ``symmetric``, averaged with the same over columns. Neither matrix is ever formed.
+
+    Args:
+        student_a: ``[N, Ds]``; teacher_a: ``[N, Dt]`` (the dims may differ); student_b, teacher_b:
+            ``[N, Ds]``, ``[N, Dt]`` or None.
+        temperature: the teacher's; student_temperature: the student's (default: the same).
+        normalize: L2-normalize every embedding first (cosine similarities).
+        reduction: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (``[N]``).
+        backend: ``"auto"`` or ``"torch"`` (tiles of ATen matmuls, any device).
+
+    Gradients go to the student's embeddings; the teacher's are constants.
+    """
+    _check_embeddings("student_a", student_a)
+    _check_embeddings("teacher_a", teacher_a)
+    n = student_a.shape[0]
+    if teacher_a.shape[0] != n:
+        raise ValueError(f"student_a and teacher_a must have the same rows, got {tuple(student_a.shape)} and "
+                         f"{tuple(teacher_a.shape)}")
+    if (student_b is None) != (teacher_b is None):
+        raise ValueError("give both student_b and teacher_b (cross similarity) or neither (self-similarity)")
+    if student_b is not None:
+        _check_embeddings("student_b", student_b, student_a.shape[1])
+        _check_embeddings("teacher_b", teacher_b, teacher_a.shape[1])
+        if teacher_b.shape[0] != student_b.shape[0]:
+            raise ValueError(f"student_b and teacher_b must have the same rows, got {tuple(student_b.shape)} and "
+                             f"{tuple(teacher_b.shape)}")
+        if symmetric and student_b.shape[0] != n:
+            raise ValueError(f"symmetric=True averages rows and columns pair by pair: a and b need the same number "
+                             f"of rows, got {n} and {student_b.shape[0]}")
+    temperature = _check_scalar("temperature", temperature, 0.0, math.inf, lo_open=True)
+    ts = temperature if student_temperature is None else \
+        _check_scalar("student_temperature", student_temperature, 0.0, math.inf, lo_open=True)
+    if kind not in KIND_IDS:
+        raise ValueError(f"kind must be one of {tuple(KIND_IDS)}, got {kind!r}")
+    beta = _check_scalar("beta", beta, 0.0, 1.0)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    devs = {x.device for x in (student_a, teacher_a, student_b, teacher_b) if x is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    _similarity_backend(backend, "similarity_kd")
+    prep = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if normalize else (lambda x: x)  # noqa: E731
+    sa, sb = prep(student_a), None if student_b is None else prep(student_b)
+    with torch.no_grad():
+        ta, tb = prep(teacher_a), None if teacher_b is None else prep(teacher_b)
+    acc = torch.float64 if torch.float64 in (student_a.dtype, teacher_a.dtype) else torch.float32
+    grad_scale = torch.full((), 1.0 / max(n, 1) if reduction == "mean" else 1.0, dtype=acc, device=sa.device)
+    on = torch.is_grad_enabled()
+    need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb))
+    kw = dict(inv_ts=1.0 / ts, inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta,
+              symmetric=bool(symmetric))
+    return _SimilarityKD.apply(sa, sb, ta, tb, grad_scale, kw, REDUCTION_IDS[reduction], need)

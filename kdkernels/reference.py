@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div", "linear_logits",
-           "fused_linear_kl", "topk_teacher_log_probs", "topk_kl"]
+           "fused_linear_kl", "topk_teacher_log_probs", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd"]
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -191,3 +191,77 @@ def fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, te
     return topk_kl(linear_logits(student_hidden, student_weight, student_bias), teacher_topk_values,
                    teacher_topk_indices, values=values, tail=tail, temperature=temperature, labels=labels,
                    ignore_index=ignore_index, reduction=reduction)
+
+
+# ------------------------------------------------------------------------------ similarity losses
+
+def similarity_scale(temperature=None, logit_scale=None):
+    """The multiplier of ``a·bᵀ``: ``exp(logit_scale)`` (CLIP stores the log of its scale, a
+    learnable scalar) or ``1 / temperature``."""
+    if logit_scale is not None:
+        return logit_scale.exp()
+    return 1.0 / temperature
+
+
+def info_nce(a, b, *, temperature=None, logit_scale=None, logit_bias=None, labels=None, symmetric=True,
+             kind="softmax", reduction="mean"):
+    """Reference for :func:`kdkernels.info_nce`, on the materialized ``S = scale a bᵀ (+ bias)``.
+
+    ``kind="softmax"``: row i of ``a`` matches row ``labels[i]`` of ``b`` (default i); its loss is
+    the cross-entropy of row i of S with target ``labels[i]``, averaged with (``symmetric``) the
+    cross-entropy of column ``labels[i]`` with target i (CLIP's image→text and text→image losses).
+    ``kind="sigmoid"`` (SigLIP): ``sum_j -log σ(z_ij S_ij)`` with ``z_ij = +1`` for the matching
+    pair and ``-1`` otherwise. Per-row values ``[N_a]``, then ``reduction`` over rows.
+    """
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    scale = similarity_scale(temperature, logit_scale)
+    if isinstance(scale, torch.Tensor):
+        scale = scale.to(dtype)
+    S = (a.to(dtype) @ b.to(dtype).t()) * scale
+    n = a.shape[0]
+    lab = torch.arange(n, device=a.device) if labels is None else labels.long()
+    rows_idx = torch.arange(n, device=a.device)
+    if kind == "sigmoid":
+        if logit_bias is not None:
+            S = S + logit_bias.to(dtype)
+        z = -torch.ones_like(S)
+        z[rows_idx, lab] = 1.0
+        rows = -F.logsigmoid(z * S).sum(1)
+    else:
+        pos = S[rows_idx, lab]
+        rows = torch.logsumexp(S, 1) - pos
+        if symmetric:
+            rows = 0.5 * (rows + torch.logsumexp(S, 0)[lab] - pos)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.mean()
+
+
+def similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temperature=1.0, student_temperature=None,
+                  kind="forward", beta=0.5, normalize=True, symmetric=True, reduction="mean"):
+    """Reference for :func:`kdkernels.similarity_kd`: the teacher's and the student's similarity
+    matrices (``a aᵀ`` without its diagonal when ``*_b`` is None, else ``a bᵀ``), rows turned into
+    distributions by softmaxes at their temperatures, ``D(teacher row, student row)`` per row;
+    with ``b`` given and ``symmetric``, averaged with the same over columns. Embeddings are
+    L2-normalized first when ``normalize``."""
+    dtype = torch.promote_types(torch.promote_types(student_a.dtype, teacher_a.dtype), torch.float32)
+    Ts = temperature if student_temperature is None else student_temperature
+    prep = (lambda x: F.normalize(x.to(dtype), dim=-1)) if normalize else (lambda x: x.to(dtype))
+    sa, ta = prep(student_a), prep(teacher_a)
+    self_sim = student_b is None
+    sb, tb = (sa, ta) if self_sim else (prep(student_b), prep(teacher_b))
+    Ss, St = (sa @ sb.t()) / Ts, (ta @ tb.t()) / temperature
+    n = Ss.shape[0]
+    if self_sim:
+        if n < 2:
+            rows = Ss.new_zeros(n) + 0.0 * Ss.sum()
+            return rows if reduction == "none" else rows.sum()
+        eye = torch.eye(n, dtype=torch.bool, device=Ss.device)
+        Ss, St = Ss.masked_fill(eye, -math.inf), St.masked_fill(eye, -math.inf)
+    rows = kl_rows(torch.log_softmax(Ss, 1), torch.log_softmax(St, 1), kind, beta)
+    if symmetric and not self_sim:
+        cols = kl_rows(torch.log_softmax(Ss, 0).t(), torch.log_softmax(St, 0).t(), kind, beta)
+        rows = 0.5 * (rows + cols)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.mean()

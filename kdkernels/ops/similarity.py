@@ -1,0 +1,273 @@
+"""Contrastive and relational similarity losses, tiled: ``S = scale a bᵀ`` is computed one
+``[R, C]`` tile at a time and never held whole (flash-attention style).
+
+info_nce, kind softmax (CLIP / InfoNCE). Pair i: row i of ``a`` with row ``l_i`` of ``b``.
+    pass 1  per tile: online (max, sum of exponentials) per row of S and per column of S.
+            pos_i = scale a_i . b_{l_i} is a row-wise dot, O(N D).
+    loss    row_i = lse_row_i - pos_i; symmetric: 0.5 (row_i + lse_col_{l_i} - pos_i).
+    pass 2  per tile: dS = w_r P_row + c P_col, with P the row / column softmaxes, w_r the rows'
+            weights (g, or g / 2 when symmetric) and c_j = sum over pairs with l_i = j of their
+            column weight; da += scale dS b, db += scale dSᵀ a, d log(scale) += sum dS ∘ S.
+            The positives' term -(w_r + w_c)_i at (i, l_i) is applied once, outside the tiles.
+info_nce, kind sigmoid (SigLIP): one pass. S = scale a bᵀ + bias, z = +1 at (i, l_i) else -1,
+    row_i = sum_j softplus(-z S_ij), dS = -z σ(-z S) g_i; d bias = sum dS, d log(scale) = sum dS ∘ (S - bias).
+similarity_kd: S_s = a_s b_sᵀ / T_s (student), S_t = a_t b_tᵀ / T (teacher); self-similarity
+    (b = a) drops the diagonal. Per row (and per column when symmetric) the online statistics of
+    kdkernels.ops.fused_linear_kl give D(teacher || student) of each kind; JSD takes one more pass
+    for Ks, Kt; the gradient pass forms dS_s per tile and adds dS_s b_s into d a_s and dS_sᵀ a_s into
+    d b_s. The teacher is a constant.
+
+Memory beyond the inputs and gradients: O(N) statistics and a few [R, C] tiles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+ROW_TILE = 1024
+COL_TILE = 2048
+
+
+def _safe(m: Tensor) -> Tensor:
+    return torch.where(m == -math.inf, torch.zeros_like(m), m)
+
+
+def _xlogy(p: Tensor, diff: Tensor) -> Tensor:
+    return torch.where(p > 0, p * diff, torch.zeros_like(p))
+
+
+def _tiles(n: int, size: int):
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _acc(*xs) -> torch.dtype:
+    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+class _LSE:
+    """Online log-sum-exp of the rows of a matrix seen in column tiles."""
+
+    def __init__(self, n, acc, dev):
+        self.m = torch.full((n,), -math.inf, dtype=acc, device=dev)
+        self.z = torch.zeros(n, dtype=acc, device=dev)
+
+    def update(self, sl, x):
+        m_new = torch.maximum(self.m[sl], x.max(1).values)
+        self.z[sl] = self.z[sl] * torch.exp(self.m[sl] - _safe(m_new)) + torch.exp(x - _safe(m_new)[:, None]).sum(1)
+        self.m[sl] = m_new
+
+    def lse(self):
+        return _safe(self.m) + torch.log(self.z)
+
+
+class _Divergence:
+    """Per-row D(teacher || student) of ``kind`` over logits seen in column tiles: pass 1 is
+    :meth:`update`, then :meth:`finish`; JSD also needs :meth:`update_jsd` over every tile before
+    :meth:`finish_jsd`; then :meth:`grad` gives dD/d(student logits) of a tile."""
+
+    def __init__(self, n, kind, beta, acc, dev):
+        self.kind, self.beta = kind, beta
+        self.a, self.b = _LSE(n, acc, dev), _LSE(n, acc, dev)
+        self.w = torch.zeros(n, dtype=acc, device=dev)
+        self.K1 = torch.zeros(n, dtype=acc, device=dev)
+        self.K2 = torch.zeros(n, dtype=acc, device=dev)
+
+    def update(self, sl, a, b):
+        ma, mb = self.a.m[sl], self.b.m[sl]
+        ma_n = torch.maximum(ma, a.max(1).values)
+        mb_n = torch.maximum(mb, b.max(1).values)
+        if self.kind == 0:    # sum e^(b - mb) (b - a)
+            f = torch.exp(mb - _safe(mb_n))
+            self.w[sl] = self.w[sl] * f + _xlogy(torch.exp(b - _safe(mb_n)[:, None]), b - a).sum(1)
+        elif self.kind == 1:  # sum e^(a - ma) (a - b)
+            f = torch.exp(ma - _safe(ma_n))
+            self.w[sl] = self.w[sl] * f + _xlogy(torch.exp(a - _safe(ma_n)[:, None]), a - b).sum(1)
+        self.a.update(sl, a)
+        self.b.update(sl, b)
+
+    def finish(self):
+        self.lse_a, self.lse_b = self.a.lse(), self.b.lse()
+        if self.kind == 0:
+            self.D = self.w / self.b.z - self.lse_b + self.lse_a
+        elif self.kind == 1:
+            self.D = self.w / self.a.z - self.lse_a + self.lse_b
+
+    def _logs(self, sl, a, b):
+        lps, lpt = a - self.lse_a[sl, None], b - self.lse_b[sl, None]
+        return lps, lpt, lps.exp(), lpt.exp()
+
+    def _log_m(self, lps, lpt):
+        return torch.where(lps == lpt, lps, torch.logaddexp(lpt + math.log(self.beta), lps + math.log1p(-self.beta)))
+
+    def update_jsd(self, sl, a, b):
+        lps, lpt, ps, pt = self._logs(sl, a, b)
+        lm = self._log_m(lps, lpt)
+        self.K1[sl] += _xlogy(ps, lps - lm).sum(1)
+        self.K2[sl] += _xlogy(pt, lpt - lm).sum(1)
+
+    def finish_jsd(self):
+        self.D = self.beta * self.K2 + (1.0 - self.beta) * self.K1
+
+    def grad(self, sl, a, b):
+        lps, lpt, ps, pt = self._logs(sl, a, b)
+        if self.kind == 0:
+            return ps - pt
+        if self.kind == 1:
+            return _xlogy(ps, lps - lpt - self.D[sl, None])
+        return (1.0 - self.beta) * _xlogy(ps, lps - self._log_m(lps, lpt) - self.K1[sl, None])
+
+
+# ------------------------------------------------------------------------------ info_nce
+
+def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tensor], labels: Tensor,
+                   grad_scale: Tensor, *, sigmoid: bool, symmetric: bool, need, row_tile=None,
+                   col_tile=None) -> List[Optional[Tensor]]:
+    """[rows, d a, d b, d log_scale, d bias] (None where not needed). ``log_scale``: a 0-d tensor
+    (the log of the multiplier); ``bias``: a 0-d tensor or None; ``labels``: int64 [N_a];
+    ``grad_scale``: a scalar or one value per row; ``need`` = (a, b, log_scale, bias)."""
+    acc = _acc(a, b)
+    dev = a.device
+    na, nb = a.shape[0], b.shape[0]
+    A, B = a.to(acc), b.to(acc)
+    scale = log_scale.to(acc).exp()
+    bias_v = bias.to(acc) if bias is not None else None
+    rt, ct = _tiles(na, row_tile or ROW_TILE), _tiles(nb, col_tile or COL_TILE)
+    g = grad_scale.to(acc).reshape(-1).expand(na)
+    da = torch.zeros_like(A) if need[0] else None
+    db = torch.zeros_like(B) if need[1] else None
+    d_ls = torch.zeros((), dtype=acc, device=dev) if need[2] else None
+    d_bias = torch.zeros((), dtype=acc, device=dev) if (need[3] and bias is not None) else None
+    any_grad = any(x is not None for x in (da, db, d_ls, d_bias))
+
+    def tile(ri, ci):
+        s = (A[ri] @ B[ci].t()) * scale
+        return s + bias_v if bias_v is not None else s
+
+    def add_grads(ri, ci, dS, S_minus_bias):
+        # S = scale a bᵀ (+ bias): dA = scale dS B, dB = scale dSᵀ A, d log(scale) = sum dS (S - bias)
+        if da is not None:
+            da[ri] += (dS @ B[ci]) * scale
+        if db is not None:
+            db[ci] += (dS.t() @ A[ri]) * scale
+        if d_ls is not None:
+            d_ls.add_((dS * S_minus_bias).sum())
+
+    if sigmoid:
+        rows = torch.zeros(na, dtype=acc, device=dev)
+        for ri in rt:
+            pos_col = labels[ri]
+            for ci in ct:
+                S = tile(ri, ci)
+                z = -torch.ones_like(S)
+                hit = ((pos_col >= ci.start) & (pos_col < ci.stop)).nonzero().squeeze(1)
+                z[hit, pos_col[hit] - ci.start] = 1.0
+                rows[ri] += torch.nn.functional.softplus(-z * S).sum(1)
+                if any_grad:
+                    dS = -z * torch.sigmoid(-z * S) * g[ri, None]
+                    if d_bias is not None:
+                        d_bias.add_(dS.sum())
+                    add_grads(ri, ci, dS, S - bias_v if bias_v is not None else S)
+        return [rows, da, db, d_ls, d_bias]
+
+    # softmax: pass 1
+    row_lse, col_lse = _LSE(na, acc, dev), _LSE(nb, acc, dev)
+    for ri in rt:
+        for ci in ct:
+            S = tile(ri, ci)
+            row_lse.update(ri, S)
+            if symmetric:
+                col_lse.update(ci, S.t())
+    lse_r = row_lse.lse()
+    pos = (A * B[labels]).sum(1) * scale
+    rows = lse_r - pos
+    lse_c = col_lse.lse() if symmetric else None
+    if symmetric:
+        rows = 0.5 * (rows + lse_c[labels] - pos)
+    if any_grad:
+        w = g * (0.5 if symmetric else 1.0)
+        c = torch.zeros(nb, dtype=acc, device=dev).index_add_(0, labels, w) if symmetric else None
+        for ri in rt:
+            for ci in ct:
+                S = tile(ri, ci)
+                dS = torch.exp(S - lse_r[ri, None]) * w[ri, None]
+                if symmetric:
+                    dS += torch.exp(S - lse_c[None, ci]) * c[None, ci]
+                add_grads(ri, ci, dS, S)
+        # the positives: -(w_row + w_col) at (i, l_i)
+        wp = -(w * (2.0 if symmetric else 1.0))
+        if da is not None:
+            da += (wp * scale)[:, None] * B[labels]
+        if db is not None:
+            db.index_add_(0, labels, (wp * scale)[:, None] * A)
+        if d_ls is not None:
+            d_ls.add_((wp * pos).sum())
+    return [rows, da, db, d_ls, d_bias]
+
+
+# ------------------------------------------------------------------------------ similarity_kd
+
+def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
+                        inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
+                        row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
+    """[rows, d sa, d sb]: per-row D(teacher || student) of the similarity rows (averaged with the
+    columns' when ``symmetric`` and b is given); ``sb``/``tb`` None means self-similarity without
+    the diagonal. ``need`` = (sa, sb). Embeddings are used as given (normalize before)."""
+    acc = _acc(sa, sb)
+    dev = sa.device
+    self_sim = sb is None
+    SA, TA = sa.to(acc), ta.to(acc)
+    SB, TB = (SA, TA) if self_sim else (sb.to(acc), tb.to(acc))
+    na, nb = SA.shape[0], SB.shape[0]
+    both = symmetric and not self_sim
+    rt, ct = _tiles(na, row_tile or ROW_TILE), _tiles(nb, col_tile or COL_TILE)
+    g = grad_scale.to(acc).reshape(-1).expand(na)
+    dsa = torch.zeros_like(SA) if need[0] or (self_sim and need[1]) else None
+    dsb = torch.zeros_like(SB) if (need[1] and not self_sim) else None
+
+    def tile(ri, ci):
+        s, t = (SA[ri] @ SB[ci].t()) * inv_ts, (TA[ri] @ TB[ci].t()) * inv_t
+        if self_sim and ri.start < ci.stop and ci.start < ri.stop:  # the diagonal crosses this tile
+            r = torch.arange(ri.start, ri.stop, device=dev)
+            inside = (r >= ci.start) & (r < ci.stop)
+            s[inside.nonzero().squeeze(1), r[inside] - ci.start] = -math.inf
+            t[inside.nonzero().squeeze(1), r[inside] - ci.start] = -math.inf
+        return s, t
+
+    rows_d = _Divergence(na, kind, beta, acc, dev)
+    cols_d = _Divergence(nb, kind, beta, acc, dev) if both else None
+    passes = [lambda d, sl, s, t: d.update(sl, s, t)]
+    if kind == 2:
+        passes.append(lambda d, sl, s, t: d.update_jsd(sl, s, t))
+    for p, fn in enumerate(passes):
+        for ri in rt:
+            for ci in ct:
+                s, t = tile(ri, ci)
+                fn(rows_d, ri, s, t)
+                if both:
+                    fn(cols_d, ci, s.t(), t.t())
+        for d in (rows_d, cols_d):
+            if d is not None:
+                d.finish() if p == 0 else d.finish_jsd()
+    if self_sim and na < 2:
+        rows_d.D = torch.zeros(na, dtype=acc, device=dev)
+    rows = 0.5 * (rows_d.D + cols_d.D) if both else rows_d.D
+    if (dsa is not None or dsb is not None) and not (self_sim and na < 2):
+        w = g * (0.5 if both else 1.0) * inv_ts
+        wc = torch.zeros(nb, dtype=acc, device=dev) + (0.5 * inv_ts * g if both else 0.0)
+        for ri in rt:
+            for ci in ct:
+                s, t = tile(ri, ci)
+                dS = rows_d.grad(ri, s, t) * w[ri, None]
+                if both:
+                    dS += cols_d.grad(ci, s.t(), t.t()).t() * wc[None, ci]
+                if dsa is not None:
+                    dsa[ri] += dS @ SB[ci]
+                if self_sim:
+                    dsa[ci] += dS.t() @ SA[ri]
+                elif dsb is not None:
+                    dsb[ci] += dS.t() @ SA[ri]
+    return [rows, dsa if need[0] or self_sim else None, dsb]
