@@ -10,7 +10,7 @@ from torch import Tensor
 from kdkernels import functional as KF
 
 __all__ = ["SoftmaxKL", "DistillationLoss", "FusedLinearDistillationLoss", "TopkKLLoss", "FusedLinearTopkKLLoss",
-           "KLDivLoss"]
+           "InfoNCELoss", "ClipLoss", "SimilarityKDLoss", "KLDivLoss"]
 
 
 class SoftmaxKL(torch.nn.Module):
@@ -112,6 +112,63 @@ class FusedLinearTopkKLLoss(TopkKLLoss):
                                        student_bias=student_bias, values=self.values, tail=self.tail,
                                        temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
                                        reduction=self.reduction, backend=self.backend)
+
+
+class InfoNCELoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.info_nce` with a fixed temperature (or a fixed
+    ``logit_scale`` given per call): ``InfoNCELoss(temperature=0.1)(a, b)``."""
+
+    def __init__(self, temperature: Optional[float] = None, symmetric: bool = True, kind: str = "softmax",
+                 reduction: str = "mean", backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.symmetric, self.kind = temperature, symmetric, kind
+        self.reduction, self.backend = reduction, backend
+
+    def forward(self, a: Tensor, b: Tensor, labels: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
+                logit_bias: Optional[Tensor] = None) -> Tensor:
+        return KF.info_nce(a, b, temperature=self.temperature if logit_scale is None else None,
+                           logit_scale=logit_scale, logit_bias=logit_bias, labels=labels, symmetric=self.symmetric,
+                           kind=self.kind, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, kind={self.kind!r}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+class ClipLoss(InfoNCELoss):
+    """CLIP's symmetric contrastive loss: ``ClipLoss()(image_features, text_features, logit_scale)``
+    with ``logit_scale`` the learnable log of the scale (CLIP's parameter, before ``.exp()``);
+    ``kind="sigmoid"`` takes ``logit_bias`` too (SigLIP). Features are used as given (CLIP
+    normalizes them in the model)."""
+
+    def __init__(self, kind: str = "softmax", reduction: str = "mean", backend: str = "auto"):
+        super().__init__(None, True, kind, reduction, backend)
+
+    def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
+                logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
+        return super().forward(image_features, text_features, labels, logit_scale, logit_bias)
+
+
+class SimilarityKDLoss(torch.nn.Module):
+    """Module form of :func:`kdkernels.similarity_kd` (relational distillation of similarity rows)."""
+
+    def __init__(self, temperature: float = 1.0, student_temperature: Optional[float] = None, kind: str = "forward",
+                 beta: float = 0.5, normalize: bool = True, symmetric: bool = True, reduction: str = "mean",
+                 backend: str = "auto"):
+        super().__init__()
+        self.temperature, self.student_temperature, self.kind, self.beta = temperature, student_temperature, kind, beta
+        self.normalize, self.symmetric, self.reduction, self.backend = normalize, symmetric, reduction, backend
+
+    def forward(self, student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tensor] = None,
+                teacher_b: Optional[Tensor] = None) -> Tensor:
+        return KF.similarity_kd(student_a, teacher_a, student_b, teacher_b, temperature=self.temperature,
+                                student_temperature=self.student_temperature, kind=self.kind, beta=self.beta,
+                                normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
+                                backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, student_temperature={self.student_temperature}, kind={self.kind!r}, "
+                f"normalize={self.normalize}, symmetric={self.symmetric}, reduction={self.reduction!r}")
 
 
 class KLDivLoss(torch.nn.KLDivLoss):
