@@ -39,6 +39,22 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
                                                        bool uniform_tail, double temperature, int64_t ignore_index,
                                                        bool need_grad);
 
+// The per-tile sweeps of the similarity losses (csrc/cpu/similarity.cpp; the tile loop is in
+// kdkernels/ops/similarity.py). Tiles are contiguous [R, C] float or double; statistics 1-D, updated in place.
+void sim_rows_lse(const at::Tensor& S, at::Tensor& m, at::Tensor& z);
+void sim_cols_lse(const at::Tensor& S, at::Tensor& m, at::Tensor& z);
+double sim_softmax_grad(at::Tensor& S, const at::Tensor& lse_r, const at::Tensor& w_r,
+                        const std::optional<at::Tensor>& lse_c, const std::optional<at::Tensor>& w_c);
+std::tuple<double, double> sim_sigmoid(at::Tensor& S, at::Tensor& loss, const std::optional<at::Tensor>& g,
+                                       double bias);
+void sim_rows_div(const at::Tensor& S, const at::Tensor& T, at::Tensor& ma, at::Tensor& za, at::Tensor& mb,
+                  at::Tensor& zb, at::Tensor& w, int64_t kind);
+void sim_rows_jsd(const at::Tensor& S, const at::Tensor& T, const at::Tensor& lse_a, const at::Tensor& lse_b,
+                  at::Tensor& K1, at::Tensor& K2, double beta);
+void sim_rows_grad(const at::Tensor& S, const at::Tensor& T, at::Tensor& out, const at::Tensor& lse_a,
+                   const at::Tensor& lse_b, const at::Tensor& D, const at::Tensor& Ks, const at::Tensor& w_r,
+                   int64_t kind, double beta);
+
 // Debug switch: when on, kernels allocate their outputs filled with NaN instead of uninitialized,
 // so that an element a kernel forgets to write fails the tests (kdkernels._debug.poison_outputs).
 void set_poison_outputs(bool on);

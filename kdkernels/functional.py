@@ -482,21 +482,29 @@ def _check_embeddings(name: str, x, D: Optional[int] = None) -> None:
         raise ValueError(f"{name} must be [N, {D}], got {tuple(x.shape)}")
 
 
-def _similarity_backend(backend: str, op: str) -> str:
+def _similarity_backend(backend: str, device, op: str) -> str:
+    """"cpu" (C++ sweeps per tile) or "torch" (PyTorch operations per tile, any device)."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"{op}(backend={backend!r}): this release computes {op} as tiles of ATen matmuls "
-                         "('torch', any device); use backend='auto' or 'torch'")
-    return "torch"
+    if backend in ("triton", "cuda"):
+        raise ValueError(f"{op}(backend={backend!r}): this release computes {op} as tiles of ATen matmuls with "
+                         "the element-wise work in C++ ('cpu') or PyTorch ('torch', any device); use "
+                         "backend='auto', 'cpu' or 'torch'")
+    if backend == "auto":
+        return "cpu" if device.type == "cpu" and _ext.available() else "torch"
+    if backend == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"{op}(backend='cpu') runs CPU tensors, got tensors on {device}")
+        _ext.require(f"{op}(backend='cpu')")
+    return backend
 
 
 class _InfoNCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, log_scale, bias, labels, grad_scale, sigmoid, symmetric, reduction, need):
+    def forward(ctx, a, b, log_scale, bias, labels, grad_scale, sigmoid, symmetric, reduction, need, backend):
         from kdkernels.ops.similarity import info_nce_tiled
 
-        ctx.kw = dict(sigmoid=sigmoid, symmetric=symmetric, need=need)
+        ctx.kw = dict(sigmoid=sigmoid, symmetric=symmetric, need=need, backend=backend)
         ctx.reduction = reduction
         outs = info_nce_tiled(a, b, log_scale, bias, labels, grad_scale,
                               **{**ctx.kw, "need": need if reduction else (False,) * 4})
@@ -515,7 +523,7 @@ class _InfoNCE(torch.autograd.Function):
             grads = info_nce_tiled(a, b, log_scale, bias, labels, grad_loss, **ctx.kw)[1:]
         else:
             grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit_scale: Optional[Tensor] = None,
@@ -537,7 +545,9 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
         logit_bias: a 0-d tensor (``kind="sigmoid"`` only), with gradient.
         labels: int ``[N_a]`` in ``[0, N_b)``, or None.
         reduction: ``"mean"`` over rows of ``a``, ``"sum"``, or ``"none"`` (``[N_a]``).
-        backend: ``"auto"`` or ``"torch"`` (tiles of ATen matmuls, any device).
+        backend: ``"auto"`` (``"cpu"`` for CPU tensors when the extension is built, else
+            ``"torch"``), ``"cpu"`` (ATen matmuls per tile, the element-wise work in C++ sweeps) or
+            ``"torch"`` (the same tiles in PyTorch operations, any device).
 
     Memory beyond the inputs and their gradients: O(N) statistics and fixed-size tiles of S.
     """
@@ -576,7 +586,7 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
     devs = {x.device for x in (a, b, logit_scale, logit_bias, labels) if isinstance(x, Tensor)}
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
-    _similarity_backend(backend, "info_nce")
+    backend = _similarity_backend(backend, a.device, "info_nce")
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     log_scale = logit_scale.reshape(()) if logit_scale is not None else \
         torch.tensor(-math.log(temperature), dtype=acc, device=a.device)
@@ -585,7 +595,8 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
     grad_scale = torch.full((), 1.0 / max(na, 1) if reduction == "mean" else 1.0, dtype=acc, device=a.device)
     on = torch.is_grad_enabled()
     need = tuple(bool(on and x is not None and x.requires_grad) for x in (a, b, log_scale, bias))
-    out = _InfoNCE.apply(a, b, log_scale, bias, lab, grad_scale, kind == "sigmoid", bool(symmetric), red, need)
+    out = _InfoNCE.apply(a, b, log_scale, bias, lab, grad_scale, kind == "sigmoid", bool(symmetric), red, need,
+                         backend)
     return out
 
 
@@ -633,7 +644,7 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
         temperature: the teacher's; student_temperature: the student's (default: the same).
         normalize: L2-normalize every embedding first (cosine similarities).
         reduction: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (``[N]``).
-        backend: ``"auto"`` or ``"torch"`` (tiles of ATen matmuls, any device).
+        backend: ``"auto"``, ``"cpu"`` or ``"torch"``, as in :func:`info_nce`.
 
     Gradients go to the student's embeddings; the teacher's are constants.
     """
@@ -665,7 +676,7 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     devs = {x.device for x in (student_a, teacher_a, student_b, teacher_b) if x is not None}
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
-    _similarity_backend(backend, "similarity_kd")
+    backend = _similarity_backend(backend, student_a.device, "similarity_kd")
     prep = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if normalize else (lambda x: x)  # noqa: E731
     sa, sb = prep(student_a), None if student_b is None else prep(student_b)
     with torch.no_grad():
@@ -675,5 +686,5 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     on = torch.is_grad_enabled()
     need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb))
     kw = dict(inv_ts=1.0 / ts, inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta,
-              symmetric=bool(symmetric))
+              symmetric=bool(symmetric), backend=backend)
     return _SimilarityKD.apply(sa, sb, ta, tb, grad_scale, kw, REDUCTION_IDS[reduction], need)

@@ -62,6 +62,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("uniform_tail"), py::arg("temperature"), py::arg("ignore_index"), py::arg("need_grad"),
         "Forward KL to a top-k teacher on the CPU: (loss_rows, grad_student|None).",
         py::call_guard<py::gil_scoped_release>());
+  // the similarity losses' per-tile sweeps (in place; see csrc/cpu/similarity.cpp)
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("sim_rows_lse", &kdk::sim_rows_lse, py::arg("S"), py::arg("m"), py::arg("z"), nogil);
+  m.def("sim_cols_lse", &kdk::sim_cols_lse, py::arg("S"), py::arg("m"), py::arg("z"), nogil);
+  m.def("sim_softmax_grad", &kdk::sim_softmax_grad, py::arg("S"), py::arg("lse_r"), py::arg("w_r"),
+        py::arg("lse_c"), py::arg("w_c"), nogil);
+  m.def("sim_sigmoid", &kdk::sim_sigmoid, py::arg("S"), py::arg("loss"), py::arg("g"), py::arg("bias"), nogil);
+  m.def("sim_rows_div", &kdk::sim_rows_div, py::arg("S"), py::arg("T"), py::arg("ma"), py::arg("za"),
+        py::arg("mb"), py::arg("zb"), py::arg("w"), py::arg("kind"), nogil);
+  m.def("sim_rows_jsd", &kdk::sim_rows_jsd, py::arg("S"), py::arg("T"), py::arg("lse_a"), py::arg("lse_b"),
+        py::arg("K1"), py::arg("K2"), py::arg("beta"), nogil);
+  m.def("sim_rows_grad", &kdk::sim_rows_grad, py::arg("S"), py::arg("T"), py::arg("out"), py::arg("lse_a"),
+        py::arg("lse_b"), py::arg("D"), py::arg("Ks"), py::arg("w_r"), py::arg("kind"), py::arg("beta"), nogil);
   m.def("set_poison_outputs", &kdk::set_poison_outputs, py::arg("on"),
         "Debug: allocate kernel outputs filled with NaN so that unwritten elements show.");
   m.def("cpu_simd", &kdk::cpu_simd, "SIMD instruction set the CPU kernels were compiled for.");

@@ -16,6 +16,8 @@ from kdkernels.ops import similarity as SIM
 from conftest import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+# the C++ sweeps per tile, and the same tiles in PyTorch operations
+BACKENDS = (["cpu"] if kdkernels.build_info()["extension"] else []) + ["torch"]
 
 
 def grads_vs_reference(fn, ref_fn, tensors, dtype, what, **kw):
@@ -27,7 +29,7 @@ def grads_vs_reference(fn, ref_fn, tensors, dtype, what, **kw):
     grads = torch.autograd.grad(out, leaves + extra, go)
     r_t = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
     r_kw = {k: (v.detach().double().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor)
-                and v.is_floating_point() else v) for k, v in kw.items()}
+                and v.is_floating_point() else v) for k, v in kw.items() if k != "backend"}
     ref = ref_fn(*r_t, **r_kw)
     r_leaves = [t for t in r_t if t is not None and t.requires_grad]
     r_extra = [v for v in r_kw.values() if isinstance(v, torch.Tensor) and v.requires_grad]
@@ -47,10 +49,11 @@ def emb(n, d, dtype, grad=True, scale=1.0):
 
 @pytest.mark.parametrize("N,D", [(1, 8), (3, 100), (257, 768), (4096, 8), (257, 100)])
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_info_nce_matches_reference(N, D, kind, seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_info_nce_matches_reference(backend, N, D, kind, seed):
     a, b = emb(N, D, torch.float32), emb(N, D, torch.float32)
     ls = torch.tensor(2.3, requires_grad=True)
-    kw = dict(logit_scale=ls, kind=kind)
+    kw = dict(logit_scale=ls, kind=kind, backend=backend)
     if kind == "sigmoid":
         kw["logit_bias"] = torch.tensor(-3.0, requires_grad=True)
     grads_vs_reference(kdkernels.info_nce, reference.info_nce, [a, b], torch.float32, f"seed={seed}", **kw)
@@ -59,14 +62,15 @@ def test_info_nce_matches_reference(N, D, kind, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind,symmetric", [("softmax", True), ("softmax", False), ("sigmoid", True)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_info_nce_dtypes_labels_tiles(dtype, kind, symmetric, reduction, seed, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_info_nce_dtypes_labels_tiles(backend, dtype, kind, symmetric, reduction, seed, monkeypatch):
     """Tiles of 7 x 11, more b rows than a rows, labels with repeats."""
     monkeypatch.setattr(SIM, "ROW_TILE", 7)
     monkeypatch.setattr(SIM, "COL_TILE", 11)
     a, b = emb(30, 16, dtype), emb(41, 16, dtype)
     labels = torch.randint(0, 41, (30,))
     labels[3] = labels[4]
-    kw = dict(temperature=0.1, labels=labels, symmetric=symmetric, kind=kind, reduction=reduction)
+    kw = dict(temperature=0.1, labels=labels, symmetric=symmetric, kind=kind, reduction=reduction, backend=backend)
     grads_vs_reference(kdkernels.info_nce, reference.info_nce, [a, b], dtype, f"seed={seed}", **kw)
 
 
@@ -82,13 +86,15 @@ def test_info_nce_is_clip():
 @pytest.mark.parametrize("N,Ds,Dt", [(1, 8, 8), (3, 8, 100), (257, 100, 768), (4096, 8, 8)])
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
-def test_similarity_kd_matches_reference(N, Ds, Dt, cross, kind, seed):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_kd_matches_reference(backend, N, Ds, Dt, cross, kind, seed):
     if N == 4096 and kind != "forward":
         pytest.skip("N = 4096 once per direction is enough (the float64 reference holds 4 N x N matrices)")
     sa, ta = emb(N, Ds, torch.float32, scale=3.0), emb(N, Dt, torch.float32, grad=False, scale=2.0)
     sb = emb(N, Ds, torch.float32, scale=3.0) if cross else None
     tb = emb(N, Dt, torch.float32, grad=False) if cross else None
-    kw = dict(temperature=0.2, student_temperature=0.5, kind=kind, beta=0.3, normalize=bool(seed % 2))
+    kw = dict(temperature=0.2, student_temperature=0.5, kind=kind, beta=0.3, normalize=bool(seed % 2),
+              backend=backend)
     grads_vs_reference(kdkernels.similarity_kd, reference.similarity_kd, [sa, ta, sb, tb], torch.float32,
                        f"seed={seed}", **kw)
 
@@ -96,13 +102,14 @@ def test_similarity_kd_matches_reference(N, Ds, Dt, cross, kind, seed):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cross,symmetric", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_similarity_kd_dtypes_tiles(dtype, cross, symmetric, reduction, seed, monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_similarity_kd_dtypes_tiles(backend, dtype, cross, symmetric, reduction, seed, monkeypatch):
     monkeypatch.setattr(SIM, "ROW_TILE", 5)
     monkeypatch.setattr(SIM, "COL_TILE", 8)
     n = 23
     sa, ta = emb(n, 12, dtype), emb(n, 20, dtype, grad=False)
     sb, tb = (emb(n, 12, dtype), emb(n, 20, dtype, grad=False)) if cross else (None, None)
-    kw = dict(temperature=0.3, kind="jsd", beta=0.4, symmetric=symmetric, reduction=reduction)
+    kw = dict(temperature=0.3, kind="jsd", beta=0.4, symmetric=symmetric, reduction=reduction, backend=backend)
     grads_vs_reference(kdkernels.similarity_kd, reference.similarity_kd, [sa, ta, sb, tb], dtype,
                        f"seed={seed}", **kw)
 

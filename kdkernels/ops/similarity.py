@@ -18,6 +18,10 @@ similarity_kd: S_s = a_s b_sᵀ / T_s (student), S_t = a_t b_tᵀ / T (teacher);
     d b_s. The teacher is a constant.
 
 Memory beyond the inputs and gradients: O(N) statistics and a few [R, C] tiles.
+
+Backends: ``"torch"`` does the element-wise work of each tile in PyTorch operations (any device);
+``"cpu"`` in the C++ sweeps of csrc/cpu/similarity.cpp (one pass over the tile per statistic instead
+of a dozen operations). Both take the matmuls from ATen.
 """
 
 from __future__ import annotations
@@ -60,8 +64,21 @@ class _LSE:
         self.z[sl] = self.z[sl] * torch.exp(self.m[sl] - _safe(m_new)) + torch.exp(x - _safe(m_new)[:, None]).sum(1)
         self.m[sl] = m_new
 
+    def update_cols(self, sl, x):
+        self.update(sl, x.t())
+
     def lse(self):
         return _safe(self.m) + torch.log(self.z)
+
+
+class _LSECpu(_LSE):
+    """:class:`_LSE` with the sweeps of csrc/cpu/similarity.cpp (contiguous float / double tiles)."""
+
+    def update(self, sl, x):
+        _C().sim_rows_lse(x.contiguous(), self.m[sl], self.z[sl])
+
+    def update_cols(self, sl, x):
+        _C().sim_cols_lse(x, self.m[sl], self.z[sl])
 
 
 class _Divergence:
@@ -112,31 +129,93 @@ class _Divergence:
     def finish_jsd(self):
         self.D = self.beta * self.K2 + (1.0 - self.beta) * self.K1
 
-    def grad(self, sl, a, b):
+    def grad(self, sl, a, b, w):
+        """w_r dD_r/da for the tile's rows."""
         lps, lpt, ps, pt = self._logs(sl, a, b)
         if self.kind == 0:
-            return ps - pt
-        if self.kind == 1:
-            return _xlogy(ps, lps - lpt - self.D[sl, None])
-        return (1.0 - self.beta) * _xlogy(ps, lps - self._log_m(lps, lpt) - self.K1[sl, None])
+            d = ps - pt
+        elif self.kind == 1:
+            d = _xlogy(ps, lps - lpt - self.D[sl, None])
+        else:
+            d = (1.0 - self.beta) * _xlogy(ps, lps - self._log_m(lps, lpt) - self.K1[sl, None])
+        return d * w[:, None]
+
+
+class _DivergenceCpu(_Divergence):
+    """:class:`_Divergence` with the sweeps of csrc/cpu/similarity.cpp."""
+
+    def __init__(self, n, kind, beta, acc, dev):
+        super().__init__(n, kind, beta, acc, dev)
+        self.a, self.b = _LSECpu(n, acc, dev), _LSECpu(n, acc, dev)
+
+    def update(self, sl, a, b):
+        _C().sim_rows_div(a.contiguous(), b.contiguous(), self.a.m[sl], self.a.z[sl], self.b.m[sl], self.b.z[sl],
+                          self.w[sl], self.kind)
+
+    def update_jsd(self, sl, a, b):
+        _C().sim_rows_jsd(a.contiguous(), b.contiguous(), self.lse_a[sl], self.lse_b[sl], self.K1[sl], self.K2[sl],
+                          self.beta)
+
+    def grad(self, sl, a, b, w):
+        out = torch.empty_like(a, memory_format=torch.contiguous_format)
+        D = self.D if self.kind != 2 else self.K1  # unused by JSD; any [n] vector
+        _C().sim_rows_grad(a.contiguous(), b.contiguous(), out, self.lse_a[sl], self.lse_b[sl], D[sl].contiguous(),
+                           self.K1[sl], w.contiguous(), self.kind, self.beta)
+        return out
+
+
+def _C():
+    from kdkernels import _ext
+
+    return _ext.require("the similarity losses (backend='cpu')")
+
+
+def _softmax_dS(S, lse_r, w_r, lse_c, w_c, cpu):
+    """dS = w_r exp(S - lse_r) (+ w_c exp(S - lse_c) per column), written over S; returns sum dS * S."""
+    if cpu:
+        return _C().sim_softmax_grad(S, lse_r, w_r, lse_c, w_c)
+    dS = torch.exp(S - lse_r[:, None]) * w_r[:, None]
+    if lse_c is not None:
+        dS += torch.exp(S - lse_c[None, :]) * w_c[None, :]
+    total = (dS * S).sum()
+    S.copy_(dS)
+    return total
+
+
+def _sigmoid_negatives(S, rows, g, bias, cpu):
+    """Every entry of the tile a negative pair: rows += sum softplus(S); with g, S is overwritten with
+    dS = g sigmoid(S); returns (sum dS, sum dS (S - bias))."""
+    if cpu:
+        return _C().sim_sigmoid(S, rows, g, bias)
+    rows += torch.nn.functional.softplus(S).sum(1)
+    if g is None:
+        return 0.0, 0.0
+    dS = torch.sigmoid(S) * g[:, None]
+    out = dS.sum(), (dS * (S - bias)).sum()
+    S.copy_(dS)
+    return out
 
 
 # ------------------------------------------------------------------------------ info_nce
 
 def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tensor], labels: Tensor,
-                   grad_scale: Tensor, *, sigmoid: bool, symmetric: bool, need, row_tile=None,
-                   col_tile=None) -> List[Optional[Tensor]]:
+                   grad_scale: Tensor, *, sigmoid: bool, symmetric: bool, need, backend: str = "torch",
+                   row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
     """[rows, d a, d b, d log_scale, d bias] (None where not needed). ``log_scale``: a 0-d tensor
     (the log of the multiplier); ``bias``: a 0-d tensor or None; ``labels``: int64 [N_a];
-    ``grad_scale``: a scalar or one value per row; ``need`` = (a, b, log_scale, bias)."""
+    ``grad_scale``: a scalar or one value per row; ``need`` = (a, b, log_scale, bias);
+    ``backend``: "torch" (element-wise work in PyTorch operations) or "cpu" (C++ sweeps)."""
+    cpu = backend == "cpu"
     acc = _acc(a, b)
     dev = a.device
     na, nb = a.shape[0], b.shape[0]
-    A, B = a.to(acc), b.to(acc)
-    scale = log_scale.to(acc).exp()
-    bias_v = bias.to(acc) if bias is not None else None
+    A, B = a.to(acc).contiguous(), b.to(acc).contiguous()
+    scale = log_scale.detach().to(acc).exp()
+    scale_f = float(scale)
+    bias_f = float(bias) if bias is not None else 0.0
+    As = A * scale  # S = (scale a) bᵀ: the scale applied once, to [N_a, D]
     rt, ct = _tiles(na, row_tile or ROW_TILE), _tiles(nb, col_tile or COL_TILE)
-    g = grad_scale.to(acc).reshape(-1).expand(na)
+    g = grad_scale.to(acc).reshape(-1).expand(na).contiguous()
     da = torch.zeros_like(A) if need[0] else None
     db = torch.zeros_like(B) if need[1] else None
     d_ls = torch.zeros((), dtype=acc, device=dev) if need[2] else None
@@ -144,67 +223,68 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
     any_grad = any(x is not None for x in (da, db, d_ls, d_bias))
 
     def tile(ri, ci):
-        s = (A[ri] @ B[ci].t()) * scale
-        return s + bias_v if bias_v is not None else s
+        S = As[ri] @ B[ci].t()
+        return S.add_(bias_f) if bias is not None else S
 
-    def add_grads(ri, ci, dS, S_minus_bias):
-        # S = scale a bᵀ (+ bias): dA = scale dS B, dB = scale dSᵀ A, d log(scale) = sum dS (S - bias)
+    def matmul_grads(ri, ci, dS):
+        # S = scale a bᵀ (+ bias): d a = scale dS b, d b = scale dSᵀ a
         if da is not None:
-            da[ri] += (dS @ B[ci]) * scale
+            da[ri].addmm_(dS, B[ci], alpha=scale_f)
         if db is not None:
-            db[ci] += (dS.t() @ A[ri]) * scale
-        if d_ls is not None:
-            d_ls.add_((dS * S_minus_bias).sum())
+            db[ci].addmm_(dS.t(), A[ri], alpha=scale_f)
 
+    pos = (As * B[labels]).sum(1)  # S at the positive pairs, without the bias
     if sigmoid:
+        # every pair as a negative in the tiles, then the positives corrected: for z = +1 instead of -1,
+        # softplus(-S) - softplus(S) = -S and the gradient changes by -g
         rows = torch.zeros(na, dtype=acc, device=dev)
         for ri in rt:
-            pos_col = labels[ri]
             for ci in ct:
                 S = tile(ri, ci)
-                z = -torch.ones_like(S)
-                hit = ((pos_col >= ci.start) & (pos_col < ci.stop)).nonzero().squeeze(1)
-                z[hit, pos_col[hit] - ci.start] = 1.0
-                rows[ri] += torch.nn.functional.softplus(-z * S).sum(1)
+                sum_d, sum_ds = _sigmoid_negatives(S, rows[ri], g[ri] if any_grad else None, bias_f, cpu)
                 if any_grad:
-                    dS = -z * torch.sigmoid(-z * S) * g[ri, None]
                     if d_bias is not None:
-                        d_bias.add_(dS.sum())
-                    add_grads(ri, ci, dS, S - bias_v if bias_v is not None else S)
-        return [rows, da, db, d_ls, d_bias]
-
-    # softmax: pass 1
-    row_lse, col_lse = _LSE(na, acc, dev), _LSE(nb, acc, dev)
-    for ri in rt:
-        for ci in ct:
-            S = tile(ri, ci)
-            row_lse.update(ri, S)
-            if symmetric:
-                col_lse.update(ci, S.t())
-    lse_r = row_lse.lse()
-    pos = (A * B[labels]).sum(1) * scale
-    rows = lse_r - pos
-    lse_c = col_lse.lse() if symmetric else None
-    if symmetric:
-        rows = 0.5 * (rows + lse_c[labels] - pos)
-    if any_grad:
-        w = g * (0.5 if symmetric else 1.0)
-        c = torch.zeros(nb, dtype=acc, device=dev).index_add_(0, labels, w) if symmetric else None
+                        d_bias.add_(sum_d)
+                    if d_ls is not None:
+                        d_ls.add_(sum_ds)
+                    matmul_grads(ri, ci, S)
+        rows -= pos + bias_f
+        wp = -g
+    else:
+        row_lse = (_LSECpu if cpu else _LSE)(na, acc, dev)
+        col_lse = (_LSECpu if cpu else _LSE)(nb, acc, dev)
         for ri in rt:
             for ci in ct:
                 S = tile(ri, ci)
-                dS = torch.exp(S - lse_r[ri, None]) * w[ri, None]
+                row_lse.update(ri, S)
                 if symmetric:
-                    dS += torch.exp(S - lse_c[None, ci]) * c[None, ci]
-                add_grads(ri, ci, dS, S)
-        # the positives: -(w_row + w_col) at (i, l_i)
-        wp = -(w * (2.0 if symmetric else 1.0))
+                    col_lse.update_cols(ci, S)
+        lse_r = row_lse.lse()
+        rows = lse_r - pos
+        lse_c = col_lse.lse() if symmetric else None
+        if symmetric:
+            rows = 0.5 * (rows + lse_c[labels] - pos)
+        w = g * (0.5 if symmetric else 1.0)
+        if any_grad:
+            c = torch.zeros(nb, dtype=acc, device=dev).index_add_(0, labels, w) if symmetric else None
+            for ri in rt:
+                for ci in ct:
+                    S = tile(ri, ci)
+                    total = _softmax_dS(S, lse_r[ri], w[ri], lse_c[ci] if symmetric else None,
+                                        c[ci] if symmetric else None, cpu)
+                    if d_ls is not None:
+                        d_ls.add_(total)
+                    matmul_grads(ri, ci, S)
+        wp = -(w * (2.0 if symmetric else 1.0))  # the positives: -(w_row + w_col) at (i, l_i)
+    if any_grad:
         if da is not None:
             da += (wp * scale)[:, None] * B[labels]
         if db is not None:
             db.index_add_(0, labels, (wp * scale)[:, None] * A)
         if d_ls is not None:
             d_ls.add_((wp * pos).sum())
+        if d_bias is not None:
+            d_bias.add_(wp.sum())
     return [rows, da, db, d_ls, d_bias]
 
 
@@ -212,62 +292,59 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
 
 def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
                         inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
-                        row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
+                        backend: str = "torch", row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
     """[rows, d sa, d sb]: per-row D(teacher || student) of the similarity rows (averaged with the
     columns' when ``symmetric`` and b is given); ``sb``/``tb`` None means self-similarity without
     the diagonal. ``need`` = (sa, sb). Embeddings are used as given (normalize before)."""
+    cpu = backend == "cpu"
+    Div = _DivergenceCpu if cpu else _Divergence
     acc = _acc(sa, sb)
     dev = sa.device
     self_sim = sb is None
-    SA, TA = sa.to(acc), ta.to(acc)
-    SB, TB = (SA, TA) if self_sim else (sb.to(acc), tb.to(acc))
+    SA, TA = sa.to(acc).contiguous(), ta.to(acc).contiguous()
+    SB, TB = (SA, TA) if self_sim else (sb.to(acc).contiguous(), tb.to(acc).contiguous())
+    SAs, TAs = SA * inv_ts, TA * inv_t  # the temperatures applied once, to [N, D]
     na, nb = SA.shape[0], SB.shape[0]
     both = symmetric and not self_sim
     rt, ct = _tiles(na, row_tile or ROW_TILE), _tiles(nb, col_tile or COL_TILE)
-    g = grad_scale.to(acc).reshape(-1).expand(na)
-    dsa = torch.zeros_like(SA) if need[0] or (self_sim and need[1]) else None
+    g = grad_scale.to(acc).reshape(-1).expand(na).contiguous()
+    dsa = torch.zeros_like(SA) if need[0] else None
     dsb = torch.zeros_like(SB) if (need[1] and not self_sim) else None
 
     def tile(ri, ci):
-        s, t = (SA[ri] @ SB[ci].t()) * inv_ts, (TA[ri] @ TB[ci].t()) * inv_t
+        s, t = SAs[ri] @ SB[ci].t(), TAs[ri] @ TB[ci].t()
         if self_sim and ri.start < ci.stop and ci.start < ri.stop:  # the diagonal crosses this tile
-            r = torch.arange(ri.start, ri.stop, device=dev)
-            inside = (r >= ci.start) & (r < ci.stop)
-            s[inside.nonzero().squeeze(1), r[inside] - ci.start] = -math.inf
-            t[inside.nonzero().squeeze(1), r[inside] - ci.start] = -math.inf
+            r = torch.arange(max(ri.start, ci.start), min(ri.stop, ci.stop), device=dev)
+            s[r - ri.start, r - ci.start] = -math.inf
+            t[r - ri.start, r - ci.start] = -math.inf
         return s, t
 
-    rows_d = _Divergence(na, kind, beta, acc, dev)
-    cols_d = _Divergence(nb, kind, beta, acc, dev) if both else None
-    passes = [lambda d, sl, s, t: d.update(sl, s, t)]
-    if kind == 2:
-        passes.append(lambda d, sl, s, t: d.update_jsd(sl, s, t))
-    for p, fn in enumerate(passes):
+    rows_d = Div(na, kind, beta, acc, dev)
+    cols_d = Div(nb, kind, beta, acc, dev) if both else None
+    for phase in range(2 if kind == 2 else 1):
         for ri in rt:
             for ci in ct:
                 s, t = tile(ri, ci)
-                fn(rows_d, ri, s, t)
-                if both:
-                    fn(cols_d, ci, s.t(), t.t())
+                for d, sl, x, y in ((rows_d, ri, s, t),) + (((cols_d, ci, s.t(), t.t()),) if both else ()):
+                    (d.update if phase == 0 else d.update_jsd)(sl, x, y)
         for d in (rows_d, cols_d):
             if d is not None:
-                d.finish() if p == 0 else d.finish_jsd()
+                d.finish() if phase == 0 else d.finish_jsd()
     if self_sim and na < 2:
         rows_d.D = torch.zeros(na, dtype=acc, device=dev)
     rows = 0.5 * (rows_d.D + cols_d.D) if both else rows_d.D
     if (dsa is not None or dsb is not None) and not (self_sim and na < 2):
-        w = g * (0.5 if both else 1.0) * inv_ts
-        wc = torch.zeros(nb, dtype=acc, device=dev) + (0.5 * inv_ts * g if both else 0.0)
+        w = (g * (0.5 if both else 1.0) * inv_ts).contiguous()
         for ri in rt:
             for ci in ct:
                 s, t = tile(ri, ci)
-                dS = rows_d.grad(ri, s, t) * w[ri, None]
+                dS = rows_d.grad(ri, s, t, w[ri])
                 if both:
-                    dS += cols_d.grad(ci, s.t(), t.t()).t() * wc[None, ci]
+                    dS += cols_d.grad(ci, s.t(), t.t(), w[ci]).t()
                 if dsa is not None:
-                    dsa[ri] += dS @ SB[ci]
-                if self_sim:
-                    dsa[ci] += dS.t() @ SA[ri]
-                elif dsb is not None:
-                    dsb[ci] += dS.t() @ SA[ri]
-    return [rows, dsa if need[0] or self_sim else None, dsb]
+                    dsa[ri].addmm_(dS, SB[ci])
+                    if self_sim:
+                        dsa[ci].addmm_(dS.t(), SA[ri])
+                if dsb is not None:
+                    dsb[ci].addmm_(dS.t(), SA[ri])
+    return [rows, dsa, dsb]
