@@ -602,11 +602,12 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
 
 class _SimilarityKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, sa, sb, ta, tb, grad_scale, kw, reduction, need):
+    def forward(ctx, sa, sb, ta, tb, inv_ts, grad_scale, kw, reduction, need):
         from kdkernels.ops.similarity import similarity_kd_tiled
 
+        kw = dict(kw, inv_ts=float(inv_ts))
         ctx.kw, ctx.reduction, ctx.need = kw, reduction, need
-        outs = similarity_kd_tiled(sa, ta, sb, tb, grad_scale, need=need if reduction else (False, False), **kw)
+        outs = similarity_kd_tiled(sa, ta, sb, tb, grad_scale, need=need if reduction else (False,) * 3, **kw)
         if reduction == 0:
             ctx.save_for_backward(sa, sb, ta, tb)
             return outs[0]
@@ -619,10 +620,10 @@ class _SimilarityKD(torch.autograd.Function):
 
         if ctx.reduction == 0:
             sa, sb, ta, tb = ctx.saved_tensors
-            grads = similarity_kd_tiled(sa, ta, sb, tb, grad_loss, need=ctx.need, **ctx.kw)[1:]
+            d_sa, d_sb, d_inv = similarity_kd_tiled(sa, ta, sb, tb, grad_loss, need=ctx.need, **ctx.kw)[1:]
         else:
-            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return (*grads, None, None, None, None, None, None)
+            d_sa, d_sb, d_inv = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return d_sa, d_sb, None, None, d_inv, None, None, None, None
 
 
 def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tensor] = None,
@@ -641,7 +642,8 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     Args:
         student_a: ``[N, Ds]``; teacher_a: ``[N, Dt]`` (the dims may differ); student_b, teacher_b:
             ``[N, Ds]``, ``[N, Dt]`` or None.
-        temperature: the teacher's; student_temperature: the student's (default: the same).
+        temperature: the teacher's; student_temperature: the student's (default: the same): a
+            float, or a one-element tensor that gets a gradient when it requires one.
         normalize: L2-normalize every embedding first (cosine similarities).
         reduction: ``"mean"`` over rows, ``"sum"``, or ``"none"`` (``[N]``).
         backend: ``"auto"``, ``"cpu"`` or ``"torch"``, as in :func:`info_nce`.
@@ -666,8 +668,15 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
             raise ValueError(f"symmetric=True averages rows and columns pair by pair: a and b need the same number "
                              f"of rows, got {n} and {student_b.shape[0]}")
     temperature = _check_scalar("temperature", temperature, 0.0, math.inf, lo_open=True)
-    ts = temperature if student_temperature is None else \
-        _check_scalar("student_temperature", student_temperature, 0.0, math.inf, lo_open=True)
+    if isinstance(student_temperature, Tensor):  # a learnable temperature: it gets a gradient
+        if student_temperature.numel() != 1 or not student_temperature.is_floating_point():
+            raise TypeError("student_temperature must be a float or a one-element float tensor")
+        if not torch.compiler.is_compiling() and not bool(student_temperature.detach() > 0):
+            raise ValueError(f"student_temperature must be > 0, got {float(student_temperature)}")
+        ts = student_temperature.reshape(())
+    else:
+        ts = temperature if student_temperature is None else \
+            _check_scalar("student_temperature", student_temperature, 0.0, math.inf, lo_open=True)
     if kind not in KIND_IDS:
         raise ValueError(f"kind must be one of {tuple(KIND_IDS)}, got {kind!r}")
     beta = _check_scalar("beta", beta, 0.0, 1.0)
@@ -684,7 +693,8 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     acc = torch.float64 if torch.float64 in (student_a.dtype, teacher_a.dtype) else torch.float32
     grad_scale = torch.full((), 1.0 / max(n, 1) if reduction == "mean" else 1.0, dtype=acc, device=sa.device)
     on = torch.is_grad_enabled()
-    need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb))
-    kw = dict(inv_ts=1.0 / ts, inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta,
-              symmetric=bool(symmetric), backend=backend)
-    return _SimilarityKD.apply(sa, sb, ta, tb, grad_scale, kw, REDUCTION_IDS[reduction], need)
+    inv_ts = 1.0 / ts if isinstance(ts, Tensor) else torch.tensor(1.0 / ts, dtype=acc, device=sa.device)
+    need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb, inv_ts))
+    kw = dict(inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta, symmetric=bool(symmetric),
+              backend=backend)
+    return _SimilarityKD.apply(sa, sb, ta, tb, inv_ts, grad_scale, kw, REDUCTION_IDS[reduction], need)

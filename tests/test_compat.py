@@ -287,3 +287,86 @@ def test_liger_bad_vocab():
     with pytest.raises(ValueError, match="larger than the teacher"):
         kl.LigerFusedLinearJSDLoss()(torch.randn(2, 4), torch.randn(10, 4), torch.randn(2, 4), torch.randn(9, 4),
                                      torch.zeros(2, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ open_clip
+
+from kdkernels.compat import open_clip as koc  # noqa: E402
+
+
+def _open_clip_loss_module():
+    """open_clip's loss.py, loaded on its own (the package imports torchvision); None when absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+OPEN_CLIP = _open_clip_loss_module()
+
+
+def oc_clip(img, txt, scale):
+    """open_clip 3.3 ClipLoss (world_size 1), restated."""
+    S = scale * img @ txt.t()
+    y = torch.arange(img.shape[0])
+    return (F.cross_entropy(S, y) + F.cross_entropy(scale * txt @ img.t(), y)) / 2
+
+
+def oc_distill(img, txt, scale, t_img, t_txt, t_scale):
+    """open_clip 3.3 DistillClipLoss (world_size 1), restated: (contrastive, distill)."""
+    S, St = scale * img @ txt.t(), t_scale * t_img @ t_txt.t()
+    soft_ce = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean(0)  # noqa: E731
+    return oc_clip(img, txt, scale), (soft_ce(St, S) + soft_ce(St.t(), S.t())) / 2
+
+
+def oc_siglip(img, txt, scale, bias):
+    """open_clip 3.3 SigLipLoss (world_size 1), restated."""
+    n = img.shape[0]
+    z = 2 * torch.eye(n, dtype=img.dtype) - torch.ones(n, n, dtype=img.dtype)
+    return -F.logsigmoid(z * (scale * img @ txt.t() + bias)).sum() / n
+
+
+def _feats(n, d, grad=True):
+    return F.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1).float().requires_grad_(grad)
+
+
+@pytest.mark.parametrize("n,d", [(1, 8), (37, 16), (300, 64)])
+def test_open_clip_losses(n, d, seed):
+    img, txt = _feats(n, d), _feats(n, d)
+    scale = torch.tensor(14.0, requires_grad=True)
+    t_img, t_txt = _feats(n, d + 8, grad=False), _feats(n, d + 8, grad=False)
+    t_scale = torch.tensor(30.0)
+    bias = torch.tensor(-5.0, requires_grad=True)
+    ins = [img, txt, scale]
+    r = [x.detach().double().requires_grad_() for x in ins]
+    rb = bias.detach().double().requires_grad_()
+    cases = [
+        ("ClipLoss", koc.ClipLoss()(img, txt, scale), oc_clip(*r), ins, r),
+        ("DistillClipLoss contrastive", koc.DistillClipLoss()(img, txt, scale, t_img, t_txt, t_scale)[0],
+         oc_distill(*r, t_img.double(), t_txt.double(), t_scale.double())[0], ins, r),
+        ("DistillClipLoss distill", koc.DistillClipLoss()(img, txt, scale, t_img, t_txt, t_scale)[1],
+         oc_distill(*r, t_img.double(), t_txt.double(), t_scale.double())[1], ins, r),
+        ("SigLipLoss", koc.SigLipLoss()(img, txt, scale, bias), oc_siglip(*r, rb), ins + [bias], r + [rb]),
+    ]
+    for name, out, ref, inputs, ref_inputs in cases:
+        _check(out, ref, inputs, ref_inputs, f"{name} seed={seed}")
+    if OPEN_CLIP is not None:  # the installed original gives the same numbers
+        got = koc.DistillClipLoss()(img, txt, scale, t_img, t_txt, t_scale, output_dict=True)
+        want = OPEN_CLIP.DistillClipLoss()(img, txt, scale, t_img, t_txt, t_scale, output_dict=True)
+        for k in want:
+            assert_close(got[k], want[k].detach(), torch.float32, f"installed open_clip {k}")
+        assert_close(koc.SigLipLoss()(img, txt, scale, bias), OPEN_CLIP.SigLipLoss()(img, txt, scale, bias).detach(),
+                     torch.float32, "installed open_clip SigLipLoss")
+
+
+def test_open_clip_single_process_only():
+    with pytest.raises(ValueError, match="only world_size=1"):
+        koc.ClipLoss(world_size=2)

@@ -6,9 +6,11 @@ only an import.
 * :mod:`kdkernels.compat.torchtune`: ``ForwardKLLoss``, ``ReverseKLLoss``, ``SymmetricKLLoss`` and their
   ``...WithChunkedOutputLoss`` forms (``torchtune.modules.loss``);
 * :mod:`kdkernels.compat.liger`: ``LigerFusedLinearJSDLoss``, ``LigerFusedLinearJSD``, ``LigerJSD``,
-  ``LigerKLDIVLoss`` (Liger-Kernel).
+  ``LigerKLDIVLoss`` (Liger-Kernel);
+* :mod:`kdkernels.compat.open_clip`: ``ClipLoss``, ``DistillClipLoss``, ``SigLipLoss`` (``open_clip.loss``,
+  single process).
 """
 
-from kdkernels.compat import liger, torchtune, trl
+from kdkernels.compat import liger, open_clip, torchtune, trl
 
-__all__ = ["trl", "torchtune", "liger"]
+__all__ = ["trl", "torchtune", "liger", "open_clip"]

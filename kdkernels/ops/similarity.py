@@ -293,9 +293,11 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
 def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
                         inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
                         backend: str = "torch", row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
-    """[rows, d sa, d sb]: per-row D(teacher || student) of the similarity rows (averaged with the
-    columns' when ``symmetric`` and b is given); ``sb``/``tb`` None means self-similarity without
-    the diagonal. ``need`` = (sa, sb). Embeddings are used as given (normalize before)."""
+    """[rows, d sa, d sb, d inv_ts]: per-row D(teacher || student) of the similarity rows (averaged
+    with the columns' when ``symmetric`` and b is given); ``sb``/``tb`` None means self-similarity
+    without the diagonal. ``need`` = (sa, sb, inv_ts). Embeddings are used as given (normalize
+    before). d inv_ts = sum dL/dS_s ∘ (a_s b_sᵀ) = sum_i a_i . (d a)_i / inv_ts (halved for
+    self-similarity, where d a holds both the row and the column terms)."""
     cpu = backend == "cpu"
     Div = _DivergenceCpu if cpu else _Divergence
     acc = _acc(sa, sb)
@@ -308,7 +310,8 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
     both = symmetric and not self_sim
     rt, ct = _tiles(na, row_tile or ROW_TILE), _tiles(nb, col_tile or COL_TILE)
     g = grad_scale.to(acc).reshape(-1).expand(na).contiguous()
-    dsa = torch.zeros_like(SA) if need[0] else None
+    want_t = len(need) > 2 and need[2]
+    dsa = torch.zeros_like(SA) if need[0] or want_t else None
     dsb = torch.zeros_like(SB) if (need[1] and not self_sim) else None
 
     def tile(ri, ci):
@@ -347,4 +350,51 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
                         dsa[ci].addmm_(dS.t(), SA[ri])
                 if dsb is not None:
                     dsb[ci].addmm_(dS.t(), SA[ri])
-    return [rows, dsa, dsb]
+    d_inv = None
+    if want_t:
+        d_inv = (SA * dsa).sum() / inv_ts * (0.5 if self_sim else 1.0)
+    return [rows, dsa if need[0] else None, dsb, d_inv]
+
+
+def teacher_entropy_tiled(ta: Tensor, tb: Optional[Tensor], inv_t: float, *, columns: bool, row_tile=None,
+                          col_tile=None):
+    """Per-row entropies of the softmaxes of ``S_t = ta tbᵀ inv_t`` (and per column when
+    ``columns``): ``H = lse - sum p x``, online over tiles; self-similarity (tb None) without the
+    diagonal. Returns (rows [N_a], cols [N_b] or None). No gradient (the teacher is a constant)."""
+    acc = _acc(ta, tb)
+    dev = ta.device
+    self_sim = tb is None
+    TA = ta.to(acc)
+    TB = TA if self_sim else tb.to(acc)
+    TAs = TA * inv_t
+    na, nb = TA.shape[0], TB.shape[0]
+
+    class _H:
+        def __init__(self, n):
+            self.m = torch.full((n,), -math.inf, dtype=acc, device=dev)
+            self.z = torch.zeros(n, dtype=acc, device=dev)
+            self.h = torch.zeros(n, dtype=acc, device=dev)
+
+        def update(self, sl, x):
+            m_new = torch.maximum(self.m[sl], x.max(1).values)
+            f = torch.exp(self.m[sl] - _safe(m_new))
+            e = torch.exp(x - _safe(m_new)[:, None])
+            self.z[sl] = self.z[sl] * f + e.sum(1)
+            self.h[sl] = self.h[sl] * f + _xlogy(e, x).sum(1)
+            self.m[sl] = m_new
+
+        def entropy(self):
+            return _safe(self.m) + torch.log(self.z) - self.h / self.z
+
+    rows, cols = _H(na), (_H(nb) if columns else None)
+    with torch.no_grad():
+        for ri in _tiles(na, row_tile or ROW_TILE):
+            for ci in _tiles(nb, col_tile or COL_TILE):
+                t = TAs[ri] @ TB[ci].t()
+                if self_sim and ri.start < ci.stop and ci.start < ri.stop:
+                    r = torch.arange(max(ri.start, ci.start), min(ri.stop, ci.stop), device=dev)
+                    t[r - ri.start, r - ci.start] = -math.inf
+                rows.update(ri, t)
+                if cols is not None:
+                    cols.update(ci, t.t())
+    return rows.entropy(), (cols.entropy() if cols is not None else None)
