@@ -84,8 +84,15 @@ def run_family(name, args):
     for shape in shapes:
         for dtype in args.dtypes:
             label = f"{family.shape_label(shape)} {common.DTYPE_NAMES[dtype]}"
+            case_providers = []
+            for p in providers:
+                why = family.skip(p.name, shape) if family.skip else None
+                if why:
+                    notes.append(f"{p.name} not run at {family.shape_label(shape)}: {why}")
+                else:
+                    case_providers.append(p)
             log(f"  {label}: timing")
-            timings = common.time_case(family, shape, dtype, args.device, providers, plan, log=log)
+            timings = common.time_case(family, shape, dtype, args.device, case_providers, plan, log=log)
             gc.collect()
             if args.device == "cpu" and not args.skip_memory:
                 for t in timings:

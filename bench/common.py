@@ -67,6 +67,9 @@ class Family:
     make_inputs: Callable  # (shape, dtype, device) -> dict[str, Tensor]; grads wanted where requires_grad
     min_bytes: Callable  # (shape, dtype) -> bytes a perfect kernel must move (read + write)
     providers: Callable  # (device, notes: list[str]) -> list[Provider]; first one is the reference
+    # (provider name, shape) -> why the provider cannot run that shape (e.g. an N x N matrix beyond
+    # the machine's memory), or None; skipped cases are named in the notes
+    skip: Optional[Callable] = None
 
     def shape_label(self, shape: Shape) -> str:
         return "x".join(str(d) for d in shape)

@@ -608,19 +608,22 @@ class _SimilarityKD(torch.autograd.Function):
         kw = dict(kw, inv_ts=float(inv_ts))
         ctx.kw, ctx.reduction, ctx.need = kw, reduction, need
         outs = similarity_kd_tiled(sa, ta, sb, tb, grad_scale, need=need if reduction else (False,) * 3, **kw)
+        ent = outs[4] if outs[4] is not None else outs[0].new_zeros(0)  # the teacher's entropies (no grad)
+        ctx.mark_non_differentiable(ent)
+        ctx.kw = dict(kw, teacher_entropy=False)
         if reduction == 0:
             ctx.save_for_backward(sa, sb, ta, tb)
-            return outs[0]
-        ctx.save_for_backward(*outs[1:])
-        return outs[0].sum() * grad_scale.to(outs[0].dtype)
+            return outs[0], ent
+        ctx.save_for_backward(*outs[1:4])
+        return outs[0].sum() * grad_scale.to(outs[0].dtype), ent
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_entropy):
         from kdkernels.ops.similarity import similarity_kd_tiled
 
         if ctx.reduction == 0:
             sa, sb, ta, tb = ctx.saved_tensors
-            d_sa, d_sb, d_inv = similarity_kd_tiled(sa, ta, sb, tb, grad_loss, need=ctx.need, **ctx.kw)[1:]
+            d_sa, d_sb, d_inv = similarity_kd_tiled(sa, ta, sb, tb, grad_loss, need=ctx.need, **ctx.kw)[1:4]
         else:
             d_sa, d_sb, d_inv = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         return d_sa, d_sb, None, None, d_inv, None, None, None, None
@@ -650,6 +653,15 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
 
     Gradients go to the student's embeddings; the teacher's are constants.
     """
+    return _similarity_kd(student_a, teacher_a, student_b, teacher_b, temperature=temperature,
+                          student_temperature=student_temperature, kind=kind, beta=beta, normalize=normalize,
+                          symmetric=symmetric, reduction=reduction, backend=backend)[0]
+
+
+def _similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temperature=1.0,
+                   student_temperature=None, kind="forward", beta=0.5, normalize=True, symmetric=True,
+                   reduction="mean", backend="auto", teacher_entropy=False):
+    """:func:`similarity_kd`, returning (loss, per-row teacher entropies or an empty tensor)."""
     _check_embeddings("student_a", student_a)
     _check_embeddings("teacher_a", teacher_a)
     n = student_a.shape[0]
@@ -696,5 +708,5 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     inv_ts = 1.0 / ts if isinstance(ts, Tensor) else torch.tensor(1.0 / ts, dtype=acc, device=sa.device)
     need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb, inv_ts))
     kw = dict(inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta, symmetric=bool(symmetric),
-              backend=backend)
+              backend=backend, teacher_entropy=bool(teacher_entropy))
     return _SimilarityKD.apply(sa, sb, ta, tb, inv_ts, grad_scale, kw, REDUCTION_IDS[reduction], need)

@@ -69,18 +69,15 @@ class DistillClipLoss(ClipLoss):
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict: bool = False):
-        from kdkernels.ops.similarity import teacher_entropy_tiled
-
         contrastive = self._contrastive(image_features, text_features, logit_scale)
         scale = logit_scale if isinstance(logit_scale, torch.Tensor) else \
             torch.tensor(float(logit_scale), device=image_features.device)
         t_scale = float(dist_logit_scale)
-        kl = KF.similarity_kd(image_features, dist_image_features, text_features, dist_text_features,
-                              temperature=1.0 / t_scale, student_temperature=1.0 / scale.reshape(()),
-                              kind="forward", normalize=False, symmetric=True)
-        h_rows, h_cols = teacher_entropy_tiled(dist_image_features.detach(), dist_text_features.detach(), t_scale,
-                                               columns=True)
-        distill = kl + 0.5 * (h_rows.mean() + h_cols.mean()).to(kl.dtype)
+        # soft cross-entropy = forward KL + the teacher's entropy, both from one pass over the tiles
+        kl, entropy = KF._similarity_kd(image_features, dist_image_features, text_features, dist_text_features,
+                                        temperature=1.0 / t_scale, student_temperature=1.0 / scale.reshape(()),
+                                        kind="forward", normalize=False, symmetric=True, teacher_entropy=True)
+        distill = kl + entropy.mean().to(kl.dtype)
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill

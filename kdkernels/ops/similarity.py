@@ -196,6 +196,26 @@ def _sigmoid_negatives(S, rows, g, bias, cpu):
     return out
 
 
+class _Entropy:
+    """Online entropy of the softmaxes of rows seen in column tiles: H = lse - sum p x."""
+
+    def __init__(self, n, acc, dev):
+        self.m = torch.full((n,), -math.inf, dtype=acc, device=dev)
+        self.z = torch.zeros(n, dtype=acc, device=dev)
+        self.h = torch.zeros(n, dtype=acc, device=dev)
+
+    def update(self, sl, x):
+        m_new = torch.maximum(self.m[sl], x.max(1).values)
+        f = torch.exp(self.m[sl] - _safe(m_new))
+        e = torch.exp(x - _safe(m_new)[:, None])
+        self.z[sl] = self.z[sl] * f + e.sum(1)
+        self.h[sl] = self.h[sl] * f + _xlogy(e, x).sum(1)
+        self.m[sl] = m_new
+
+    def entropy(self):
+        return _safe(self.m) + torch.log(self.z) - self.h / self.z
+
+
 # ------------------------------------------------------------------------------ info_nce
 
 def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -292,12 +312,15 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
 
 def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
                         inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
-                        backend: str = "torch", row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
-    """[rows, d sa, d sb, d inv_ts]: per-row D(teacher || student) of the similarity rows (averaged
-    with the columns' when ``symmetric`` and b is given); ``sb``/``tb`` None means self-similarity
-    without the diagonal. ``need`` = (sa, sb, inv_ts). Embeddings are used as given (normalize
-    before). d inv_ts = sum dL/dS_s ∘ (a_s b_sᵀ) = sum_i a_i . (d a)_i / inv_ts (halved for
-    self-similarity, where d a holds both the row and the column terms)."""
+                        backend: str = "torch", teacher_entropy: bool = False, row_tile=None,
+                        col_tile=None) -> List[Optional[Tensor]]:
+    """[rows, d sa, d sb, d inv_ts, teacher entropy rows]: per-row D(teacher || student) of the
+    similarity rows (averaged with the columns' when ``symmetric`` and b is given); ``sb``/``tb``
+    None means self-similarity without the diagonal. ``need`` = (sa, sb, inv_ts). Embeddings are
+    used as given (normalize before). d inv_ts = sum dL/dS_s ∘ (a_s b_sᵀ) = sum_i a_i . (d a)_i /
+    inv_ts (halved for self-similarity, where d a holds both the row and the column terms).
+    ``teacher_entropy``: also the entropies of the teacher's rows (averaged with its columns' the
+    same way), from the teacher tiles of the first pass (the soft cross-entropy is D + H)."""
     cpu = backend == "cpu"
     Div = _DivergenceCpu if cpu else _Divergence
     acc = _acc(sa, sb)
@@ -324,12 +347,18 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
 
     rows_d = Div(na, kind, beta, acc, dev)
     cols_d = Div(nb, kind, beta, acc, dev) if both else None
+    ent_r = _Entropy(na, acc, dev) if teacher_entropy else None
+    ent_c = _Entropy(nb, acc, dev) if teacher_entropy and both else None
     for phase in range(2 if kind == 2 else 1):
         for ri in rt:
             for ci in ct:
                 s, t = tile(ri, ci)
                 for d, sl, x, y in ((rows_d, ri, s, t),) + (((cols_d, ci, s.t(), t.t()),) if both else ()):
                     (d.update if phase == 0 else d.update_jsd)(sl, x, y)
+                if phase == 0 and ent_r is not None:
+                    ent_r.update(ri, t)
+                    if ent_c is not None:
+                        ent_c.update(ci, t.t())
         for d in (rows_d, cols_d):
             if d is not None:
                 d.finish() if phase == 0 else d.finish_jsd()
@@ -353,48 +382,10 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
     d_inv = None
     if want_t:
         d_inv = (SA * dsa).sum() / inv_ts * (0.5 if self_sim else 1.0)
-    return [rows, dsa if need[0] else None, dsb, d_inv]
+    ent = None
+    if ent_r is not None:
+        ent = 0.5 * (ent_r.entropy() + ent_c.entropy()) if ent_c is not None else ent_r.entropy()
+        if self_sim and na < 2:
+            ent = torch.zeros(na, dtype=acc, device=dev)
+    return [rows, dsa if need[0] else None, dsb, d_inv, ent]
 
-
-def teacher_entropy_tiled(ta: Tensor, tb: Optional[Tensor], inv_t: float, *, columns: bool, row_tile=None,
-                          col_tile=None):
-    """Per-row entropies of the softmaxes of ``S_t = ta tbᵀ inv_t`` (and per column when
-    ``columns``): ``H = lse - sum p x``, online over tiles; self-similarity (tb None) without the
-    diagonal. Returns (rows [N_a], cols [N_b] or None). No gradient (the teacher is a constant)."""
-    acc = _acc(ta, tb)
-    dev = ta.device
-    self_sim = tb is None
-    TA = ta.to(acc)
-    TB = TA if self_sim else tb.to(acc)
-    TAs = TA * inv_t
-    na, nb = TA.shape[0], TB.shape[0]
-
-    class _H:
-        def __init__(self, n):
-            self.m = torch.full((n,), -math.inf, dtype=acc, device=dev)
-            self.z = torch.zeros(n, dtype=acc, device=dev)
-            self.h = torch.zeros(n, dtype=acc, device=dev)
-
-        def update(self, sl, x):
-            m_new = torch.maximum(self.m[sl], x.max(1).values)
-            f = torch.exp(self.m[sl] - _safe(m_new))
-            e = torch.exp(x - _safe(m_new)[:, None])
-            self.z[sl] = self.z[sl] * f + e.sum(1)
-            self.h[sl] = self.h[sl] * f + _xlogy(e, x).sum(1)
-            self.m[sl] = m_new
-
-        def entropy(self):
-            return _safe(self.m) + torch.log(self.z) - self.h / self.z
-
-    rows, cols = _H(na), (_H(nb) if columns else None)
-    with torch.no_grad():
-        for ri in _tiles(na, row_tile or ROW_TILE):
-            for ci in _tiles(nb, col_tile or COL_TILE):
-                t = TAs[ri] @ TB[ci].t()
-                if self_sim and ri.start < ci.stop and ci.start < ri.stop:
-                    r = torch.arange(max(ri.start, ci.start), min(ri.stop, ci.stop), device=dev)
-                    t[r - ri.start, r - ci.start] = -math.inf
-                rows.update(ri, t)
-                if cols is not None:
-                    cols.update(ci, t.t())
-    return rows.entropy(), (cols.entropy() if cols is not None else None)
