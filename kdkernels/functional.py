@@ -660,8 +660,9 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
 
 def _similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temperature=1.0,
                    student_temperature=None, kind="forward", beta=0.5, normalize=True, symmetric=True,
-                   reduction="mean", backend="auto", teacher_entropy=False):
-    """:func:`similarity_kd`, returning (loss, per-row teacher entropies or an empty tensor)."""
+                   reduction="mean", backend="auto", teacher_entropy=False, mask_offset=None):
+    """:func:`similarity_kd`, returning (loss, per-row teacher entropies or an empty tensor);
+    ``mask_offset`` leaves out the entries (i, i + mask_offset) of a cross similarity."""
     _check_embeddings("student_a", student_a)
     _check_embeddings("teacher_a", teacher_a)
     n = student_a.shape[0]
@@ -708,5 +709,5 @@ def _similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temp
     inv_ts = 1.0 / ts if isinstance(ts, Tensor) else torch.tensor(1.0 / ts, dtype=acc, device=sa.device)
     need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb, inv_ts))
     kw = dict(inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta, symmetric=bool(symmetric),
-              backend=backend, teacher_entropy=bool(teacher_entropy))
+              backend=backend, teacher_entropy=bool(teacher_entropy), mask_offset=mask_offset)
     return _SimilarityKD.apply(sa, sb, ta, tb, inv_ts, grad_scale, kw, REDUCTION_IDS[reduction], need)

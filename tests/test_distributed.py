@@ -139,3 +139,81 @@ def test_vocab_parallel_fused_linear_kl_two_processes_match_the_unsharded_loss()
             for case, errs in zip(FL_CASES, torch.load(os.path.join(d, f"fl_rank{rank}.pt"))):
                 assert max(errs.values()) < 1e-5, (rank, case, errs)
                 assert "hs" in errs and ("ht" in errs or "zt" in errs or not case[6])
+
+
+
+SIM_CASES = [  # (loss, options, local rows per rank): "mean" with equal local batches, "sum" with unequal ones
+    ("info_nce", dict(temperature=0.1), (5, 5)),
+    ("info_nce", dict(logit_scale=True, symmetric=False, reduction="sum"), (4, 7)),
+    ("info_nce", dict(logit_scale=True, logit_bias=True, kind="sigmoid", reduction="sum"), (6, 3)),
+    ("similarity_kd", dict(temperature=0.2, student_temperature=0.5), (5, 5)),           # self-similarity
+    ("similarity_kd", dict(temperature=0.3, kind="jsd", beta=0.3, cross=True, reduction="sum"), (4, 6)),
+    ("similarity_kd", dict(temperature=0.3, kind="reverse", cross=True, symmetric=False, normalize=False), (4, 4)),
+]
+
+
+def _sim_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import kdkernels
+    from kdkernels import distributed as kd
+
+    results = []
+    for i, (name, opts, sizes) in enumerate(SIM_CASES):
+        opts = dict(opts)
+        g = torch.Generator().manual_seed(300 + i)
+        N, D = sum(sizes), 12
+        full = {k: torch.randn(N, D if k.startswith("s") else D + 4, generator=g, dtype=torch.float64)
+                for k in ("sa", "sb", "ta", "tb")}
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        scalars = {}
+        if opts.pop("logit_scale", False):
+            scalars["logit_scale"] = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        if opts.pop("logit_bias", False):
+            scalars["logit_bias"] = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+        cross = opts.pop("cross", False)
+        loc = {k: v[lo:hi].clone().requires_grad_(k.startswith("s")) for k, v in full.items()}
+        ref_in = {k: v.clone().requires_grad_(k.startswith("s")) for k, v in full.items()}
+        ref_scalars = {k: v.detach().clone().requires_grad_() for k, v in scalars.items()}
+        if name == "info_nce":
+            out = kd.info_nce(loc["sa"], loc["sb"], **opts, **scalars)
+            ref = kdkernels.reference.info_nce(ref_in["sa"], ref_in["sb"], **opts, **ref_scalars)
+            keys = ["sa", "sb"]
+        else:
+            b = (loc["sb"], loc["tb"]) if cross else (None, None)
+            out = kd.similarity_kd(loc["sa"], loc["ta"], *b, **opts)
+            rb = (ref_in["sb"], ref_in["tb"]) if cross else (None, None)
+            ref = kdkernels.reference.similarity_kd(ref_in["sa"], ref_in["ta"], *rb, **opts)
+            keys = ["sa", "sb"] if cross else ["sa"]
+        grads = torch.autograd.grad(out, [loc[k] for k in keys] + list(scalars.values()))
+        rgrads = torch.autograd.grad(ref, [ref_in[k] for k in keys] + list(ref_scalars.values()))
+        # "sum": the global loss is the sum of the ranks' values, and each rank's embedding gradients
+        # (summed over the ranks' graphs by the gather's backward) are the global loss's. "mean" with
+        # equal local batches: the global loss is the mean of the ranks' values and those gradients
+        # are world x the global mean's (DistributedDataParallel divides them by world).
+        mean = opts.get("reduction", "mean") == "mean"
+        value = out.detach().clone()
+        dist.all_reduce(value)
+        value = value / world if mean else value
+        rel = lambda a, b: ((a - b).abs().max() / max(b.abs().max().item(), 1e-3)).item()  # noqa: E731
+        errs = {"loss": rel(value, ref.detach())}
+        for k, gr, rg in zip(keys + list(scalars), grads, rgrads):
+            if k in scalars:  # a replicated parameter: the ranks' gradients averaged (mean) or summed (sum)
+                s = gr.detach().clone()
+                dist.all_reduce(s)
+                errs[k] = rel(s / world if mean else s, rg)
+            else:
+                errs[k] = rel(gr.detach() / (world if mean else 1), rg[lo:hi])
+        results.append(errs)
+    torch.save(results, os.path.join(out_dir, f"sim_rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_global_batch_similarity_losses_two_processes():
+    """kdkernels.distributed.info_nce / similarity_kd on 2 ranks equal the single-process loss of the
+    whole batch (float64 reference), with the embeddings' and the scalars' gradients."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_sim_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        for rank in range(2):
+            for case, errs in zip(SIM_CASES, torch.load(os.path.join(d, f"sim_rank{rank}.pt"))):
+                assert max(errs.values()) < 1e-9, (rank, case, errs)

@@ -6,8 +6,12 @@
 * :func:`vocab_parallel_fused_linear_kl`: the same from the hidden states and each rank's slice of
   the lm_head weights (column parallelism), as :func:`kdkernels.fused_linear_kl`: no logits tile
   ever leaves a rank, only per-row statistics.
+* :func:`info_nce` and :func:`similarity_kd`: the contrastive and relational losses over the global
+  batch of a data-parallel job (embeddings all-gathered with gradients; no rank forms an ``N x N``
+  matrix).
 """
 
+from kdkernels.distributed.similarity import info_nce, similarity_kd
 from kdkernels.distributed.vocab_parallel import vocab_parallel_fused_linear_kl, vocab_parallel_kl
 
-__all__ = ["vocab_parallel_kl", "vocab_parallel_fused_linear_kl"]
+__all__ = ["vocab_parallel_kl", "vocab_parallel_fused_linear_kl", "info_nce", "similarity_kd"]

@@ -312,15 +312,17 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
 
 def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
                         inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
-                        backend: str = "torch", teacher_entropy: bool = False, row_tile=None,
-                        col_tile=None) -> List[Optional[Tensor]]:
+                        backend: str = "torch", teacher_entropy: bool = False, mask_offset: Optional[int] = None,
+                        row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
     """[rows, d sa, d sb, d inv_ts, teacher entropy rows]: per-row D(teacher || student) of the
     similarity rows (averaged with the columns' when ``symmetric`` and b is given); ``sb``/``tb``
     None means self-similarity without the diagonal. ``need`` = (sa, sb, inv_ts). Embeddings are
     used as given (normalize before). d inv_ts = sum dL/dS_s ∘ (a_s b_sᵀ) = sum_i a_i . (d a)_i /
     inv_ts (halved for self-similarity, where d a holds both the row and the column terms).
     ``teacher_entropy``: also the entropies of the teacher's rows (averaged with its columns' the
-    same way), from the teacher tiles of the first pass (the soft cross-entropy is D + H)."""
+    same way), from the teacher tiles of the first pass (the soft cross-entropy is D + H).
+    ``mask_offset`` (b given): the entries (i, i + mask_offset) are left out, as the diagonal of a
+    self-similarity is: rows of a rank's slice against the gathered batch (kdkernels.distributed)."""
     cpu = backend == "cpu"
     Div = _DivergenceCpu if cpu else _Divergence
     acc = _acc(sa, sb)
@@ -337,12 +339,14 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
     dsa = torch.zeros_like(SA) if need[0] or want_t else None
     dsb = torch.zeros_like(SB) if (need[1] and not self_sim) else None
 
+    off = 0 if self_sim else mask_offset
+
     def tile(ri, ci):
         s, t = SAs[ri] @ SB[ci].t(), TAs[ri] @ TB[ci].t()
-        if self_sim and ri.start < ci.stop and ci.start < ri.stop:  # the diagonal crosses this tile
-            r = torch.arange(max(ri.start, ci.start), min(ri.stop, ci.stop), device=dev)
-            s[r - ri.start, r - ci.start] = -math.inf
-            t[r - ri.start, r - ci.start] = -math.inf
+        if off is not None and ri.start + off < ci.stop and ci.start < ri.stop + off:  # (i, i + off) in this tile
+            r = torch.arange(max(ri.start, ci.start - off), min(ri.stop, ci.stop - off), device=dev)
+            s[r - ri.start, r + off - ci.start] = -math.inf
+            t[r - ri.start, r + off - ci.start] = -math.inf
         return s, t
 
     rows_d = Div(na, kind, beta, acc, dev)
