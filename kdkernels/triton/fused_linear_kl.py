@@ -520,9 +520,10 @@ def aot_cases() -> list:
     """(kernel, signature, constexprs, num_warps) of the variants that matter for registers, per
     dtype: the statistics pass (forward KL, CE at T != 1, teacher from hidden states), JSD's second
     phase, the gradient kernel with every student and teacher gradient, and the gradient kernel for
-    a teacher given as logits (JSD, its gradient stored)."""
+    a teacher given as logits (JSD, its gradient stored). fp16 is left out: it compiled to the same
+    registers as bf16 in every variant (229/189, 232/235, 246/224, 246/229 on sm_80/sm_90)."""
     cases = []
-    for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    for dt in (torch.bfloat16, torch.float32, torch.float64):
         cases.append(("fused_linear_kl_stats",
                       *aot_case("stats", dt, teacher_logits=False, kind=0, ce_weight=0.5, temperature=2.0)))
         cases.append(("fused_linear_kl_stats",
