@@ -3,7 +3,11 @@ against ``kdkernels.compat.liger.LigerFusedLinearJSDLoss`` (the drop-in, on ``fu
 weight_hard_loss 0.5, weight_soft_loss 0.5, beta 0.5, T = 1, forward + backward.
 
 Inputs: student hidden ``[N, H]`` and lm_head weight ``[V, H]`` (require grad), teacher hidden and
-weight (frozen), labels ``[N]``. Shapes are ``N x H x V``.
+weight (frozen), labels ``[N]``. Shapes are ``N x H x V``. Liger-Kernel is the reference of the
+check column.
+
+As in ``fused_linear_kl`` the loss is bound by its matrix products; the minimum bytes (read the four
+inputs, write the two gradients) are reported for completeness.
 """
 
 from __future__ import annotations

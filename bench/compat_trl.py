@@ -1,9 +1,12 @@
 """TRL's ``GKDTrainer.generalized_jsd_loss`` against ``kdkernels.compat.trl.generalized_jsd_loss``
 (the drop-in), beta = 0.5, T = 1, ``reduction="batchmean"``, forward + backward.
 
-Inputs: student logits ``s [N, V]`` (requires grad), teacher logits ``t [N, V]``. TRL computes in
-the input dtype and materializes the mixture and both log-softmaxes; the shim runs the fused
-softmax-KL kernel.
+Inputs: student logits ``s [N, V]`` (requires grad), teacher logits ``t [N, V]`` (frozen), same
+dtype. TRL computes in the input dtype and materializes the mixture and both log-softmaxes; the
+shim runs the fused softmax-KL kernel in float32. TRL is the reference of the check column, so
+in bf16 that column measures TRL's own bf16 rounding.
+
+Minimum traffic: read s and t and write grad_s once each, ``3 * itemsize * N * V`` bytes.
 """
 
 from __future__ import annotations
