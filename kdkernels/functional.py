@@ -245,18 +245,30 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
                          kd_weight=(1.0 - alpha) * temperature * temperature, backend=backend)
 
 
+def _check_student_linear(student_hidden, student_weight):
+    """The student's ``[..., H]`` hidden states and ``[V, H]`` weight; returns (leading shape, V)."""
+    _check_float("student_hidden", student_hidden)
+    _check_float("student_weight", student_weight, 2)
+    lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
+    if student_weight.shape[1] != H:
+        raise ValueError(f"student_weight must be [V, H] with H = {H} (student_hidden {tuple(student_hidden.shape)}), "
+                         f"got {tuple(student_weight.shape)}")
+    return lead, student_weight.shape[0]
+
+
+def _check_bias(name, bias, V):
+    if bias is not None:
+        _check_float(name, bias, 1)
+        if bias.shape[0] != V:
+            raise ValueError(f"{name} must be [V] = [{V}], got {tuple(bias.shape)}")
+
+
 def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
                            student_bias, teacher_bias, labels, temperature, kind, beta, alpha, ignore_index,
                            reduction, backend, allow_empty_vocab=False):
     """The checks of :func:`fused_linear_kl`; returns (temperature, beta, alpha) as floats.
     ``allow_empty_vocab``: V = 0 is legal (a rank's empty vocabulary slice)."""
-    _check_float("student_hidden", student_hidden)
-    _check_float("student_weight", student_weight, 2)
-    lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
-    V = student_weight.shape[0]
-    if student_weight.shape[1] != H:
-        raise ValueError(f"student_weight must be [V, H] with H = {H} (student_hidden {tuple(student_hidden.shape)}), "
-                         f"got {tuple(student_weight.shape)}")
+    lead, V = _check_student_linear(student_hidden, student_weight)
     if V == 0 and not allow_empty_vocab:
         raise ValueError("student_weight has an empty vocabulary: V = 0")
     if teacher_logits is not None:
@@ -278,11 +290,8 @@ def _validate_fused_linear(student_hidden, student_weight, teacher_hidden, teach
         if teacher_weight.shape != (V, teacher_hidden.shape[-1]):
             raise ValueError(f"teacher_weight must be [V, Ht] = {(V, teacher_hidden.shape[-1])} (V from "
                              f"student_weight, Ht from teacher_hidden), got {tuple(teacher_weight.shape)}")
-    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if b is not None:
-            _check_float(name, b, 1)
-            if b.shape[0] != V:
-                raise ValueError(f"{name} must be [V] = [{V}], got {tuple(b.shape)}")
+    _check_bias("student_bias", student_bias, V)
+    _check_bias("teacher_bias", teacher_bias, V)
     tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                            teacher_logits) if x is not None]
     if len({x.device for x in tensors}) > 1:
@@ -435,17 +444,9 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     Gradients go to the hidden states, the weight and the bias. Peak extra memory: the gradients,
     O(rows · k) statistics and tiles of a fixed size, independent of V.
     """
-    _check_float("student_hidden", student_hidden)
-    _check_float("student_weight", student_weight, 2)
-    lead, H = student_hidden.shape[:-1], student_hidden.shape[-1]
-    V = student_weight.shape[0]
-    if student_weight.shape[1] != H:
-        raise ValueError(f"student_weight must be [V, H] with H = {H} (student_hidden {tuple(student_hidden.shape)}), "
-                         f"got {tuple(student_weight.shape)}")
-    if student_bias is not None:
-        _check_float("student_bias", student_bias, 1)
-        if student_bias.shape[0] != V:
-            raise ValueError(f"student_bias must be [V] = [{V}], got {tuple(student_bias.shape)}")
+    lead, V = _check_student_linear(student_hidden, student_weight)
+    H = student_hidden.shape[-1]
+    _check_bias("student_bias", student_bias, V)
     if student_hidden.device != student_weight.device or (student_bias is not None
                                                           and student_bias.device != student_weight.device):
         raise ValueError("student_hidden, student_weight and student_bias must be on one device")

@@ -7,6 +7,9 @@ must be set before triton is first imported, hence here.
 import math
 import os
 import random
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -67,3 +70,34 @@ def seed():
     s = random.randrange(2**31)
     torch.manual_seed(s)
     return s
+
+
+# Peak-memory probes run in a fresh process: this prelude defines ``peak_extra(step)``, the bytes
+# by which one call of ``step`` raises the peak RSS over the RSS just before it (the kernel's
+# peak counter reset through /proc/self/clear_refs). ``run_memory_probe`` appends a probe body
+# to it and runs it with every allocation of 64 KiB or more in its own mapping, so that freed
+# tensors go back to the OS at once and the peak follows the live tensors.
+PEAK_RSS_PRELUDE = textwrap.dedent("""
+    def _kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+    def peak_extra(step):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _kib("VmRSS")
+        step()
+        return (_kib("VmHWM") - base) * 1024
+""")
+
+HAS_PEAK_RSS_RESET = os.path.exists("/proc/self/clear_refs")
+
+
+def run_memory_probe(body: str, *args, single_thread: bool = True) -> int:
+    """Run PEAK_RSS_PRELUDE + ``body`` (which prints one integer last) with ``args`` in argv."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    if single_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_PRELUDE + textwrap.dedent(body), *map(str, args)],
+                         capture_output=True, text=True, check=True, env=env)
+    return int(out.stdout.strip().splitlines()[-1])

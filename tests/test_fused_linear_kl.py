@@ -1,18 +1,13 @@
 """fused_linear_kl: the loss and every gradient against the float64 reference, which materializes
 the logits; the tiled implementation never does (checked by a memory test in a subprocess)."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import kdkernels
 from kdkernels import reference
 from kdkernels.ops import fused_linear_kl as FL
-from conftest import RTOL, assert_close, fused_backends
+from conftest import HAS_PEAK_RSS_RESET, RTOL, assert_close, fused_backends, run_memory_probe
 from kdkernels._backend import triton_interpreted
 
 KINDS = ["forward", "reverse", "jsd"]
@@ -188,7 +183,7 @@ def test_bad_input(name, call, exc, match):
         call()
 
 
-MEMORY_PROBE = textwrap.dedent("""
+MEMORY_PROBE = """
     import sys, torch, kdkernels
     torch.set_num_threads(1)
     N, H, V = (int(x) for x in sys.argv[1:4])
@@ -196,28 +191,17 @@ MEMORY_PROBE = textwrap.dedent("""
     ht = torch.randn(N, H); Wt = torch.randn(V, H) * 0.1
     kdkernels.fused_linear_kl(hs[:2], Ws[:64], ht[:2], Wt[:64]).backward()  # load code paths
     hs.grad = Ws.grad = None
-    def kib(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = kib("VmRSS")
-    kdkernels.fused_linear_kl(hs, Ws, ht, Wt, temperature=2.0).backward()
-    grads = (hs.grad.numel() + Ws.grad.numel()) * 4
-    print((kib("VmHWM") - base) * 1024 - grads)
-""")
+    extra = peak_extra(lambda: kdkernels.fused_linear_kl(hs, Ws, ht, Wt, temperature=2.0).backward())
+    print(extra - (hs.grad.numel() + Ws.grad.numel()) * 4)
+"""
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_does_not_grow_with_V():
     """Peak extra memory beyond the gradients (which are V x H for the weight) is the same at
     V = 16384 and V = 131072: no [N, V] tensor, in any dtype, in any chunk of rows."""
     def extra(V):
-        # large blocks straight from mmap: freed tiles go back to the OS, so RSS peaks are exact
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "512", "64", str(V)], capture_output=True,
-                             text=True, check=True, env=env)
-        return int(out.stdout.strip().splitlines()[-1])
+        return run_memory_probe(MEMORY_PROBE, 512, 64, V)
 
     small, large = extra(16384), extra(131072)
     msg = f"extra beyond the gradients: {small / 2**20:.1f} MiB at V=16384, {large / 2**20:.1f} MiB at V=131072"

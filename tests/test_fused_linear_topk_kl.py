@@ -2,18 +2,13 @@
 against the float64 reference (which materializes the logits), with every gradient; and a memory
 test showing that no [N, V] tensor is formed."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import kdkernels
 from kdkernels import reference
 from kdkernels.ops import fused_linear_kl as FL
-from conftest import assert_close
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe
 
 MODES = [("logprobs", "ignore"), ("logprobs", "uniform"), ("logits", "ignore")]
 
@@ -109,7 +104,7 @@ def test_bad_input():
         f(hs, Ws, vals, idx, backend="cpu")
 
 
-MEMORY_PROBE = textwrap.dedent("""
+MEMORY_PROBE = """
     import sys, torch, kdkernels
     torch.set_num_threads(1)
     N, H, V, k = (int(x) for x in sys.argv[1:5])
@@ -118,25 +113,16 @@ MEMORY_PROBE = textwrap.dedent("""
     vals, idx = top.values, top.indices * (V // 4096)
     kdkernels.fused_linear_topk_kl(hs[:2], Ws, vals[:2], idx[:2], tail="uniform").backward()  # load code paths
     hs.grad = Ws.grad = None
-    def kib(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = kib("VmRSS")
-    kdkernels.fused_linear_topk_kl(hs, Ws, vals, idx, tail="uniform", temperature=2.0).backward()
-    grads = (hs.grad.numel() + Ws.grad.numel()) * 4
-    print((kib("VmHWM") - base) * 1024 - grads)
-""")
+    extra = peak_extra(lambda: kdkernels.fused_linear_topk_kl(hs, Ws, vals, idx, tail="uniform",
+                                                              temperature=2.0).backward())
+    print(extra - (hs.grad.numel() + Ws.grad.numel()) * 4)
+"""
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="needs Linux /proc peak-RSS reset")
 def test_peak_memory_does_not_grow_with_V():
     def extra(V):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, "512", "64", str(V), "64"], capture_output=True,
-                             text=True, check=True, env=env)
-        return int(out.stdout.strip().splitlines()[-1])
+        return run_memory_probe(MEMORY_PROBE, 512, 64, V, 64)
 
     small, large = extra(16384), extra(131072)
     msg = f"extra beyond the gradients: {small / 2**20:.1f} MiB at V=16384, {large / 2**20:.1f} MiB at V=131072"

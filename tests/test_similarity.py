@@ -2,18 +2,13 @@
 matrices), losses and every gradient including logit_scale and logit_bias; tiles forced small so
 that rows, labels and maxima fall in different tiles; a memory test in subprocesses."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 import kdkernels
 from kdkernels import reference
 from kdkernels.ops import similarity as SIM
-from conftest import assert_close
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # the C++ sweeps per tile, and the same tiles in PyTorch operations
@@ -160,7 +155,7 @@ def test_bad_input(name, call, exc, match):
         call()
 
 
-MEMORY_PROBE = textwrap.dedent("""
+MEMORY_PROBE = """
     import sys, torch, kdkernels
     which, N, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     a = torch.randn(N, D, requires_grad=True); b = torch.randn(N, D, requires_grad=True)
@@ -173,28 +168,19 @@ MEMORY_PROBE = textwrap.dedent("""
             kdkernels.similarity_kd(a[:n], ta[:n], b[:n], tb[:n], temperature=0.1).backward()
     step(64)
     a.grad = b.grad = None
-    def kib(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = kib("VmRSS")
-    step(N)
-    print((kib("VmHWM") - base) * 1024)
-""")
+    print(peak_extra(lambda: step(N)))
+"""
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="needs Linux /proc peak-RSS reset")
 @pytest.mark.parametrize("which", ["clip", "similarity_kd"])
 def test_peak_memory_is_linear_in_N(which):
     """N = 4096 and 16384 at D = 64 (CLIP; 2048 and 8192 for similarity_kd): an N x N fp32 matrix
     would be 64 MiB and 1 GiB at the first pair; the tiled loss needs its tiles (fixed) plus O(N D)
-    (the gradients, normalized copies). Measured here: CLIP 35 MiB at N = 4096, 42 MiB at 16384."""
+    (the gradients, normalized copies). Measured here with the C++ backend: CLIP 21 MiB at
+    N = 4096, 30 MiB at 16384."""
     def extra(N):
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, which, str(N), "64"], capture_output=True,
-                             text=True, check=True, env=env)
-        return int(out.stdout.strip().splitlines()[-1])
+        return run_memory_probe(MEMORY_PROBE, which, N, 64, single_thread=False)
 
     n1, n2 = (4096, 16384) if which == "clip" else (2048, 8192)  # the second costs ~30 s in torch ops at 16384
     small, large = extra(n1), extra(n2)
