@@ -54,6 +54,11 @@ void sim_rows_jsd(const at::Tensor& S, const at::Tensor& T, const at::Tensor& ls
 void sim_rows_grad(const at::Tensor& S, const at::Tensor& T, at::Tensor& out, const at::Tensor& lse_a,
                    const at::Tensor& lse_b, const at::Tensor& D, const at::Tensor& Ks, const at::Tensor& w_r,
                    int64_t kind, double beta);
+void sim_xent_stats(const at::Tensor& S, const at::Tensor& T, at::Tensor& ms, at::Tensor& zs, at::Tensor& mt,
+                    at::Tensor& zt, at::Tensor& u, bool cols);
+double sim_xent_grad(at::Tensor& S, const at::Tensor& T, const at::Tensor& lse_sr, const at::Tensor& a_r,
+                     const at::Tensor& lse_tr, const at::Tensor& b_r, const at::Tensor& lse_sc, const at::Tensor& a_c,
+                     const at::Tensor& lse_tc, const at::Tensor& b_c);
 
 // Debug switch: when on, kernels allocate their outputs filled with NaN instead of uninitialized,
 // so that an element a kernel forgets to write fails the tests (kdkernels._debug.poison_outputs).

@@ -609,17 +609,14 @@ class _SimilarityKD(torch.autograd.Function):
         kw = dict(kw, inv_ts=float(inv_ts))
         ctx.kw, ctx.reduction, ctx.need = kw, reduction, need
         outs = similarity_kd_tiled(sa, ta, sb, tb, grad_scale, need=need if reduction else (False,) * 3, **kw)
-        ent = outs[4] if outs[4] is not None else outs[0].new_zeros(0)  # the teacher's entropies (no grad)
-        ctx.mark_non_differentiable(ent)
-        ctx.kw = dict(kw, teacher_entropy=False)
         if reduction == 0:
             ctx.save_for_backward(sa, sb, ta, tb)
-            return outs[0], ent
+            return outs[0]
         ctx.save_for_backward(*outs[1:4])
-        return outs[0].sum() * grad_scale.to(outs[0].dtype), ent
+        return outs[0].sum() * grad_scale.to(outs[0].dtype)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_entropy):
+    def backward(ctx, grad_loss):
         from kdkernels.ops.similarity import similarity_kd_tiled
 
         if ctx.reduction == 0:
@@ -656,14 +653,14 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     """
     return _similarity_kd(student_a, teacher_a, student_b, teacher_b, temperature=temperature,
                           student_temperature=student_temperature, kind=kind, beta=beta, normalize=normalize,
-                          symmetric=symmetric, reduction=reduction, backend=backend)[0]
+                          symmetric=symmetric, reduction=reduction, backend=backend)
 
 
 def _similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temperature=1.0,
                    student_temperature=None, kind="forward", beta=0.5, normalize=True, symmetric=True,
-                   reduction="mean", backend="auto", teacher_entropy=False, mask_offset=None):
-    """:func:`similarity_kd`, returning (loss, per-row teacher entropies or an empty tensor);
-    ``mask_offset`` leaves out the entries (i, i + mask_offset) of a cross similarity."""
+                   reduction="mean", backend="auto", mask_offset=None):
+    """:func:`similarity_kd` with ``mask_offset``: the entries (i, i + mask_offset) of a cross
+    similarity are left out (kdkernels.distributed's self-similarity of a rank's rows)."""
     _check_embeddings("student_a", student_a)
     _check_embeddings("teacher_a", teacher_a)
     n = student_a.shape[0]
@@ -710,5 +707,58 @@ def _similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temp
     inv_ts = 1.0 / ts if isinstance(ts, Tensor) else torch.tensor(1.0 / ts, dtype=acc, device=sa.device)
     need = tuple(bool(on and x is not None and x.requires_grad) for x in (sa, sb, inv_ts))
     kw = dict(inv_t=1.0 / temperature, kind=_kind_id(kind, beta), beta=beta, symmetric=bool(symmetric),
-              backend=backend, teacher_entropy=bool(teacher_entropy), mask_offset=mask_offset)
+              backend=backend, mask_offset=mask_offset)
     return _SimilarityKD.apply(sa, sb, ta, tb, inv_ts, grad_scale, kw, REDUCTION_IDS[reduction], need)
+
+
+class _ClipDistill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, ta, tb, log_scale, t_scale, need, backend):
+        from kdkernels.ops.similarity import clip_distill_forward
+
+        contrastive, distill, stats = clip_distill_forward(a, b, ta, tb, log_scale, t_scale, backend=backend)
+        ctx.save_for_backward(a, b, ta, tb, log_scale, *stats)
+        ctx.t_scale, ctx.need, ctx.backend = t_scale, need, backend
+        n = max(a.shape[0], 1)
+        return contrastive.sum() / n, distill.sum() / n
+
+    @staticmethod
+    def backward(ctx, g_c, g_d):
+        from kdkernels.ops.similarity import clip_distill_backward
+
+        a, b, ta, tb, log_scale, *stats = ctx.saved_tensors
+        n = max(a.shape[0], 1)
+        wc = 0.0 if g_c is None else float(g_c) / n
+        wd = 0.0 if g_d is None else float(g_d) / n
+        da, db, d_ls = clip_distill_backward(a, b, ta, tb, log_scale, ctx.t_scale, stats, wc, wd, ctx.need,
+                                             backend=ctx.backend)
+        cast = lambda g, x: None if g is None else g.to(x.dtype)  # noqa: E731
+        return cast(da, a), cast(db, b), None, None, cast(d_ls, log_scale), None, None, None
+
+
+def _clip_distill(image: Tensor, text: Tensor, t_image: Tensor, t_text: Tensor, log_scale: Tensor, t_scale: float,
+                  backend: str = "auto"):
+    """(CLIP's contrastive loss, the soft cross-entropy distillation loss) of open_clip's
+    ``DistillClipLoss`` (pairs i ↔ i, both means over the N pairs), from one pass over the tiles of
+    the student's ``S = exp(log_scale) image textᵀ`` and the teacher's ``T = t_scale t_image t_textᵀ``:
+    the two losses share S and its log-sum-exps. Gradients go to ``image``, ``text`` and
+    ``log_scale`` (a 0-d tensor); the teacher is a constant."""
+    _check_embeddings("image", image)
+    _check_embeddings("text", text, image.shape[1])
+    _check_embeddings("t_image", t_image)
+    _check_embeddings("t_text", t_text, t_image.shape[1])
+    n = image.shape[0]
+    if not (text.shape[0] == t_image.shape[0] == t_text.shape[0] == n):
+        raise ValueError(f"image, text, t_image and t_text must have the same rows, got {image.shape[0]}, "
+                         f"{text.shape[0]}, {t_image.shape[0]}, {t_text.shape[0]}")
+    if not isinstance(log_scale, Tensor) or log_scale.numel() != 1:
+        raise TypeError("log_scale must be a one-element tensor")
+    t_scale = _check_scalar("t_scale", float(t_scale), 0.0, math.inf, lo_open=True)
+    devs = {x.device for x in (image, text, t_image, t_text, log_scale)}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    backend = _similarity_backend(backend, image.device, "DistillClipLoss")
+    log_scale = log_scale.reshape(())
+    on = torch.is_grad_enabled()
+    need = tuple(bool(on and x.requires_grad) for x in (image, text, log_scale))
+    return _ClipDistill.apply(image, text, t_image.detach(), t_text.detach(), log_scale, t_scale, need, backend)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div", "linear_logits",
-           "fused_linear_kl", "topk_teacher_log_probs", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd"]
+           "fused_linear_kl", "topk_teacher_log_probs", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd",
+           "clip_distill"]
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -265,3 +266,15 @@ def similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, tempe
     if reduction == "none":
         return rows
     return rows.sum() if reduction == "sum" else rows.mean()
+
+
+def clip_distill(image, text, t_image, t_text, log_scale, t_scale):
+    """Reference for open_clip's ``DistillClipLoss`` (``kdkernels.compat.open_clip``): (CLIP's
+    symmetric InfoNCE on ``S = exp(log_scale) image textᵀ``, the soft cross-entropy of the rows and
+    of the columns of S against those of the teacher's ``T = t_scale t_image t_textᵀ``, averaged)."""
+    dtype = torch.promote_types(torch.promote_types(image.dtype, t_image.dtype), torch.float32)
+    contrastive = info_nce(image.to(dtype), text.to(dtype), logit_scale=log_scale.to(dtype))
+    S = log_scale.to(dtype).exp() * image.to(dtype) @ text.to(dtype).t()
+    T = t_scale * t_image.to(dtype) @ t_text.to(dtype).t()
+    xent = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean()  # noqa: E731
+    return contrastive, 0.5 * (xent(T, S) + xent(T.t(), S.t()))

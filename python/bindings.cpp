@@ -75,6 +75,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("K1"), py::arg("K2"), py::arg("beta"), nogil);
   m.def("sim_rows_grad", &kdk::sim_rows_grad, py::arg("S"), py::arg("T"), py::arg("out"), py::arg("lse_a"),
         py::arg("lse_b"), py::arg("D"), py::arg("Ks"), py::arg("w_r"), py::arg("kind"), py::arg("beta"), nogil);
+  m.def("sim_xent_stats", &kdk::sim_xent_stats, py::arg("S"), py::arg("T"), py::arg("ms"), py::arg("zs"),
+        py::arg("mt"), py::arg("zt"), py::arg("u"), py::arg("cols"), nogil);
+  m.def("sim_xent_grad", &kdk::sim_xent_grad, py::arg("S"), py::arg("T"), py::arg("lse_sr"), py::arg("a_r"),
+        py::arg("lse_tr"), py::arg("b_r"), py::arg("lse_sc"), py::arg("a_c"), py::arg("lse_tc"), py::arg("b_c"), nogil);
   m.def("set_poison_outputs", &kdk::set_poison_outputs, py::arg("on"),
         "Debug: allocate kernel outputs filled with NaN so that unwritten elements show.");
   m.def("cpu_simd", &kdk::cpu_simd, "SIMD instruction set the CPU kernels were compiled for.");

@@ -2,13 +2,15 @@
 matrices), losses and every gradient including logit_scale and logit_bias; tiles forced small so
 that rows, labels and maxima fall in different tiles; a memory test in subprocesses."""
 
+import math
+
 import pytest
 import torch
 
 import kdkernels
 from kdkernels import reference
 from kdkernels.ops import similarity as SIM
-from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe
+from conftest import HAS_PEAK_RSS_RESET, RTOL, assert_close, run_memory_probe
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # the C++ sweeps per tile, and the same tiles in PyTorch operations
@@ -116,6 +118,49 @@ def test_similarity_kd_identical_models_give_zero():
     assert abs(kdkernels.similarity_kd(x, x.clone(), temperature=0.5).item()) < 1e-14
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 30, 257])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_distill_matches_reference(backend, N, dtype, seed, monkeypatch):
+    """open_clip's DistillClipLoss fused (both losses from the same tiles): each loss with its own
+    upstream gradient, against the float64 reference; 7 x 11 tiles, teacher width != student's."""
+    from kdkernels import functional as KF
+
+    monkeypatch.setattr(SIM, "ROW_TILE", 7)
+    monkeypatch.setattr(SIM, "COL_TILE", 11)
+    img, txt = emb(N, 16, dtype), emb(N, 16, dtype)
+    t_img, t_txt = emb(N, 24, dtype, grad=False), emb(N, 24, dtype, grad=False)
+    ls = torch.tensor(2.6, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    out = KF._clip_distill(img, txt, t_img, t_txt, ls, 30.0, backend=backend)
+    go = torch.rand(2, dtype=torch.float64) + 0.5
+    grads = torch.autograd.grad(out[0] * go[0] + out[1] * go[1], [img, txt, ls])
+    r = [x.detach().double().requires_grad_() for x in (img, txt, ls)]
+    ref = reference.clip_distill(r[0], r[1], t_img.double(), t_txt.double(), r[2], 30.0)
+    rgrads = torch.autograd.grad(ref[0] * go[0] + ref[1] * go[1], r)
+    for name, g, w in (("contrastive", out[0], ref[0]), ("distill", out[1], ref[1])):
+        assert_close(g, w, dtype, f"{name} N={N} seed={seed}")
+    for name, g, w in zip(("d image", "d text", "d log_scale"), grads, rgrads):
+        assert g.dtype == (dtype if name != "d log_scale" else ls.dtype)
+        if N == 1:  # every gradient is exactly 0; rounding is relative to scale * |b| = e^2.6 per unit weight
+            assert g.double().abs().max() <= 2 * RTOL[dtype] * math.exp(2.6) * float(go.max()), f"{name} seed={seed}"
+        else:
+            assert_close(g.reshape(-1), w.reshape(-1), dtype, f"{name} N={N} seed={seed}")
+
+
+def test_clip_distill_only_the_contrastive_loss_used():
+    """A loss left out of the graph passes no gradient (None upstream), the other is unchanged."""
+    from kdkernels import functional as KF
+
+    img, txt = emb(20, 8, torch.float64), emb(20, 8, torch.float64)
+    t_img, t_txt = emb(20, 8, torch.float64, grad=False), emb(20, 8, torch.float64, grad=False)
+    ls = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    contrastive, _ = KF._clip_distill(img, txt, t_img, t_txt, ls, 10.0)
+    got = torch.autograd.grad(contrastive, [img, txt, ls])
+    want = torch.autograd.grad(kdkernels.info_nce(img, txt, logit_scale=ls), [img, txt, ls])
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-14)
+
+
 def test_modules():
     a, b = emb(20, 8, torch.float32), emb(20, 8, torch.float32)
     ls = torch.nn.Parameter(torch.tensor(2.0))
@@ -164,6 +209,9 @@ MEMORY_PROBE = """
     def step(n):
         if which == "clip":
             kdkernels.info_nce(a[:n], b[:n], logit_scale=ls).backward()
+        elif which == "distill_clip":
+            c, d = kdkernels.functional._clip_distill(a[:n], b[:n], ta[:n], tb[:n], ls, 50.0)
+            (c + d).backward()
         else:
             kdkernels.similarity_kd(a[:n], ta[:n], b[:n], tb[:n], temperature=0.1).backward()
     step(64)
@@ -173,7 +221,7 @@ MEMORY_PROBE = """
 
 
 @pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="needs Linux /proc peak-RSS reset")
-@pytest.mark.parametrize("which", ["clip", "similarity_kd"])
+@pytest.mark.parametrize("which", ["clip", "distill_clip", "similarity_kd"])
 def test_peak_memory_is_linear_in_N(which):
     """N = 4096 and 16384 at D = 64 (CLIP; 2048 and 8192 for similarity_kd): an N x N fp32 matrix
     would be 64 MiB and 1 GiB at the first pair; the tiled loss needs its tiles (fixed) plus O(N D)
@@ -182,7 +230,7 @@ def test_peak_memory_is_linear_in_N(which):
     def extra(N):
         return run_memory_probe(MEMORY_PROBE, which, N, 64, single_thread=False)
 
-    n1, n2 = (4096, 16384) if which == "clip" else (2048, 8192)  # the second costs ~30 s in torch ops at 16384
+    n1, n2 = (4096, 16384) if which != "similarity_kd" else (2048, 8192)  # the second costs ~30 s in torch ops at 16384
     small, large = extra(n1), extra(n2)
     msg = f"{which}: peak extra {small / 2**20:.1f} MiB at N={n1}, {large / 2**20:.1f} MiB at N={n2}"
     per_row = 64 * 4 * 12  # a generous O(N D) allowance: a dozen fp32 [N, D] tensors

@@ -10,6 +10,12 @@
 //                       kernel's pass 1 with T = 1: the temperatures are folded into the matmuls)
 //   sim_rows_jsd        the JSD pass (Ks, Kt per row)
 //   sim_rows_grad       dD/dS per row times w_r (sweeps.h's gradient pass)
+//   sim_xent_stats      per row (or per column) of a student tile S and a teacher tile T: online
+//                       (max, sum of exponentials) of both and u = sum e^(T - max_T) S, for the soft
+//                       cross-entropy -sum softmax(T) log softmax(S) = lse(S) - u / z_T (open_clip's
+//                       DistillClipLoss, fused with CLIP's loss over the same S)
+//   sim_xent_grad       dS = a_r softmax_r(S) - b_r softmax_r(T) + a_c softmax_c(S) - b_c softmax_c(T)
+//                       written over S, returns sum dS * S
 // Statistics are 1-D tensors of the tile's rows (or columns), updated in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -369,6 +375,173 @@ void sim_rows_grad(const at::Tensor& S, const at::Tensor& T, at::Tensor& out, co
       }
     });
   });
+}
+
+// Rows (cols = false) or columns (cols = true) of the tiles S, T: online (m_s, z_s), (m_t, z_t) and
+// u = sum e^(T - m_t) S, each rescaled to the new maxima.
+void sim_xent_stats(const at::Tensor& S, const at::Tensor& T, at::Tensor& ms, at::Tensor& zs, at::Tensor& mt,
+                    at::Tensor& zt, at::Tensor& u, bool cols) {
+  check_tile(S, "sim_xent_stats");
+  check_tile(T, "sim_xent_stats teacher");
+  TORCH_CHECK(S.sizes() == T.sizes() && S.scalar_type() == T.scalar_type(), "sim_xent_stats: tiles differ");
+  const int64_t R = S.size(0), C = S.size(1);
+  for (auto* v : {&ms, &zs, &mt, &zt, &u}) check_vec(*v, cols ? C : R, S.scalar_type(), "sim_xent_stats statistics");
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "sim_xent_stats", [&] {
+    using acc_t = scalar_t;
+    constexpr int64_t W = Vec<acc_t>::size();
+    const acc_t *s = S.data_ptr<acc_t>(), *t = T.data_ptr<acc_t>();
+    acc_t *pms = ms.data_ptr<acc_t>(), *pzs = zs.data_ptr<acc_t>(), *pmt = mt.data_ptr<acc_t>();
+    acc_t *pzt = zt.data_ptr<acc_t>(), *pu = u.data_ptr<acc_t>();
+    auto merge_max = [](acc_t old, acc_t tile) { return (tile != tile) ? tile : std::max(old, tile); };
+    if (!cols) {
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const acc_t *sr = s + r * C, *tr = t + r * C;
+          const int64_t full = C / W * W;
+          Vec<acc_t> vs(-kInf<acc_t>), vt(-kInf<acc_t>);
+          for (int64_t j = 0; j < full; j += W) {
+            vs = at::vec::maximum(vs, Vec<acc_t>::loadu(sr + j));
+            vt = at::vec::maximum(vt, Vec<acc_t>::loadu(tr + j));
+          }
+          acc_t xs = hmax(vs), xt = hmax(vt);
+          for (int64_t j = full; j < C; ++j) {
+            xs = (sr[j] != sr[j] || sr[j] > xs) ? sr[j] : xs;
+            xt = (tr[j] != tr[j] || tr[j] > xt) ? tr[j] : xt;
+          }
+          const acc_t ns = merge_max(pms[r], xs), nt = merge_max(pmt[r], xt);
+          const Vec<acc_t> vns(safe(ns)), vnt(safe(nt));
+          Vec<acc_t> as(0), at_(0), au(0);
+          for (int64_t j = 0; j < full; j += W) {
+            const Vec<acc_t> x = Vec<acc_t>::loadu(sr + j), e = vexp(Vec<acc_t>::loadu(tr + j) - vnt);
+            as = as + vexp(x - vns);
+            at_ = at_ + e;
+            au = at::vec::fmadd(e, x, au);
+          }
+          acc_t zs_ = hsum(as), zt_ = hsum(at_), uu = hsum(au);
+          for (int64_t j = full; j < C; ++j) {
+            const acc_t e = std::exp(tr[j] - safe(nt));
+            zs_ += std::exp(sr[j] - safe(ns));
+            zt_ += e;
+            uu += e * sr[j];
+          }
+          const acc_t fs = std::exp(pms[r] - safe(ns)), ft = std::exp(pmt[r] - safe(nt));
+          pzs[r] = pzs[r] * fs + zs_;
+          pzt[r] = pzt[r] * ft + zt_;
+          pu[r] = pu[r] * ft + uu;
+          pms[r] = ns;
+          pmt[r] = nt;
+        }
+      });
+      return;
+    }
+    // columns in chunks of 256 (their running values stay in cache), swept along the rows
+    constexpr int64_t kCols = 256;
+    at::parallel_for(0, (C + kCols - 1) / kCols, 1, [&](int64_t c0, int64_t c1) {
+      alignas(64) acc_t xs[kCols], xt[kCols], as[kCols], at_[kCols], au[kCols];
+      for (int64_t cb = c0; cb < c1; ++cb) {
+        const int64_t j0 = cb * kCols, n = std::min(kCols, C - j0);
+        for (int64_t k = 0; k < n; ++k) xs[k] = xt[k] = -kInf<acc_t>;
+        for (int64_t r = 0; r < R; ++r) {
+          const acc_t *sr = s + r * C + j0, *tr = t + r * C + j0;
+          int64_t k = 0;
+          for (; k + W <= n; k += W) {
+            at::vec::maximum(Vec<acc_t>::loadu(xs + k), Vec<acc_t>::loadu(sr + k)).store(xs + k);
+            at::vec::maximum(Vec<acc_t>::loadu(xt + k), Vec<acc_t>::loadu(tr + k)).store(xt + k);
+          }
+          for (; k < n; ++k) {
+            xs[k] = (sr[k] != sr[k] || sr[k] > xs[k]) ? sr[k] : xs[k];
+            xt[k] = (tr[k] != tr[k] || tr[k] > xt[k]) ? tr[k] : xt[k];
+          }
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t j = j0 + k;
+          const acc_t ns = merge_max(pms[j], xs[k]), nt = merge_max(pmt[j], xt[k]);
+          const acc_t ft = std::exp(pmt[j] - safe(nt));
+          pzs[j] *= std::exp(pms[j] - safe(ns));
+          pzt[j] *= ft;
+          pu[j] *= ft;
+          pms[j] = ns;
+          pmt[j] = nt;
+          xs[k] = safe(ns);
+          xt[k] = safe(nt);
+          as[k] = at_[k] = au[k] = 0;
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          const acc_t *sr = s + r * C + j0, *tr = t + r * C + j0;
+          int64_t k = 0;
+          for (; k + W <= n; k += W) {
+            const Vec<acc_t> x = Vec<acc_t>::loadu(sr + k);
+            const Vec<acc_t> e = vexp(Vec<acc_t>::loadu(tr + k) - Vec<acc_t>::loadu(xt + k));
+            (Vec<acc_t>::loadu(as + k) + vexp(x - Vec<acc_t>::loadu(xs + k))).store(as + k);
+            (Vec<acc_t>::loadu(at_ + k) + e).store(at_ + k);
+            at::vec::fmadd(e, x, Vec<acc_t>::loadu(au + k)).store(au + k);
+          }
+          for (; k < n; ++k) {
+            const acc_t e = std::exp(tr[k] - xt[k]);
+            as[k] += std::exp(sr[k] - xs[k]);
+            at_[k] += e;
+            au[k] += e * sr[k];
+          }
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          pzs[j0 + k] += as[k];
+          pzt[j0 + k] += at_[k];
+          pu[j0 + k] += au[k];
+        }
+      }
+    });
+  });
+}
+
+double sim_xent_grad(at::Tensor& S, const at::Tensor& T, const at::Tensor& lse_sr, const at::Tensor& a_r,
+                     const at::Tensor& lse_tr, const at::Tensor& b_r, const at::Tensor& lse_sc, const at::Tensor& a_c,
+                     const at::Tensor& lse_tc, const at::Tensor& b_c) {
+  check_tile(S, "sim_xent_grad");
+  check_tile(T, "sim_xent_grad teacher");
+  TORCH_CHECK(S.sizes() == T.sizes() && S.scalar_type() == T.scalar_type(), "sim_xent_grad: tiles differ");
+  const int64_t R = S.size(0), C = S.size(1);
+  for (auto* v : {&lse_sr, &a_r, &lse_tr, &b_r}) check_vec(*v, R, S.scalar_type(), "sim_xent_grad row values");
+  for (auto* v : {&lse_sc, &a_c, &lse_tc, &b_c}) check_vec(*v, C, S.scalar_type(), "sim_xent_grad column values");
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES(S.scalar_type(), "sim_xent_grad", [&] {
+    using acc_t = scalar_t;
+    constexpr int64_t W = Vec<acc_t>::size();
+    acc_t* s = S.data_ptr<acc_t>();
+    const acc_t* t = T.data_ptr<acc_t>();
+    const acc_t *lsr = lse_sr.data_ptr<acc_t>(), *ar = a_r.data_ptr<acc_t>();
+    const acc_t *ltr = lse_tr.data_ptr<acc_t>(), *br = b_r.data_ptr<acc_t>();
+    const acc_t *lsc = lse_sc.data_ptr<acc_t>(), *ac = a_c.data_ptr<acc_t>();
+    const acc_t *ltc = lse_tc.data_ptr<acc_t>(), *bc = b_c.data_ptr<acc_t>();
+    total = at::parallel_reduce(0, R, 16, 0.0, [&](int64_t r0, int64_t r1, double ident) {
+      double part = ident;
+      for (int64_t r = r0; r < r1; ++r) {
+        acc_t* row = s + r * C;
+        const acc_t* trow = t + r * C;
+        const Vec<acc_t> vlsr(lsr[r]), var(ar[r]), vltr(ltr[r]), vbr(br[r]);
+        Vec<acc_t> vsum(0);
+        const int64_t full = C / W * W;
+        for (int64_t j = 0; j < full; j += W) {
+          const Vec<acc_t> x = Vec<acc_t>::loadu(row + j), y = Vec<acc_t>::loadu(trow + j);
+          Vec<acc_t> d = var * vexp(x - vlsr) - vbr * vexp(y - vltr);
+          d = at::vec::fmadd(Vec<acc_t>::loadu(ac + j), vexp(x - Vec<acc_t>::loadu(lsc + j)), d);
+          d = d - Vec<acc_t>::loadu(bc + j) * vexp(y - Vec<acc_t>::loadu(ltc + j));
+          vsum = at::vec::fmadd(d, x, vsum);
+          d.store(row + j);
+        }
+        acc_t rs = hsum(vsum);
+        for (int64_t j = full; j < C; ++j) {
+          const acc_t x = row[j], y = trow[j];
+          const acc_t d = ar[r] * std::exp(x - lsr[r]) - br[r] * std::exp(y - ltr[r]) + ac[j] * std::exp(x - lsc[j]) -
+                          bc[j] * std::exp(y - ltc[j]);
+          rs += d * x;
+          row[j] = d;
+        }
+        part += rs;
+      }
+      return part;
+    }, std::plus<double>());
+  });
+  return total;
 }
 
 }  // namespace kdk

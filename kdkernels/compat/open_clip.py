@@ -12,8 +12,9 @@ them).
   gradient is 0, as in open_clip).
 * ``DistillClipLoss``: returns ``(contrastive_loss, distill_loss)``; the distillation term is
   open_clip's soft cross-entropy ``-Σ softmax(S_teacher) log softmax(S_student)`` averaged over
-  rows and over columns, which is :func:`kdkernels.similarity_kd` (forward KL, both directions,
-  the student's scale learnable) plus the teacher's mean entropy (a constant for the student).
+  rows and over columns (forward KL of :func:`kdkernels.similarity_kd` plus the teacher's entropy).
+  Both terms come from one pass over the tiles of ``S`` and of the teacher's similarities: they
+  share ``S`` and its log-sum-exps (``kdkernels.ops.similarity.clip_distill_forward``).
 * ``SigLipLoss``: ``-Σ log σ(z ∘ (S + logit_bias)) / N``: :func:`kdkernels.info_nce` with
   ``kind="sigmoid"``.
 
@@ -69,15 +70,10 @@ class DistillClipLoss(ClipLoss):
 
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict: bool = False):
-        contrastive = self._contrastive(image_features, text_features, logit_scale)
-        scale = logit_scale if isinstance(logit_scale, torch.Tensor) else \
-            torch.tensor(float(logit_scale), device=image_features.device)
-        t_scale = float(dist_logit_scale)
-        # soft cross-entropy = forward KL + the teacher's entropy, both from one pass over the tiles
-        kl, entropy = KF._similarity_kd(image_features, dist_image_features, text_features, dist_text_features,
-                                        temperature=1.0 / t_scale, student_temperature=1.0 / scale.reshape(()),
-                                        kind="forward", normalize=False, symmetric=True, teacher_entropy=True)
-        distill = kl + entropy.mean().to(kl.dtype)
+        # both losses from one pass over the tiles of the student's similarities (and the teacher's)
+        contrastive, distill = KF._clip_distill(image_features, text_features, dist_image_features,
+                                                dist_text_features, _log_scale(logit_scale, image_features),
+                                                float(dist_logit_scale))
         if output_dict:
             return {"contrastive_loss": contrastive, "distill_loss": distill}
         return contrastive, distill

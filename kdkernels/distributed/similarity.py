@@ -106,10 +106,10 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
         tb_all = None if teacher_b is None else _gather(teacher_b.detach(), group, sizes)
     sa_all = _gather(student_a, group, sizes)
     if student_b is None:
-        rows = KF._similarity_kd(student_a, teacher_a, sa_all, ta_all, mask_offset=offset, **kw)[0]
+        rows = KF._similarity_kd(student_a, teacher_a, sa_all, ta_all, mask_offset=offset, **kw)
     else:
         sb_all = _gather(student_b, group, sizes)
-        rows = KF._similarity_kd(student_a, teacher_a, sb_all, tb_all, **kw)[0]
+        rows = KF._similarity_kd(student_a, teacher_a, sb_all, tb_all, **kw)
         if symmetric:
-            rows = 0.5 * (rows + KF._similarity_kd(student_b, teacher_b, sa_all, ta_all, **kw)[0])
+            rows = 0.5 * (rows + KF._similarity_kd(student_b, teacher_b, sa_all, ta_all, **kw))
     return _reduce(rows, reduction)

@@ -196,26 +196,6 @@ def _sigmoid_negatives(S, rows, g, bias, cpu):
     return out
 
 
-class _Entropy:
-    """Online entropy of the softmaxes of rows seen in column tiles: H = lse - sum p x."""
-
-    def __init__(self, n, acc, dev):
-        self.m = torch.full((n,), -math.inf, dtype=acc, device=dev)
-        self.z = torch.zeros(n, dtype=acc, device=dev)
-        self.h = torch.zeros(n, dtype=acc, device=dev)
-
-    def update(self, sl, x):
-        m_new = torch.maximum(self.m[sl], x.max(1).values)
-        f = torch.exp(self.m[sl] - _safe(m_new))
-        e = torch.exp(x - _safe(m_new)[:, None])
-        self.z[sl] = self.z[sl] * f + e.sum(1)
-        self.h[sl] = self.h[sl] * f + _xlogy(e, x).sum(1)
-        self.m[sl] = m_new
-
-    def entropy(self):
-        return _safe(self.m) + torch.log(self.z) - self.h / self.z
-
-
 # ------------------------------------------------------------------------------ info_nce
 
 def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -312,15 +292,13 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
 
 def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
                         inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
-                        backend: str = "torch", teacher_entropy: bool = False, mask_offset: Optional[int] = None,
+                        backend: str = "torch", mask_offset: Optional[int] = None,
                         row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
-    """[rows, d sa, d sb, d inv_ts, teacher entropy rows]: per-row D(teacher || student) of the
+    """[rows, d sa, d sb, d inv_ts]: per-row D(teacher || student) of the
     similarity rows (averaged with the columns' when ``symmetric`` and b is given); ``sb``/``tb``
     None means self-similarity without the diagonal. ``need`` = (sa, sb, inv_ts). Embeddings are
     used as given (normalize before). d inv_ts = sum dL/dS_s ∘ (a_s b_sᵀ) = sum_i a_i . (d a)_i /
     inv_ts (halved for self-similarity, where d a holds both the row and the column terms).
-    ``teacher_entropy``: also the entropies of the teacher's rows (averaged with its columns' the
-    same way), from the teacher tiles of the first pass (the soft cross-entropy is D + H).
     ``mask_offset`` (b given): the entries (i, i + mask_offset) are left out, as the diagonal of a
     self-similarity is: rows of a rank's slice against the gathered batch (kdkernels.distributed)."""
     cpu = backend == "cpu"
@@ -351,18 +329,12 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
 
     rows_d = Div(na, kind, beta, acc, dev)
     cols_d = Div(nb, kind, beta, acc, dev) if both else None
-    ent_r = _Entropy(na, acc, dev) if teacher_entropy else None
-    ent_c = _Entropy(nb, acc, dev) if teacher_entropy and both else None
     for phase in range(2 if kind == 2 else 1):
         for ri in rt:
             for ci in ct:
                 s, t = tile(ri, ci)
                 for d, sl, x, y in ((rows_d, ri, s, t),) + (((cols_d, ci, s.t(), t.t()),) if both else ()):
                     (d.update if phase == 0 else d.update_jsd)(sl, x, y)
-                if phase == 0 and ent_r is not None:
-                    ent_r.update(ri, t)
-                    if ent_c is not None:
-                        ent_c.update(ci, t.t())
         for d in (rows_d, cols_d):
             if d is not None:
                 d.finish() if phase == 0 else d.finish_jsd()
@@ -386,10 +358,113 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
     d_inv = None
     if want_t:
         d_inv = (SA * dsa).sum() / inv_ts * (0.5 if self_sim else 1.0)
-    ent = None
-    if ent_r is not None:
-        ent = 0.5 * (ent_r.entropy() + ent_c.entropy()) if ent_c is not None else ent_r.entropy()
-        if self_sim and na < 2:
-            ent = torch.zeros(na, dtype=acc, device=dev)
-    return [rows, dsa if need[0] else None, dsb, d_inv, ent]
+    return [rows, dsa if need[0] else None, dsb, d_inv]
 
+
+
+# ------------------------------------------------------------------------------ CLIP + distillation
+
+class _Xent:
+    """Online statistics, per row, of a student tile S and a teacher tile T seen in column tiles:
+    (m_s, z_s), (m_t, z_t) and u = Σ e^(T - m_t) S, for the soft cross-entropy
+    -Σ softmax(T) log softmax(S) = lse(S) - u / z_t."""
+
+    def __init__(self, n, acc, dev):
+        self.ms, self.mt = (torch.full((n,), -math.inf, dtype=acc, device=dev) for _ in range(2))
+        self.zs, self.zt, self.u = (torch.zeros(n, dtype=acc, device=dev) for _ in range(3))
+
+    def update(self, sl, s, t, cols, cpu):
+        if cpu:
+            _C().sim_xent_stats(s, t, self.ms[sl], self.zs[sl], self.mt[sl], self.zt[sl], self.u[sl], cols)
+            return
+        if cols:
+            s, t = s.t(), t.t()
+        ms = torch.maximum(self.ms[sl], s.max(1).values)
+        mt = torch.maximum(self.mt[sl], t.max(1).values)
+        ft = torch.exp(self.mt[sl] - _safe(mt))
+        e = torch.exp(t - _safe(mt)[:, None])
+        self.zs[sl] = self.zs[sl] * torch.exp(self.ms[sl] - _safe(ms)) + torch.exp(s - _safe(ms)[:, None]).sum(1)
+        self.zt[sl] = self.zt[sl] * ft + e.sum(1)
+        self.u[sl] = self.u[sl] * ft + (e * s).sum(1)
+        self.ms[sl], self.mt[sl] = ms, mt
+
+    def finish(self):
+        """(lse_s, lse_t, soft cross-entropy) per row."""
+        lse_s, lse_t = _safe(self.ms) + torch.log(self.zs), _safe(self.mt) + torch.log(self.zt)
+        return lse_s, lse_t, lse_s - self.u / self.zt
+
+
+def _xent_dS(S, T, row, col, cpu):
+    """dS = a_r softmax_r(S) - b_r softmax_r(T) + a_c softmax_c(S) - b_c softmax_c(T), written over S;
+    ``row`` / ``col`` = (lse_s, a, lse_t, b) of the tile's rows / columns. Returns Σ dS ∘ S."""
+    if cpu:
+        return _C().sim_xent_grad(S, T, *row, *col)
+    (lsr, ar, ltr, br), (lsc, ac, ltc, bc) = row, col
+    dS = ar[:, None] * torch.exp(S - lsr[:, None]) - br[:, None] * torch.exp(T - ltr[:, None])
+    dS += ac[None, :] * torch.exp(S - lsc[None, :]) - bc[None, :] * torch.exp(T - ltc[None, :])
+    total = (dS * S).sum()
+    S.copy_(dS)
+    return total
+
+
+def _clip_distill_setup(a, b, ta, tb, log_scale, t_scale):
+    acc = _acc(a, b, ta, tb)
+    A, B = a.to(acc).contiguous(), b.to(acc).contiguous()
+    scale = log_scale.detach().to(acc).exp()
+    TA, TB = (ta.to(acc) * float(t_scale)).contiguous(), tb.to(acc).contiguous()
+    return acc, A, B, A * scale, TA, TB, scale
+
+
+def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale: Tensor, t_scale: float, *,
+                         backend: str = "torch", row_tile=None, col_tile=None):
+    """open_clip's ``DistillClipLoss`` over one pass of tiles: with ``S = exp(log_scale) a bᵀ``
+    (pairs i ↔ i) and the teacher's ``T = t_scale ta tbᵀ``, returns (contrastive rows, distillation
+    rows, statistics): ``contrastive_i = (lse_row(S)_i + lse_col(S)_i) / 2 - S_ii`` (CLIP's two
+    cross-entropies) and ``distill_i = (xent_row_i + xent_col_i) / 2`` with ``xent`` the soft
+    cross-entropy of a row (column) of S against the same row (column) of T. Both share the
+    student's tile and its log-sum-exps. ``statistics`` feed :func:`clip_distill_backward`."""
+    cpu = backend == "cpu"
+    acc, A, B, As, TA, TB, _ = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale)
+    n, dev = A.shape[0], A.device
+    rows, cols = _Xent(n, acc, dev), _Xent(n, acc, dev)
+    for ri in _tiles(n, row_tile or ROW_TILE):
+        for ci in _tiles(n, col_tile or COL_TILE):
+            S, T = As[ri] @ B[ci].t(), TA[ri] @ TB[ci].t()
+            rows.update(ri, S, T, False, cpu)
+            cols.update(ci, S, T, True, cpu)
+    lsr, ltr, xr = rows.finish()
+    lsc, ltc, xc = cols.finish()
+    pos = (As * B).sum(1)
+    return 0.5 * (lsr + lsc) - pos, 0.5 * (xr + xc), (lsr, ltr, lsc, ltc)
+
+
+def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w_d: float, need, *,
+                          backend: str = "torch", row_tile=None, col_tile=None):
+    """(d a, d b, d log_scale) of ``w_c Σ contrastive_i + w_d Σ distill_i`` (None where ``need`` is
+    False), recomputing the tiles of :func:`clip_distill_forward` with its ``statistics``:
+    ``dS = (w_c + w_d)/2 (P_row + P_col)(S) - w_d/2 (P_row + P_col)(T)`` minus ``w_c`` at the pairs."""
+    cpu = backend == "cpu"
+    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale)
+    n, dev = A.shape[0], A.device
+    sf = float(scale)
+    da = torch.zeros_like(A) if need[0] else None
+    db = torch.zeros_like(B) if need[1] else None
+    d_ls = torch.zeros((), dtype=acc, device=dev)
+    lsr, ltr, lsc, ltc = stats
+    ws = torch.full((n,), 0.5 * (w_c + w_d), dtype=acc, device=dev)
+    wt = torch.full((n,), 0.5 * w_d, dtype=acc, device=dev)
+    for ri in _tiles(n, row_tile or ROW_TILE):
+        for ci in _tiles(n, col_tile or COL_TILE):
+            S, T = As[ri] @ B[ci].t(), TA[ri] @ TB[ci].t()
+            d_ls += _xent_dS(S, T, (lsr[ri], ws[ri], ltr[ri], wt[ri]), (lsc[ci], ws[ci], ltc[ci], wt[ci]), cpu)
+            if da is not None:
+                da[ri].addmm_(S, B[ci], alpha=sf)
+            if db is not None:
+                db[ci].addmm_(S.t(), A[ri], alpha=sf)
+    # the pairs: -w_c at (i, i)
+    if da is not None:
+        da.add_(B, alpha=-w_c * sf)
+    if db is not None:
+        db.add_(A, alpha=-w_c * sf)
+    d_ls -= w_c * (As * B).sum()
+    return da, db, (d_ls if need[2] else None)
