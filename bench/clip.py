@@ -110,4 +110,5 @@ FAMILY = Family(
     min_bytes=min_bytes,
     providers=providers,
     skip=skip_dense,
+    dims="N×D",
 )

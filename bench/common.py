@@ -70,6 +70,7 @@ class Family:
     # (provider name, shape) -> why the provider cannot run that shape (e.g. an N x N matrix beyond
     # the machine's memory), or None; skipped cases are named in the notes
     skip: Optional[Callable] = None
+    dims: str = "N×V"  # what the numbers of a case are, for the table's first column
 
     def shape_label(self, shape: Shape) -> str:
         return "x".join(str(d) for d in shape)
@@ -437,12 +438,12 @@ def _fmt_ms(x: float) -> str:
     return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
 
 
-TABLE_COLUMNS = ["case N×V", "dtype", "provider", "median ms", "spread (IQR ms)", "peak extra MiB",
+TABLE_COLUMNS = ["case", "dtype", "provider", "median ms", "spread (IQR ms)", "peak extra MiB",
                  "speed-up vs eager", "speed-up vs compile", "speed-up vs fastest peer", "GB/s"]
 
 
-def markdown_table(rows: list) -> str:
-    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
+def markdown_table(rows: list, dims: str = "N×V") -> str:
+    lines = ["| " + " | ".join([f"case {dims}"] + TABLE_COLUMNS[1:]) + " |",
              "|" + "|".join("---:" if i >= 3 else "---" for i in range(len(TABLE_COLUMNS))) + "|"]
     for r in rows:
         flag = "" if r["check_ok"] else " (!)"
@@ -475,7 +476,7 @@ def report_markdown(family: Family, env: dict, rows: list, notes: list) -> str:
         out.append("(!) result differs from eager beyond tolerance: " + "; ".join(bad))
     if notes or bad:
         out.append("")
-    out.append(markdown_table(rows))
+    out.append(markdown_table(rows, family.dims))
     return "\n".join(out) + "\n"
 
 

@@ -52,4 +52,4 @@ def providers(device, notes):
 
 FAMILY = Family(name="compat_liger", title="Liger-Kernel LigerFusedLinearJSDLoss vs its kdkernels drop-in",
                 shapes=SHAPES, quick_shapes=QUICK_SHAPES, tiny_shape=(4, 32, 256), make_inputs=make_inputs,
-                min_bytes=min_bytes, providers=providers)
+                min_bytes=min_bytes, providers=providers, dims="N×H×V")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from bench.clip import load_open_clip_loss, ours, skip_dense
 from bench.common import CompiledProvider, Family, Provider, peer_provider
 
-SHAPES = [(4096, 256), (16384, 256)]
+SHAPES = [(4096, 256), (16384, 256), (65536, 256)]
 QUICK_SHAPES = [(4096, 256)]
 
 
@@ -79,5 +79,6 @@ FAMILY = Family(
     min_bytes=min_bytes,
     providers=providers,
     skip=skip_dense,
+    dims="N×D",
 )
 

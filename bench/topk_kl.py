@@ -80,4 +80,5 @@ FAMILY = Family(
     make_inputs=make_inputs,
     min_bytes=min_bytes,
     providers=providers,
+    dims="N×V×k",
 )
