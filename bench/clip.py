@@ -83,7 +83,9 @@ def load_open_clip_loss():
 def ours(device, make_loss):
     import kdkernels
 
-    backend = "cpu" if device == "cpu" and kdkernels.build_info()["extension"] else "torch"
+    if device == "cuda":
+        return [Provider("kdkernels-triton", make_loss("triton")), Provider("kdkernels-torch", make_loss("torch"))]
+    backend = "cpu" if kdkernels.build_info()["extension"] else "torch"
     return [Provider(f"kdkernels-{backend}", make_loss(backend))]
 
 

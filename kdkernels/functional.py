@@ -484,20 +484,12 @@ def _check_embeddings(name: str, x, D: Optional[int] = None) -> None:
 
 
 def _similarity_backend(backend: str, device, op: str) -> str:
-    """"cpu" (C++ sweeps per tile) or "torch" (PyTorch operations per tile, any device)."""
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    if backend in ("triton", "cuda"):
-        raise ValueError(f"{op}(backend={backend!r}): this release computes {op} as tiles of ATen matmuls with "
-                         "the element-wise work in C++ ('cpu') or PyTorch ('torch', any device); use "
-                         "backend='auto', 'cpu' or 'torch'")
-    if backend == "auto":
-        return "cpu" if device.type == "cpu" and _ext.available() else "torch"
-    if backend == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"{op}(backend='cpu') runs CPU tensors, got tensors on {device}")
-        _ext.require(f"{op}(backend='cpu')")
-    return backend
+    """"triton" (the default for CUDA tensors), "cpu" (C++ sweeps per tile) or "torch" (PyTorch
+    operations per tile, any device); there is no CUDA C++ kernel for the similarity losses."""
+    if backend == "cuda":
+        raise ValueError(f"{op}(backend='cuda'): the similarity losses have no CUDA C++ kernel; on CUDA tensors "
+                         "use backend='auto' or 'triton' (Triton kernels), or 'torch'")
+    return _backend.resolve(backend, device, op, has_cuda_kernel=False)
 
 
 class _InfoNCE(torch.autograd.Function):
@@ -546,9 +538,11 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
         logit_bias: a 0-d tensor (``kind="sigmoid"`` only), with gradient.
         labels: int ``[N_a]`` in ``[0, N_b)``, or None.
         reduction: ``"mean"`` over rows of ``a``, ``"sum"``, or ``"none"`` (``[N_a]``).
-        backend: ``"auto"`` (``"cpu"`` for CPU tensors when the extension is built, else
-            ``"torch"``), ``"cpu"`` (ATen matmuls per tile, the element-wise work in C++ sweeps) or
-            ``"torch"`` (the same tiles in PyTorch operations, any device).
+        backend: ``"auto"`` (``"triton"`` for CUDA tensors, ``"cpu"`` for CPU tensors when the
+            extension is built, else ``"torch"``), ``"triton"`` (tensor-core tiles, the gradients
+            in the same kernel; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"cpu"`` (ATen
+            matmuls per tile, the element-wise work in C++ sweeps) or ``"torch"`` (the same tiles
+            in PyTorch operations, any device).
 
     Memory beyond the inputs and their gradients: O(N) statistics and fixed-size tiles of S.
     """

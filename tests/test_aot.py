@@ -183,3 +183,35 @@ def test_topk_kl_compiles_without_spills():
         if r["stack"]:
             bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
     assert not bad, bad
+
+
+if triton is not None:
+    from kdkernels.triton import similarity  # noqa: E402
+
+    SIM_CASES = similarity.aot_cases()
+else:
+    SIM_CASES = []
+
+
+def _sim_case_id(case):
+    kernel, sig, flags, num_warps = case
+    what = kernel.split("_")[-1]
+    mode = {0: "infonce", 1: "kd", 2: "xent"}.get(flags.get("MODE"), "siglip")
+    extra = (f"-phase{flags['PHASE']}" if "PHASE" in flags else "") + (f"-k{flags['KIND']}" if "KIND" in flags else "")
+    return f"{sig['x_ptr'].split(':')[0][1:]}-{what}-{mode}{extra}-{flags['BLOCK_N']}x{flags['BLOCK_V']}-w{num_warps}"
+
+
+@pytest.mark.skipif(triton is None or not os.path.exists(CUOBJDUMP), reason="needs triton and its cuobjdump")
+def test_similarity_compiles_without_spills():
+    """The InfoNCE / similarity_kd / DistillClipLoss / SigLIP kernels (statistics, gradients, the
+    one-pass sigmoid kernel) for each operand dtype, sm_80 and sm_90: compiled, no spills."""
+    jobs = [(*case, arch) for case in SIM_CASES for arch in ARCHS]
+    bad = []
+    for (kernel, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
+        name = _sim_case_id((kernel, sig, flags, warps))
+        assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
+        occ = aot.occupancy(r["reg"], r["shared"], warps, arch)
+        print(f"\nsm_{arch} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}", end="")
+        if r["stack"]:
+            bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
+    assert not bad, bad

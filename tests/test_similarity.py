@@ -1,6 +1,8 @@
 """info_nce and similarity_kd against the float64 references (which materialize the N x N
-matrices), losses and every gradient including logit_scale and logit_bias; tiles forced small so
-that rows, labels and maxima fall in different tiles; a memory test in subprocesses."""
+matrices), losses and every gradient including logit_scale and logit_bias, on every backend (the
+Triton kernels under the interpreter when there is no GPU); the PyTorch-loop tiles forced small so
+that rows, labels and maxima fall in different tiles (the interpreted Triton kernels use 16 x 256
+tiles and 3 column splits, so N = 257 and 4096 cross tiles there); a memory test in subprocesses."""
 
 import math
 
@@ -9,12 +11,15 @@ import torch
 
 import kdkernels
 from kdkernels import reference
+from kdkernels._backend import triton_interpreted
 from kdkernels.ops import similarity as SIM
-from conftest import HAS_PEAK_RSS_RESET, RTOL, assert_close, run_memory_probe
+from conftest import HAS_PEAK_RSS_RESET, RTOL, assert_close, run_memory_probe, triton_ok
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-# the C++ sweeps per tile, and the same tiles in PyTorch operations
-BACKENDS = (["cpu"] if kdkernels.build_info()["extension"] else []) + ["torch"]
+# the C++ sweeps per tile, the Triton kernels (under the interpreter when there is no GPU), and the
+# same tiles in PyTorch operations
+BACKENDS = (["cpu"] if kdkernels.build_info()["extension"] else []) + \
+    (["triton"] if triton_ok() and triton_interpreted() else []) + ["torch"]
 
 
 def grads_vs_reference(fn, ref_fn, tensors, dtype, what, **kw):
@@ -39,6 +44,12 @@ def grads_vs_reference(fn, ref_fn, tensors, dtype, what, **kw):
     return out
 
 
+def skip_slow_interpreted(backend, N):
+    if backend == "triton" and triton_interpreted() and N >= 4096:
+        pytest.skip("interpreted Triton at N = 4096 costs 50-160 s a case (measured); N = 257 already crosses its "
+                    "16 x 256 tiles and 2 column splits")
+
+
 def emb(n, d, dtype, grad=True, scale=1.0):
     x = torch.nn.functional.normalize(torch.randn(n, d, dtype=torch.float64), dim=-1) * scale
     return x.to(dtype).requires_grad_(grad)
@@ -48,6 +59,7 @@ def emb(n, d, dtype, grad=True, scale=1.0):
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_info_nce_matches_reference(backend, N, D, kind, seed):
+    skip_slow_interpreted(backend, N)
     a, b = emb(N, D, torch.float32), emb(N, D, torch.float32)
     ls = torch.tensor(2.3, requires_grad=True)
     kw = dict(logit_scale=ls, kind=kind, backend=backend)
@@ -85,6 +97,7 @@ def test_info_nce_is_clip():
 @pytest.mark.parametrize("kind", ["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_similarity_kd_matches_reference(backend, N, Ds, Dt, cross, kind, seed):
+    skip_slow_interpreted(backend, N)
     if N == 4096 and kind != "forward":
         pytest.skip("N = 4096 once per direction is enough (the float64 reference holds 4 N x N matrices)")
     # N = 1: one-element rows, whose exact gradient is 0; fp32 leaves O(eps |S|), so keep |S| small there
@@ -185,6 +198,9 @@ def _bad():
         ("few b", lambda: f(a, b[:3], temperature=0.1), ValueError, "b needs at least N_a = 4 rows"),
         ("kind", lambda: f(a, b, temperature=0.1, kind="hinge"), ValueError, "kind must be"),
         ("backend", lambda: f(a, b, temperature=0.1, backend="gpu"), ValueError, "backend must be one of"),
+        ("backend cuda", lambda: f(a, b, temperature=0.1, backend="cuda"), ValueError, "no CUDA C++ kernel"),
+        ("DistillClipLoss rows", lambda: kdkernels.functional._clip_distill(a, b[:3], a, b, torch.tensor(1.0), 10.0),
+         ValueError, "must have the same rows"),
         ("kd rows", lambda: g(a, torch.randn(5, 8)), ValueError, "same rows"),
         ("kd half b", lambda: g(a, a, b, None), ValueError, "give both student_b and teacher_b"),
         ("kd sym rows", lambda: g(a, a, torch.randn(6, 8), torch.randn(6, 8)), ValueError, "same number of rows"),

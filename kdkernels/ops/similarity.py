@@ -170,6 +170,12 @@ def _C():
     return _ext.require("the similarity losses (backend='cpu')")
 
 
+def _triton():
+    from kdkernels.triton import similarity
+
+    return similarity
+
+
 def _softmax_dS(S, lse_r, w_r, lse_c, w_c, cpu):
     """dS = w_r exp(S - lse_r) (+ w_c exp(S - lse_c) per column), written over S; returns sum dS * S."""
     if cpu:
@@ -234,7 +240,16 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
             db[ci].addmm_(dS.t(), A[ri], alpha=scale_f)
 
     pos = (As * B[labels]).sum(1)  # S at the positive pairs, without the bias
-    if sigmoid:
+    if sigmoid and backend == "triton":
+        rows, sum_d, sum_ds = _triton().sigmoid_tiles(a, b, scale=scale_f, bias=bias_f, g=g if any_grad else None,
+                                                     dx=da, dy=db)
+        if d_bias is not None:
+            d_bias.add_(sum_d)
+        if d_ls is not None:
+            d_ls.add_(sum_ds)
+        rows -= pos + bias_f
+        wp = -g
+    elif sigmoid:
         # every pair as a negative in the tiles, then the positives corrected: for z = +1 instead of -1,
         # softplus(-S) - softplus(S) = -S and the gradient changes by -g
         rows = torch.zeros(na, dtype=acc, device=dev)
@@ -251,21 +266,34 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
         rows -= pos + bias_f
         wp = -g
     else:
-        row_lse = (_LSECpu if cpu else _LSE)(na, acc, dev)
-        col_lse = (_LSECpu if cpu else _LSE)(nb, acc, dev)
-        for ri in rt:
-            for ci in ct:
-                S = tile(ri, ci)
-                row_lse.update(ri, S)
-                if symmetric:
-                    col_lse.update_cols(ci, S)
-        lse_r = row_lse.lse()
+        if backend == "triton":
+            TS = _triton()
+            cs = scale_f * TS.LOG2E
+            lse_r = TS.pair_stats(a, b, cs=cs)["lse2_a"] * TS.LN2
+            lse_c = TS.pair_stats(b, a, cs=cs)["lse2_a"] * TS.LN2 if symmetric else None
+        else:
+            row_lse = (_LSECpu if cpu else _LSE)(na, acc, dev)
+            col_lse = (_LSECpu if cpu else _LSE)(nb, acc, dev)
+            for ri in rt:
+                for ci in ct:
+                    S = tile(ri, ci)
+                    row_lse.update(ri, S)
+                    if symmetric:
+                        col_lse.update_cols(ci, S)
+            lse_r = row_lse.lse()
+            lse_c = col_lse.lse() if symmetric else None
         rows = lse_r - pos
-        lse_c = col_lse.lse() if symmetric else None
         if symmetric:
             rows = 0.5 * (rows + lse_c[labels] - pos)
         w = g * (0.5 if symmetric else 1.0)
-        if any_grad:
+        if any_grad and backend == "triton":
+            c = torch.zeros(nb, dtype=acc, device=dev).index_add_(0, labels, w) if symmetric else None
+            rv = TS.values({"lse2_a": lse_r * TS.LOG2E}, w * scale)
+            cv = TS.values({"lse2_a": lse_c * TS.LOG2E}, c * scale) if symmetric else None
+            total = TS.pair_grads(a, b, cs=cs, row_values=rv, col_values=cv, dx=da, dy=db)
+            if d_ls is not None:
+                d_ls.add_(total)
+        elif any_grad:
             c = torch.zeros(nb, dtype=acc, device=dev).index_add_(0, labels, w) if symmetric else None
             for ri in rt:
                 for ci in ct:
@@ -327,6 +355,23 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
             t[r - ri.start, r + off - ci.start] = -math.inf
         return s, t
 
+    if backend == "triton":
+        TS = _triton()
+        x, y = sa, (sa if self_sim else sb)
+        tx, ty = ta, (ta if self_sim else tb)
+        kw = dict(cs=inv_ts * TS.LOG2E, ct=inv_t * TS.LOG2E, mode=TS.MODE_KD, kind=kind, beta=beta)
+        st_r = TS.pair_stats(x, y, tx, ty, mask_off=off, **kw)
+        st_c = TS.pair_stats(y, x, ty, tx, mask_off=None if off is None else -off, **kw) if both else None
+        if self_sim and na < 2:
+            st_r["D"] = torch.zeros(na, dtype=acc, device=dev)
+        rows = 0.5 * (st_r["D"] + st_c["D"]) if both else st_r["D"]
+        if (dsa is not None or dsb is not None) and not (self_sim and na < 2):
+            w = g * (0.5 if both else 1.0) * inv_ts
+            TS.pair_grads(x, y, tx, ty, mask_off=off, row_values=TS.values(st_r, w),
+                          col_values=TS.values(st_c, w) if both else None, dx=dsa,
+                          dy=dsa if self_sim else dsb, **kw)
+        d_inv = (SA * dsa).sum() / inv_ts * (0.5 if self_sim else 1.0) if want_t else None
+        return [rows, dsa if need[0] else None, dsb, d_inv]
     rows_d = Div(na, kind, beta, acc, dev)
     cols_d = Div(nb, kind, beta, acc, dev) if both else None
     for phase in range(2 if kind == 2 else 1):
@@ -424,8 +469,16 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
     cross-entropy of a row (column) of S against the same row (column) of T. Both share the
     student's tile and its log-sum-exps. ``statistics`` feed :func:`clip_distill_backward`."""
     cpu = backend == "cpu"
-    acc, A, B, As, TA, TB, _ = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale)
+    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale)
     n, dev = A.shape[0], A.device
+    pos = (As * B).sum(1)
+    if backend == "triton":
+        TS = _triton()
+        kw = dict(cs=float(scale) * TS.LOG2E, ct=float(t_scale) * TS.LOG2E, mode=TS.MODE_XENT)
+        st_r, st_c = TS.pair_stats(a, b, ta, tb, **kw), TS.pair_stats(b, a, tb, ta, **kw)
+        lsr, lsc = st_r["lse2_a"] * TS.LN2, st_c["lse2_a"] * TS.LN2
+        stats = (lsr, st_r["lse2_b"] * TS.LN2, lsc, st_c["lse2_b"] * TS.LN2)
+        return 0.5 * (lsr + lsc) - pos, 0.5 * (st_r["xent"] + st_c["xent"]), stats
     rows, cols = _Xent(n, acc, dev), _Xent(n, acc, dev)
     for ri in _tiles(n, row_tile or ROW_TILE):
         for ci in _tiles(n, col_tile or COL_TILE):
@@ -434,7 +487,6 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
             cols.update(ci, S, T, True, cpu)
     lsr, ltr, xr = rows.finish()
     lsc, ltc, xc = cols.finish()
-    pos = (As * B).sum(1)
     return 0.5 * (lsr + lsc) - pos, 0.5 * (xr + xc), (lsr, ltr, lsc, ltc)
 
 
@@ -453,14 +505,21 @@ def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w
     lsr, ltr, lsc, ltc = stats
     ws = torch.full((n,), 0.5 * (w_c + w_d), dtype=acc, device=dev)
     wt = torch.full((n,), 0.5 * w_d, dtype=acc, device=dev)
-    for ri in _tiles(n, row_tile or ROW_TILE):
-        for ci in _tiles(n, col_tile or COL_TILE):
-            S, T = As[ri] @ B[ci].t(), TA[ri] @ TB[ci].t()
-            d_ls += _xent_dS(S, T, (lsr[ri], ws[ri], ltr[ri], wt[ri]), (lsc[ci], ws[ci], ltc[ci], wt[ci]), cpu)
-            if da is not None:
-                da[ri].addmm_(S, B[ci], alpha=sf)
-            if db is not None:
-                db[ci].addmm_(S.t(), A[ri], alpha=sf)
+    if backend == "triton":
+        TS = _triton()
+        to2 = lambda ls, lt: {"lse2_a": ls * TS.LOG2E, "lse2_b": lt * TS.LOG2E}  # noqa: E731
+        d_ls += TS.pair_grads(a, b, ta, tb, cs=sf * TS.LOG2E, ct=float(t_scale) * TS.LOG2E, mode=TS.MODE_XENT,
+                              row_values=TS.values(to2(lsr, ltr), ws * sf, wt * sf),
+                              col_values=TS.values(to2(lsc, ltc), ws * sf, wt * sf), dx=da, dy=db)
+    else:
+        for ri in _tiles(n, row_tile or ROW_TILE):
+            for ci in _tiles(n, col_tile or COL_TILE):
+                S, T = As[ri] @ B[ci].t(), TA[ri] @ TB[ci].t()
+                d_ls += _xent_dS(S, T, (lsr[ri], ws[ri], ltr[ri], wt[ri]), (lsc[ci], ws[ci], ltc[ci], wt[ci]), cpu)
+                if da is not None:
+                    da[ri].addmm_(S, B[ci], alpha=sf)
+                if db is not None:
+                    db[ci].addmm_(S.t(), A[ri], alpha=sf)
     # the pairs: -w_c at (i, i)
     if da is not None:
         da.add_(B, alpha=-w_c * sf)

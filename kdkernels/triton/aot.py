@@ -26,7 +26,10 @@ import tempfile
 KERNELS = {"softmax_kl": ("kdkernels.triton.softmax_kl", "_softmax_kl_kernel"),
            "topk_kl": ("kdkernels.triton.topk_kl", "_topk_kl_kernel"),
            "fused_linear_kl_stats": ("kdkernels.triton.fused_linear_kl", "_stats_kernel"),
-           "fused_linear_kl_grad": ("kdkernels.triton.fused_linear_kl", "_grad_kernel")}
+           "fused_linear_kl_grad": ("kdkernels.triton.fused_linear_kl", "_grad_kernel"),
+           "similarity_stats": ("kdkernels.triton.similarity", "_stats_kernel"),
+           "similarity_grad": ("kdkernels.triton.similarity", "_grad_kernel"),
+           "similarity_sigmoid": ("kdkernels.triton.similarity", "_sigmoid_kernel")}
 
 # per-SM limits: registers, max resident warps, max resident blocks, shared memory per SM (bytes)
 SM_LIMITS = {80: (65536, 64, 32, 164 * 1024), 90: (65536, 64, 32, 228 * 1024)}
