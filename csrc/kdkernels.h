@@ -60,6 +60,13 @@ double sim_xent_grad(at::Tensor& S, const at::Tensor& T, const at::Tensor& lse_s
                      const at::Tensor& lse_tr, const at::Tensor& b_r, const at::Tensor& lse_sc, const at::Tensor& a_c,
                      const at::Tensor& lse_tc, const at::Tensor& b_c);
 
+// The per-tile epilogue of the feature-projection losses (csrc/cpu/projected_feature.cpp; the tile
+// loop is in kdkernels/ops/projected_feature.py).
+void feat_elementwise(at::Tensor& P, const at::Tensor& T, int64_t kind, double beta, double inv_dt, at::Tensor& rows,
+                      const std::optional<at::Tensor>& g);
+void feat_cos_stats(const at::Tensor& P, const at::Tensor& T, at::Tensor& stats);
+void feat_cos_grad(at::Tensor& P, const at::Tensor& T, const at::Tensor& coef, const std::optional<at::Tensor>& dT);
+
 // Debug switch: when on, kernels allocate their outputs filled with NaN instead of uninitialized,
 // so that an element a kernel forgets to write fails the tests (kdkernels._debug.poison_outputs).
 void set_poison_outputs(bool on);

@@ -13,7 +13,7 @@ from kdkernels import _backend, _ext, reference
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
 __all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "info_nce",
-           "similarity_kd", "available_backends"]
+           "similarity_kd", "projected_feature_loss", "available_backends"]
 
 available_backends = _backend.available_backends
 
@@ -756,3 +756,110 @@ def _clip_distill(image: Tensor, text: Tensor, t_image: Tensor, t_text: Tensor, 
     on = torch.is_grad_enabled()
     need = tuple(bool(on and x.requires_grad) for x in (image, text, log_scale))
     return _ClipDistill.apply(image, text, t_image.detach(), t_text.detach(), log_scale, t_scale, need, backend)
+
+
+# ------------------------------------------------------------------------------ feature projection (hint) losses
+
+class _ProjectedFeature(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, X, W, b, T, keep, grad_scale, kw, reduction, need):
+        ctx.kw, ctx.reduction, ctx.need = kw, reduction, need
+        outs = _projected_feature_launch(X, W, b, T, keep, grad_scale, need if reduction else (False,) * 4, kw)
+        if reduction == 0:
+            ctx.save_for_backward(X, W, b, T, keep)
+            rows = outs[0].new_zeros(X.shape[0]).index_copy_(0, keep, outs[0])
+            return rows
+        ctx.save_for_backward(*[None if g is None else g.to(x.dtype) for g, x in zip(outs[1:], (X, W, b, T))])
+        return (outs[0] * grad_scale.to(outs[0].dtype)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.reduction == 0:
+            X, W, b, T, keep = ctx.saved_tensors
+            outs = _projected_feature_launch(X, W, b, T, keep, grad_loss.index_select(0, keep), ctx.need, ctx.kw)
+            grads = [None if g is None else g.to(x.dtype) for g, x in zip(outs[1:], (X, W, b, T))]
+        else:
+            grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*grads, None, None, None, None, None)
+
+
+def _projected_feature_launch(X, W, b, T, keep, grad_scale, need, kw):
+    if kw["backend"] == "triton":
+        from kdkernels.triton.projected_feature import projected_feature_forward
+
+        return projected_feature_forward(X, W, b, T, keep, grad_scale, kind=kw["kind"], beta=kw["beta"], need=need)
+    from kdkernels.ops.projected_feature import projected_feature_tiled
+
+    return projected_feature_tiled(X, W, b, T, keep, grad_scale, need=need, **kw)
+
+
+def projected_feature_loss(student_feat: Tensor, weight: Tensor, teacher_feat: Tensor, *, bias: Optional[Tensor] = None,
+                           kind: str = "mse", beta: float = 1.0, mask: Optional[Tensor] = None,
+                           reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""Hint loss (FitNets): ``D(student_feat · weightᵀ + bias, teacher_feat)`` per row, without the
+    projected ``[N, Dt]`` tensor.
+
+    Per row (``Dt`` teacher features, ``d = P - T``, ``P`` the projection): ``"mse"`` ``mean_j d_j²``,
+    ``"l1"`` ``mean_j |d_j|``, ``"smooth_l1"`` ``mean_j`` of Huber's ``d²/(2β)`` below ``|d| < β``
+    and ``|d| − β/2`` above (``β = 0``: l1), ``"cosine"`` ``1 − cos(P, T)`` (as
+    ``F.cosine_similarity``, eps 1e-8). Unmasked, ``"mean"`` equals ``F.mse_loss(P, T)`` /
+    ``F.l1_loss`` / ``F.smooth_l1_loss`` (``reduction="mean"``) and ``(1 − F.cosine_similarity(P, T)).mean()``.
+
+    Args:
+        student_feat: ``[..., Ds]``; weight: ``[Dt, Ds]``; teacher_feat: ``[..., Dt]`` (same leading
+            shape); bias: ``[Dt]`` or None. float32, bfloat16, float16 or float64 (may differ);
+            the products accumulate in float32 (float64 when any input is float64).
+        mask: the leading shape, bool or 0/1: rows where it is False/0 are dropped before any
+            matmul, cost nothing, contribute 0 and get zero gradients.
+        reduction: ``"mean"`` over the kept rows (0 when none is kept), ``"sum"`` of the per-row
+            losses, or ``"none"`` (the leading shape, 0 on masked rows).
+        backend: ``"auto"`` (``"triton"`` for CUDA tensors, ``"cpu"`` for CPU tensors when the
+            extension is built, else ``"torch"``), ``"triton"``, ``"cpu"`` (ATen matmuls per tile,
+            the epilogue in C++ sweeps) or ``"torch"`` (the same tiles in PyTorch operations).
+
+    Gradients go to ``student_feat``, ``weight``, ``bias`` and ``teacher_feat``, each when it
+    requires one. Memory beyond the inputs and their gradients: one ``[256, 1024]`` tile of ``P``
+    (CPU) and O(N) per-row values.
+    """
+    from kdkernels.ops.projected_feature import KINDS
+
+    _check_float("student_feat", student_feat)
+    _check_float("weight", weight, 2)
+    _check_float("teacher_feat", teacher_feat)
+    if bias is not None:
+        _check_float("bias", bias, 1)
+    Ds, Dt = student_feat.shape[-1], teacher_feat.shape[-1]
+    shapes = (f"student_feat {tuple(student_feat.shape)}, weight {tuple(weight.shape)}, teacher_feat "
+              f"{tuple(teacher_feat.shape)}")
+    if weight.shape != (Dt, Ds) or student_feat.shape[:-1] != teacher_feat.shape[:-1]:
+        raise ValueError(f"expected student_feat [..., Ds], weight [Dt, Ds], teacher_feat [..., Dt] with the same "
+                         f"leading shape; got {shapes}")
+    if bias is not None and bias.shape != (Dt,):
+        raise ValueError(f"bias must be [Dt] = [{Dt}], got {tuple(bias.shape)} ({shapes})")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    beta = _check_scalar("beta", beta, 0.0, math.inf)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    lead = student_feat.shape[:-1]
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError("mask must be a tensor (bool or 0/1) of the leading shape")
+        if mask.shape != lead:
+            raise ValueError(f"mask must have the leading shape {tuple(lead)}, got {tuple(mask.shape)}")
+    devs = {x.device for x in (student_feat, weight, teacher_feat, bias, mask) if x is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    backend = _backend.resolve(backend, student_feat.device, "projected_feature_loss", has_cuda_kernel=False)
+    X, T = student_feat.reshape(-1, Ds), teacher_feat.reshape(-1, Dt)
+    N = X.shape[0]
+    keep = (mask.reshape(-1) != 0).nonzero().squeeze(1) if mask is not None else \
+        torch.arange(N, device=X.device)
+    acc = torch.float64 if torch.float64 in (X.dtype, weight.dtype, T.dtype) else torch.float32
+    grad_scale = torch.full((), 1.0 / max(keep.numel(), 1) if reduction == "mean" else 1.0, dtype=acc,
+                            device=X.device)
+    on = torch.is_grad_enabled()
+    need = tuple(bool(on and x is not None and x.requires_grad) for x in (X, weight, bias, T))
+    kw = dict(kind=KINDS[kind], beta=beta, backend=backend)
+    out = _ProjectedFeature.apply(X, weight, bias, T, keep, grad_scale, kw, REDUCTION_IDS[reduction], need)
+    return out.reshape(lead) if reduction == "none" else out

@@ -10,7 +10,7 @@ from torch import Tensor
 from kdkernels import functional as KF
 
 __all__ = ["SoftmaxKL", "DistillationLoss", "FusedLinearDistillationLoss", "TopkKLLoss", "FusedLinearTopkKLLoss",
-           "InfoNCELoss", "ClipLoss", "SimilarityKDLoss", "KLDivLoss"]
+           "InfoNCELoss", "ClipLoss", "SimilarityKDLoss", "HintLoss", "KLDivLoss"]
 
 
 class SoftmaxKL(torch.nn.Module):
@@ -169,6 +169,52 @@ class SimilarityKDLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, student_temperature={self.student_temperature}, kind={self.kind!r}, "
                 f"normalize={self.normalize}, symmetric={self.symmetric}, reduction={self.reduction!r}")
+
+
+class HintLoss(torch.nn.Module):
+    """A learnable projection of the student's features pulled to the teacher's (FitNets hints):
+    ``loss = D(student_feat · weightᵀ + bias, teacher_feat)``, :func:`kdkernels.projected_feature_loss`,
+    without the projected tensor. Owns ``weight`` ``[teacher_dim, student_dim]`` and ``bias``.
+
+    ``init``: ``"xavier"`` (Xavier-uniform weight), ``"identity"`` (ones on the diagonal, which
+    passes the first ``min(Ds, Dt)`` features through) or ``"zeros"``; the bias starts at 0.
+    ``forward(student_feat [..., Ds], teacher_feat [..., Dt], mask=None)``; the teacher's features
+    get a gradient only if they require one (detach them to keep the teacher frozen).
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, *, kind: str = "mse", bias: bool = True,
+                 init: str = "xavier", beta: float = 1.0, reduction: str = "mean", backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        if init not in ("xavier", "identity", "zeros"):
+            raise ValueError(f"init must be 'xavier', 'identity' or 'zeros', got {init!r}")
+        if int(student_dim) < 1 or int(teacher_dim) < 1:
+            raise ValueError(f"student_dim and teacher_dim must be positive, got {student_dim} and {teacher_dim}")
+        kw = dict(device=device, dtype=dtype)
+        self.weight = torch.nn.Parameter(torch.empty(int(teacher_dim), int(student_dim), **kw))
+        self.bias = torch.nn.Parameter(torch.zeros(int(teacher_dim), **kw)) if bias else None
+        self.kind, self.init, self.beta, self.reduction, self.backend = kind, init, beta, reduction, backend
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.init == "xavier":
+                torch.nn.init.xavier_uniform_(self.weight)
+            elif self.init == "identity":
+                torch.nn.init.eye_(self.weight)
+            else:
+                self.weight.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+
+    def forward(self, student_feat: Tensor, teacher_feat: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        return KF.projected_feature_loss(student_feat, self.weight, teacher_feat, bias=self.bias, kind=self.kind,
+                                         beta=self.beta, mask=mask, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"student_dim={self.weight.shape[1]}, teacher_dim={self.weight.shape[0]}, kind={self.kind!r}, "
+                f"bias={self.bias is not None}, init={self.init!r}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
 
 
 class KLDivLoss(torch.nn.KLDivLoss):

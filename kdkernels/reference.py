@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 __all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div", "linear_logits",
            "fused_linear_kl", "topk_teacher_log_probs", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd",
-           "clip_distill"]
+           "clip_distill", "projected_feature_loss"]
 
 KINDS = ("forward", "reverse", "jsd")
 
@@ -278,3 +278,34 @@ def clip_distill(image, text, t_image, t_text, log_scale, t_scale):
     T = t_scale * t_image.to(dtype) @ t_text.to(dtype).t()
     xent = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean()  # noqa: E731
     return contrastive, 0.5 * (xent(T, S) + xent(T.t(), S.t()))
+
+
+def projected_feature_loss(student_feat, weight, teacher_feat, *, bias=None, kind="mse", beta=1.0, mask=None,
+                           reduction="mean"):
+    """Reference for :func:`kdkernels.projected_feature_loss`: the projection ``P = student_feat
+    weightᵀ + bias`` materialized, per-row ``mean_j`` of the element-wise loss (or ``1 - cos``),
+    masked rows zero, then ``reduction`` over the kept rows."""
+    dtype = torch.promote_types(torch.promote_types(student_feat.dtype, teacher_feat.dtype), torch.float32)
+    dtype = torch.promote_types(dtype, weight.dtype)
+    P = F.linear(student_feat.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    T = teacher_feat.to(dtype)
+    if kind == "mse":
+        rows = F.mse_loss(P, T, reduction="none").mean(-1)
+    elif kind == "l1":
+        rows = F.l1_loss(P, T, reduction="none").mean(-1)
+    elif kind == "smooth_l1":
+        rows = F.smooth_l1_loss(P, T, reduction="none", beta=beta).mean(-1)
+    elif kind == "cosine":
+        rows = 1.0 - F.cosine_similarity(P, T, dim=-1, eps=1e-8)
+    else:
+        raise ValueError(f"unknown kind {kind!r}")
+    if mask is not None:
+        keep = mask != 0
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        count = keep.sum()
+    else:
+        count = rows.numel()
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total / max(int(count), 1)

@@ -79,6 +79,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("mt"), py::arg("zt"), py::arg("u"), py::arg("cols"), nogil);
   m.def("sim_xent_grad", &kdk::sim_xent_grad, py::arg("S"), py::arg("T"), py::arg("lse_sr"), py::arg("a_r"),
         py::arg("lse_tr"), py::arg("b_r"), py::arg("lse_sc"), py::arg("a_c"), py::arg("lse_tc"), py::arg("b_c"), nogil);
+  // the feature-projection losses' per-tile epilogue (see csrc/cpu/projected_feature.cpp)
+  m.def("feat_elementwise", &kdk::feat_elementwise, py::arg("P"), py::arg("T"), py::arg("kind"), py::arg("beta"),
+        py::arg("inv_dt"), py::arg("rows"), py::arg("g"), nogil);
+  m.def("feat_cos_stats", &kdk::feat_cos_stats, py::arg("P"), py::arg("T"), py::arg("stats"), nogil);
+  m.def("feat_cos_grad", &kdk::feat_cos_grad, py::arg("P"), py::arg("T"), py::arg("coef"), py::arg("dT"), nogil);
   m.def("set_poison_outputs", &kdk::set_poison_outputs, py::arg("on"),
         "Debug: allocate kernel outputs filled with NaN so that unwritten elements show.");
   m.def("cpu_simd", &kdk::cpu_simd, "SIMD instruction set the CPU kernels were compiled for.");
