@@ -215,3 +215,27 @@ def test_similarity_compiles_without_spills():
         if r["stack"]:
             bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
     assert not bad, bad
+
+
+if triton is not None:
+    from kdkernels.triton import projected_feature  # noqa: E402
+
+    HINT_CASES = projected_feature.aot_cases()
+else:
+    HINT_CASES = []
+
+
+@pytest.mark.skipif(triton is None or not os.path.exists(CUOBJDUMP), reason="needs triton and its cuobjdump")
+def test_projected_feature_compiles_without_spills():
+    """The hint-loss kernel (smooth-L1 with every gradient, cosine statistics, cosine gradient) for
+    each operand dtype, sm_80 and sm_90: compiled, no spills."""
+    jobs = [(*case, arch) for case in HINT_CASES for arch in ARCHS]
+    bad = []
+    for (kernel, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
+        name = (f"{sig['x_ptr'].split(':')[0][1:]}-k{flags['KIND']}-phase{flags['PHASE']}-"
+                f"{flags['BLOCK_N']}x{flags['BLOCK_V']}-w{warps}")
+        assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
+        print(f"\nsm_{arch} hint {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']}", end="")
+        if r["stack"]:
+            bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
+    assert not bad, bad

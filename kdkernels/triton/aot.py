@@ -29,7 +29,8 @@ KERNELS = {"softmax_kl": ("kdkernels.triton.softmax_kl", "_softmax_kl_kernel"),
            "fused_linear_kl_grad": ("kdkernels.triton.fused_linear_kl", "_grad_kernel"),
            "similarity_stats": ("kdkernels.triton.similarity", "_stats_kernel"),
            "similarity_grad": ("kdkernels.triton.similarity", "_grad_kernel"),
-           "similarity_sigmoid": ("kdkernels.triton.similarity", "_sigmoid_kernel")}
+           "similarity_sigmoid": ("kdkernels.triton.similarity", "_sigmoid_kernel"),
+           "projected_feature": ("kdkernels.triton.projected_feature", "_hint_kernel")}
 
 # per-SM limits: registers, max resident warps, max resident blocks, shared memory per SM (bytes)
 SM_LIMITS = {80: (65536, 64, 32, 164 * 1024), 90: (65536, 64, 32, 228 * 1024)}
