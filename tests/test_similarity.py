@@ -4,8 +4,6 @@ Triton kernels under the interpreter when there is no GPU); the PyTorch-loop til
 that rows, labels and maxima fall in different tiles (the interpreted Triton kernels use 16 x 256
 tiles and 3 column splits, so N = 257 and 4096 cross tiles there); a memory test in subprocesses."""
 
-import math
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ import kdkernels
 from kdkernels import reference
 from kdkernels._backend import triton_interpreted
 from kdkernels.ops import similarity as SIM
-from conftest import HAS_PEAK_RSS_RESET, RTOL, assert_close, run_memory_probe, triton_ok
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, triton_ok
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # the C++ sweeps per tile, the Triton kernels (under the interpreter when there is no GPU), and the
@@ -61,7 +59,8 @@ def emb(n, d, dtype, grad=True, scale=1.0):
 def test_info_nce_matches_reference(backend, N, D, kind, seed):
     skip_slow_interpreted(backend, N)
     a, b = emb(N, D, torch.float32), emb(N, D, torch.float32)
-    ls = torch.tensor(2.3, requires_grad=True)
+    # N = 1, softmax: every exact gradient is 0 and fp32 leaves O(eps |S|): keep the scale at 1 there
+    ls = torch.tensor(0.0 if N == 1 else 2.3, requires_grad=True)
     kw = dict(logit_scale=ls, kind=kind, backend=backend)
     if kind == "sigmoid":
         kw["logit_bias"] = torch.tensor(-3.0, requires_grad=True)
@@ -143,7 +142,9 @@ def test_clip_distill_matches_reference(backend, N, dtype, seed, monkeypatch):
     monkeypatch.setattr(SIM, "COL_TILE", 11)
     img, txt = emb(N, 16, dtype), emb(N, 16, dtype)
     t_img, t_txt = emb(N, 24, dtype, grad=False), emb(N, 24, dtype, grad=False)
-    ls = torch.tensor(2.6, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+    # N = 1: the exact losses and gradients are 0 and fp32 leaves O(eps |S|): keep the scale at 1 there
+    ls = torch.tensor(0.0 if N == 1 else 2.6, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                      requires_grad=True)
     out = KF._clip_distill(img, txt, t_img, t_txt, ls, 30.0, backend=backend)
     go = torch.rand(2, dtype=torch.float64) + 0.5
     grads = torch.autograd.grad(out[0] * go[0] + out[1] * go[1], [img, txt, ls])
@@ -154,10 +155,7 @@ def test_clip_distill_matches_reference(backend, N, dtype, seed, monkeypatch):
         assert_close(g, w, dtype, f"{name} N={N} seed={seed}")
     for name, g, w in zip(("d image", "d text", "d log_scale"), grads, rgrads):
         assert g.dtype == (dtype if name != "d log_scale" else ls.dtype)
-        if N == 1:  # every gradient is exactly 0; rounding is relative to scale * |b| = e^2.6 per unit weight
-            assert g.double().abs().max() <= 2 * RTOL[dtype] * math.exp(2.6) * float(go.max()), f"{name} seed={seed}"
-        else:
-            assert_close(g.reshape(-1), w.reshape(-1), dtype, f"{name} N={N} seed={seed}")
+        assert_close(g.reshape(-1), w.reshape(-1), dtype, f"{name} N={N} seed={seed}")
 
 
 def test_clip_distill_only_the_contrastive_loss_used():
