@@ -818,7 +818,7 @@ def projected_feature_loss(student_feat: Tensor, weight: Tensor, teacher_feat: T
             the epilogue in C++ sweeps) or ``"torch"`` (the same tiles in PyTorch operations).
 
     Gradients go to ``student_feat``, ``weight``, ``bias`` and ``teacher_feat``, each when it
-    requires one. Memory beyond the inputs and their gradients: one ``[256, 1024]`` tile of ``P``
+    requires one. Memory beyond the inputs and their gradients: one ``[512, 2048]`` tile of ``P``
     (CPU) and O(N) per-row values.
     """
     from kdkernels.ops.projected_feature import KINDS

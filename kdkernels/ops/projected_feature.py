@@ -20,7 +20,8 @@ then recomputes the tiles for the gradients (4 matmuls).
 Masked rows are dropped before any matmul: the tiles read the kept rows through an index vector.
 
 Backends: ``"torch"`` (the epilogue in PyTorch operations, any device) and ``"cpu"`` (the
-epilogue in the C++ sweeps of csrc/cpu/projected_feature.cpp); both take the matmuls from ATen.
+epilogue in the C++ sweeps of csrc/cpu/projected_feature.cpp); both take the matmuls from ATen,
+the projection in fp32 (fp64), the gradient matmuls in bf16 when features and weight are bf16.
 The Triton kernels are in :mod:`kdkernels.triton.projected_feature`.
 """
 
@@ -34,8 +35,8 @@ from torch import Tensor
 KINDS = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
 COSINE = 3
 EPS = 1e-8  # torch.nn.functional.cosine_similarity's
-ROW_TILE = 256
-COL_TILE = 1024
+ROW_TILE = 512
+COL_TILE = 2048
 
 
 def _C():
@@ -102,7 +103,12 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
     dev = X.device
     N, Dt = X.shape[0], W.shape[0]
     n = keep.numel()
+    # the projection is computed in ``acc`` (P is never rounded to 16 bits); the two gradient matmuls
+    # take bf16 operands when features and weight are bf16 (dP rounded to bf16, as autograd's bf16
+    # matmul backward does; fp16 would flush the small dP of a mean to zero, so it stays in fp32)
+    mm = torch.bfloat16 if (X.dtype == W.dtype == torch.bfloat16) else acc
     Wa = W.to(acc).contiguous()
+    Wm = W.contiguous() if mm != acc else Wa
     ba = None if b is None else b.to(acc)
     inv_dt = 1.0 / max(Dt, 1)
     g = grad_scale.to(acc).reshape(-1).expand(n).contiguous()
@@ -116,23 +122,31 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
 
     def load(ri):
         idx = keep[ri]
-        return idx, X.index_select(0, idx).to(acc), T.index_select(0, idx)
+        Xm = X.index_select(0, idx)
+        return idx, Xm.to(acc), Xm.to(mm), T.index_select(0, idx)
 
     def proj(Xr, cj):
         P = Xr @ Wa[cj].t()
         return P.add_(ba[cj]) if ba is not None else P
 
-    def matmul_grads(idx, Xr, cj, dP, dXr):
-        if dXr is not None:
-            dXr.addmm_(dP, Wa[cj])
-        if dW is not None:
-            dW[cj].addmm_(dP.t(), Xr)
+    def matmul_grads(Xr, cj, dP, dXr):
         if db is not None:
             db[cj] += dP.sum(0)
+        if mm == acc:
+            if dXr is not None:
+                dXr.addmm_(dP, Wm[cj])
+            if dW is not None:
+                dW[cj].addmm_(dP.t(), Xr)
+            return
+        dPm = dP.to(mm)  # rounded to the operand dtype, as autograd's 16-bit matmul backward does
+        if dXr is not None:
+            dXr += dPm @ Wm[cj]
+        if dW is not None:
+            dW[cj] += dPm.t() @ Xr
 
     for ri in rt:
-        idx, Xr, Tr = load(ri)
-        dXr = torch.zeros_like(Xr) if dX is not None else None
+        idx, Xr, Xm, Tr = load(ri)
+        dXr = torch.zeros(Xr.shape, dtype=acc, device=dev) if dX is not None else None
         if kind != COSINE:
             for cj in ct:
                 P, Tt = proj(Xr, cj), Tr[:, cj].to(acc).contiguous()
@@ -140,7 +154,7 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
                 if any_grad:
                     if dT is not None:
                         dT[idx, cj] = -P
-                    matmul_grads(idx, Xr, cj, P, dXr)
+                    matmul_grads(Xm, cj, P, dXr)
         else:
             stats = torch.zeros(ri.stop - ri.start, 3, dtype=acc, device=dev)
             for cj in ct:
@@ -164,7 +178,7 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
                     _cos_grad(P, Tt, coef, dTt, cpu)
                     if dT is not None:
                         dT[idx, cj] = dTt
-                    matmul_grads(idx, Xr, cj, P, dXr)
+                    matmul_grads(Xm, cj, P, dXr)
         if dX is not None:
             dX.index_copy_(0, idx, dXr)
     return [rows, dX, dW, db, dT]
