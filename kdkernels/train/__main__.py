@@ -1,0 +1,5 @@
+import sys
+
+from kdkernels.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""``kdkernels distill`` / ``python -m kdkernels.train``: run a task and print the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from kdkernels.train.checkpoint import CheckpointError
+from kdkernels.train.config import ConfigError, parse_args
+
+__all__ = ["main"]
+
+
+def _device(cfg) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA device")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _writable(out: str) -> str:
+    out = os.path.abspath(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"output directory {out!r} is not writable: {exc.strerror or exc}") from None
+    return out
+
+
+def format_table(rows, metrics=("accuracy", "loss")) -> str:
+    lines = ["| model | " + " | ".join(f"held-out {m}" for m in metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]
+    for name, values in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None, prog: str = "kdkernels distill") -> int:
+    try:
+        cfg = parse_args(argv, prog=prog)
+        device = _device(cfg)
+        out = _writable(cfg.out)
+        torch.manual_seed(cfg.seed)
+        t0 = time.perf_counter()
+        if cfg.task == "vision":
+            from kdkernels.train.vision import run_task
+        result = run_task(cfg, device, out)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - t0
+    table = format_table(result["rows"])
+    summary = {"task": cfg.task, "device": str(device), "seconds": round(seconds, 1), "config": cfg.to_dict(),
+               "results": {name: values for name, values in result["rows"]}, "notes": result["notes"]}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\nkdkernels distill --task {cfg.task}: {seconds:.0f} s on {device}; " + "; ".join(result["notes"]))
+    print(table)
+    print(f"\nmetrics: {os.path.join(out, 'metrics.jsonl')}; checkpoints: {out}/<run>/checkpoint.pt")
+    return 0

@@ -1,0 +1,177 @@
+"""The trainer's configuration: one dataclass, read from a TOML or YAML file and overridden by
+command-line flags (a flag given wins over the file, the file over the defaults).
+
+Every key is a field of :class:`Config`; an unknown key in a file or a flag is an error that names
+the closest known key. Values are converted to the field's type (``"1e-3"`` to a float,
+``"true"``/``"false"`` to a bool), so a YAML or TOML file and the flags say the same thing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+__all__ = ["Config", "ConfigError", "load_file", "parse_args", "TASKS"]
+
+TASKS = ("vision",)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used: unknown key, bad value, unreadable file."""
+
+
+@dataclass
+class Config:
+    task: str = field(default="vision", metadata={"help": f"what to distill: {', '.join(TASKS)}"})
+    out: str = field(default="runs/distill", metadata={"help": "output directory (checkpoints, metrics.jsonl)"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, the initializations and dropout"})
+    steps: int = field(default=1500, metadata={"help": "optimizer steps of each student run"})
+    teacher_steps: int = field(default=600, metadata={"help": "optimizer steps to train the teacher (first run)"})
+    student_examples: int = field(default=300, metadata={"help": "training examples the students see (0: all the "
+                                                                   "teacher's); fewer is where soft targets help most"})
+    batch_size: int = field(default=64, metadata={"help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup: int = field(default=20, metadata={"help": "linear warm-up steps, then cosine decay to 0"})
+    temperature: float = field(default=4.0, metadata={"help": "distillation temperature"})
+    alpha: float = field(default=0.1, metadata={"help": "weight of the hard-label cross-entropy (Hinton)"})
+    hint_weight: float = field(default=0.02, metadata={"help": "weight of the hint loss (0: none)"})
+    hint_kind: str = field(default="mse", metadata={"help": "hint loss: mse, l1, smooth_l1 or cosine"})
+    eval_every: int = field(default=250, metadata={"help": "evaluate every this many steps"})
+    ckpt_every: int = field(default=250, metadata={"help": "checkpoint every this many steps"})
+    resume: bool = field(default=False, metadata={"help": "continue each run from its last checkpoint"})
+    teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one"})
+    baseline: bool = field(default=True, metadata={"help": "also train the student without distillation"})
+    progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "Config":
+        if self.task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("teacher_steps", "warmup", "student_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.hint_kind not in ("mse", "l1", "smooth_l1", "cosine"):
+            raise ConfigError(f"hint_kind must be mse, l1, smooth_l1 or cosine, got {self.hint_kind!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} in {where}{hint} (keys: {', '.join(_FIELDS)})")
+
+
+def _convert(name: str, value: Any) -> Any:
+    typ = _FIELDS[name].type
+    typ = {"int": int, "float": float, "bool": bool, "str": str}.get(typ, typ) if isinstance(typ, str) else typ
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a {typ.__name__}, got {value!r}") from None
+
+
+def load_file(path: str) -> dict:
+    """The keys of a ``.toml``, ``.yaml`` or ``.yml`` file (a flat table), checked and converted."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python < 3.11
+                import tomli as tomllib
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        elif ext in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"reading {path!r} needs PyYAML (pip install pyyaml), or use a .toml file") from None
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        else:
+            raise ConfigError(f"config file {path!r}: expected .toml, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # a syntax error in the file
+        raise ConfigError(f"config file {path!r} could not be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a table of keys, got {type(data).__name__}")
+    out = {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise _unknown(key, path)
+        out[key] = _convert(key, value)
+    return out
+
+
+def build_parser(prog: str = "kdkernels distill") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Distill a student from a teacher with the kdkernels losses "
+                                "and compare it with the teacher and with the student trained alone.",
+                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    p.add_argument("--config", metavar="FILE", help="a .toml or .yaml file of config keys (flags override it)")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, dest=f.name, metavar=f.name.upper(), help=help_)
+    return p
+
+
+def parse_args(argv: Optional[list] = None, prog: str = "kdkernels distill") -> Config:
+    """Defaults, then ``--config FILE``, then the flags given."""
+    parser = build_parser(prog)
+    args, rest = parser.parse_known_args(argv)
+    if rest:
+        bad = rest[0].lstrip("-").split("=")[0].replace("-", "_")
+        if rest[0].startswith("--") and bad not in _FIELDS:
+            raise _unknown(bad, "the command line")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    values = vars(args)
+    cfg = load_file(values.pop("config")) if "config" in values else {}
+    cfg.update({k: _convert(k, v) for k, v in values.items()})
+    return Config(**cfg)

@@ -1,0 +1,147 @@
+"""The training loop shared by every task: AdamW with linear warm-up and cosine decay, gradient
+accumulation, evaluation and checkpoints every K steps, ``metrics.jsonl``, bit-for-bit resume.
+
+A run is a :class:`Run`: a module holding every trainable parameter, a loss of a batch, a batch
+sampler driven by a ``torch.Generator`` (whose state is checkpointed, so a resumed run sees the
+same batches), and an evaluation. :func:`fit` trains it for ``steps`` optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from kdkernels.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from kdkernels.train.config import Config
+
+__all__ = ["Run", "fit", "cosine_schedule", "read_metrics"]
+
+
+@dataclass
+class Run:
+    name: str
+    model: torch.nn.Module  # every trainable parameter of the run (e.g. the student and its hint projection)
+    loss: Callable  # (batch) -> (loss tensor, {name: float})
+    sample: Callable  # (generator, batch_size) -> batch
+    evaluate: Callable  # () -> {name: float}
+
+
+def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def read_metrics(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _append(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _drop_after(path: str, name: str, step: int) -> None:
+    """Forget this run's records past ``step`` (they are about to be written again)."""
+    keep = [r for r in read_metrics(path) if not (r.get("run") == name and r.get("step", 0) > step)]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+    os.replace(tmp, path)
+
+
+class _Progress:
+    def __init__(self, name: str, total: int, on: bool):
+        self.name, self.total, self.on = name, total, on and total > 0
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        if not self.on or (now - self.last < 0.2 and step < self.total):
+            return
+        self.last = now
+        width = 24
+        done = int(width * step / self.total)
+        rate = step / max(now - self.t0, 1e-9)
+        sys.stderr.write(f"\r{self.name:>18} [{'#' * done}{'.' * (width - done)}] {step}/{self.total} "
+                         f"loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.on:
+            sys.stderr.write("\n")
+
+
+def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float = None) -> dict:
+    """Train ``run`` for ``steps`` optimizer steps (or continue it, with ``cfg.resume``); returns
+    its final evaluation. Checkpoints go to ``out_dir/<run.name>/checkpoint.pt`` every
+    ``cfg.ckpt_every`` steps and at the end; metrics to ``out_dir/metrics.jsonl``."""
+    os.makedirs(out_dir, exist_ok=True)
+    run_dir = os.path.join(out_dir, run.name)
+    ckpt = os.path.join(run_dir, "checkpoint.pt")
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, steps))
+    sampler = torch.Generator().manual_seed(seed)
+    step = 0
+    if cfg.resume and os.path.exists(ckpt):
+        state = load_checkpoint(ckpt)
+        run.model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"], sampler)
+        step = state["step"]
+        _drop_after(metrics, run.name, step)
+    else:
+        _drop_after(metrics, run.name, -1)
+
+    def checkpoint():
+        save_checkpoint(ckpt, {"model": run.model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "step": step, "rng": rng_state(sampler),
+                               "config": cfg.to_dict(), "run": run.name})
+
+    bar = _Progress(run.name, steps, cfg.progress)
+    run.model.train()
+    loss_value = float("nan")
+    while step < steps:
+        opt.zero_grad(set_to_none=True)
+        logs: dict = {}
+        loss_value = 0.0
+        for _ in range(cfg.grad_accum):
+            loss, parts = run.loss(run.sample(sampler, cfg.batch_size))
+            (loss / cfg.grad_accum).backward()
+            loss_value += float(loss.detach()) / cfg.grad_accum
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+        opt.step()
+        sched.step()
+        step += 1
+        _append(metrics, {"run": run.name, "step": step, "loss": loss_value, "lr": sched.get_last_lr()[0], **logs})
+        if step % cfg.eval_every == 0 or step == steps:
+            run.model.eval()
+            with torch.no_grad():
+                _append(metrics, {"run": run.name, "step": step, "eval": run.evaluate()})
+            run.model.train()
+        if step % cfg.ckpt_every == 0 or step == steps:
+            checkpoint()
+        bar.update(step, loss_value, sched.get_last_lr()[0])
+    bar.close()
+    run.model.eval()
+    with torch.no_grad():
+        return run.evaluate()
