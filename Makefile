@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -q
 BIN := $(VENV)/bin
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp python/*.h)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench distill install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+distill: install
+	$(BIN)/python -m pip install -q "scikit-learn>=1.3" "pyyaml>=6"
+	$(BIN)/python -m kdkernels.train
 
 bench: install
 	$(BIN)/python -m bench softmax_kl
