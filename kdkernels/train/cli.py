@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from kdkernels.train import dist
 from kdkernels.train.checkpoint import CheckpointError
 from kdkernels.train.config import ConfigError, parse_args
 
@@ -48,6 +49,7 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
         cfg = parse_args(argv, prog=prog)
         device = _device(cfg)
         out = _writable(cfg.out)
+        dist.setup(device)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         if cfg.task == "vision":
@@ -55,14 +57,22 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
         result = run_task(cfg, device, out)
     except (ConfigError, CheckpointError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
+        dist.teardown()
         return 2
     seconds = time.perf_counter() - t0
+    main_rank = dist.is_main()
+    world = dist.world()
+    dist.teardown()
+    if not main_rank:
+        return 0
     table = format_table(result["rows"])
-    summary = {"task": cfg.task, "device": str(device), "seconds": round(seconds, 1), "config": cfg.to_dict(),
+    summary = {"task": cfg.task, "device": str(device), "processes": world, "seconds": round(seconds, 1),
+               "config": cfg.to_dict(),
                "results": {name: values for name, values in result["rows"]}, "notes": result["notes"]}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\nkdkernels distill --task {cfg.task}: {seconds:.0f} s on {device}; " + "; ".join(result["notes"]))
+    procs = f" x {world} processes" if world > 1 else ""
+    print(f"\nkdkernels distill --task {cfg.task}: {seconds:.0f} s on {device}{procs}; " + "; ".join(result["notes"]))
     print(table)
     print(f"\nmetrics: {os.path.join(out, 'metrics.jsonl')}; checkpoints: {out}/<run>/checkpoint.pt")
     return 0

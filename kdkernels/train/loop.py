@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from kdkernels.train import dist
 from kdkernels.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from kdkernels.train.config import Config
 
@@ -90,7 +91,9 @@ class _Progress:
 def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float = None) -> dict:
     """Train ``run`` for ``steps`` optimizer steps (or continue it, with ``cfg.resume``); returns
     its final evaluation. Checkpoints go to ``out_dir/<run.name>/checkpoint.pt`` every
-    ``cfg.ckpt_every`` steps and at the end; metrics to ``out_dir/metrics.jsonl``."""
+    ``cfg.ckpt_every`` steps and at the end; metrics to ``out_dir/metrics.jsonl``. Under
+    ``torchrun`` every rank samples its own batches (seed + rank) and the gradients are averaged
+    over the ranks before each step (:mod:`kdkernels.train.dist`); rank 0 writes."""
     os.makedirs(out_dir, exist_ok=True)
     run_dir = os.path.join(out_dir, run.name)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
@@ -98,25 +101,37 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
     params = [p for p in run.model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, steps))
-    sampler = torch.Generator().manual_seed(seed)
+    main = dist.is_main()
+    sampler = torch.Generator().manual_seed(seed + 1000 * dist.rank())
     step = 0
     if cfg.resume and os.path.exists(ckpt):
         state = load_checkpoint(ckpt)
+        if len(state["rng"]) != dist.world():
+            raise RuntimeError(f"{ckpt!r} was written by {len(state['rng'])} processes; resume it with as many "
+                               f"(this run has {dist.world()})")
         run.model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], sampler)
+        set_rng_state(state["rng"][dist.rank()], sampler)
         step = state["step"]
-        _drop_after(metrics, run.name, step)
-    else:
+        if main:
+            _drop_after(metrics, run.name, step)
+    elif main:
         _drop_after(metrics, run.name, -1)
 
     def checkpoint():
-        save_checkpoint(ckpt, {"model": run.model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "step": step, "rng": rng_state(sampler),
-                               "config": cfg.to_dict(), "run": run.name})
+        rngs = dist.gather_objects(rng_state(sampler))  # every rank's RNG and sampler states
+        if main:
+            save_checkpoint(ckpt, {"model": run.model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "step": step, "rng": rngs,
+                                   "config": cfg.to_dict(), "run": run.name, "world_size": dist.world()})
+        dist.barrier()
 
-    bar = _Progress(run.name, steps, cfg.progress)
+    def log(record):
+        if main:
+            _append(metrics, record)
+
+    bar = _Progress(run.name, steps, cfg.progress and main)
     run.model.train()
     loss_value = float("nan")
     while step < steps:
@@ -129,14 +144,16 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
             loss_value += float(loss.detach()) / cfg.grad_accum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+        dist.average_gradients(params)
         opt.step()
         sched.step()
         step += 1
-        _append(metrics, {"run": run.name, "step": step, "loss": loss_value, "lr": sched.get_last_lr()[0], **logs})
+        loss_value = dist.all_mean(loss_value)
+        log({"run": run.name, "step": step, "loss": loss_value, "lr": sched.get_last_lr()[0], **logs})
         if step % cfg.eval_every == 0 or step == steps:
             run.model.eval()
             with torch.no_grad():
-                _append(metrics, {"run": run.name, "step": step, "eval": run.evaluate()})
+                log({"run": run.name, "step": step, "eval": run.evaluate()})
             run.model.train()
         if step % cfg.ckpt_every == 0 or step == steps:
             checkpoint()
