@@ -239,3 +239,32 @@ def test_torchrun_two_processes(tmp_path):
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
     steps = [m["step"] for m in read_metrics(str(out / "metrics.jsonl")) if m["run"] == "student-distilled" and "loss" in m]
     assert steps == list(range(1, 21))
+
+
+# ------------------------------------------------------------------ outputs, plot
+
+def test_outputs_of_any_model():
+    from types import SimpleNamespace
+
+    from kdkernels.train.outputs import hidden_of, logits_of
+
+    x, h1, h2 = torch.randn(2, 3), torch.randn(2, 4), torch.randn(2, 5)
+    assert logits_of(x) is x
+    assert logits_of((x, (h1, h2))) is x and hidden_of((x, (h1, h2))) is h2
+    assert logits_of({"logits": x}) is x and hidden_of({"logits": x, "hidden_states": (h1, h2)}, 0) is h1
+    hf = SimpleNamespace(logits=x, hidden_states=None, last_hidden_state=h2)
+    assert logits_of(hf) is x and hidden_of(hf) is h2 and hidden_of(hf, 0) is None
+    with pytest.raises(TypeError, match="cannot find logits"):
+        logits_of(SimpleNamespace(scores=x))
+
+
+def test_curves_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from kdkernels.train.plot import plot_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"run": "a", "step": 1, "loss": 2.0, "lr": 1e-3}, {"run": "a", "step": 2, "loss": 1.0, "lr": 1e-3},
+        {"run": "a", "step": 2, "eval": {"accuracy": 0.5}}, {"run": "b", "step": 1, "loss": 3.0, "lr": 1e-3}]))
+    assert plot_metrics(str(path), str(tmp_path / "c.png"))
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -74,5 +74,10 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
     procs = f" x {world} processes" if world > 1 else ""
     print(f"\nkdkernels distill --task {cfg.task}: {seconds:.0f} s on {device}{procs}; " + "; ".join(result["notes"]))
     print(table)
-    print(f"\nmetrics: {os.path.join(out, 'metrics.jsonl')}; checkpoints: {out}/<run>/checkpoint.pt")
+    from kdkernels.train.plot import plot_metrics
+
+    png = os.path.join(out, "curves.png")
+    plotted = plot_metrics(os.path.join(out, "metrics.jsonl"), png)
+    print(f"\nmetrics: {os.path.join(out, 'metrics.jsonl')}; checkpoints: {out}/<run>/checkpoint.pt; "
+          + (f"curves: {png}" if plotted else "curves: pip install matplotlib for curves.png"))
     return 0

@@ -48,6 +48,7 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue each run from its last checkpoint"})
     teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one"})
     baseline: bool = field(default=True, metadata={"help": "also train the student without distillation"})
+    autocast: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on the CPU)"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 
     def __post_init__(self) -> None:

@@ -102,6 +102,7 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
     opt = torch.optim.AdamW(params, lr=lr or cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, steps))
     main = dist.is_main()
+    autocast = cfg.autocast and any(p.is_cuda for p in params)
     sampler = torch.Generator().manual_seed(seed + 1000 * dist.rank())
     step = 0
     if cfg.resume and os.path.exists(ckpt):
@@ -139,7 +140,8 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
         logs: dict = {}
         loss_value = 0.0
         for _ in range(cfg.grad_accum):
-            loss, parts = run.loss(run.sample(sampler, cfg.batch_size))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss, parts = run.loss(run.sample(sampler, cfg.batch_size))
             (loss / cfg.grad_accum).backward()
             loss_value += float(loss.detach()) / cfg.grad_accum
             for k, v in parts.items():

@@ -20,6 +20,7 @@ from torch import nn
 import kdkernels
 from kdkernels.train.checkpoint import CheckpointError, load_checkpoint, model_state
 from kdkernels.train.loop import Run, fit
+from kdkernels.train.outputs import hidden_of, logits_of
 
 __all__ = ["Teacher", "Student", "load_digits", "run_task"]
 
@@ -75,7 +76,7 @@ class Student(nn.Module):
 
 def _evaluate(model, x, y):
     def evaluate():
-        logits = model(x).logits
+        logits = logits_of(model(x))
         return {"accuracy": float((logits.argmax(1) == y).float().mean()), "loss": float(F.cross_entropy(logits, y))}
 
     return evaluate
@@ -110,7 +111,7 @@ def _teacher(cfg, data, device, out_dir):
 
     def loss(batch):
         x, y = batch
-        ce = F.cross_entropy(teacher(x).logits, y)
+        ce = F.cross_entropy(logits_of(teacher(x)), y)
         return ce, {"ce": float(ce.detach())}
 
     fit(Run("teacher", teacher, loss, _sampler(xtr, ytr, device), _evaluate(teacher, xte.to(device), yte.to(device))),
@@ -142,10 +143,10 @@ def run_task(cfg, device, out_dir) -> dict:
         with torch.no_grad():
             t = teacher(x)
         s = student(x)
-        kd = kdkernels.distill_loss(s.logits, t.logits, y, temperature=cfg.temperature, alpha=cfg.alpha)
+        kd = kdkernels.distill_loss(logits_of(s), logits_of(t), y, temperature=cfg.temperature, alpha=cfg.alpha)
         total, logs = kd, {"distill": float(kd.detach())}
         if cfg.hint_weight > 0:
-            h = hint(s.hidden_states[-1], t.hidden_states[-1])
+            h = hint(hidden_of(s), hidden_of(t))
             total = total + cfg.hint_weight * h
             logs["hint"] = float(h.detach())
         return total, logs
@@ -159,7 +160,7 @@ def run_task(cfg, device, out_dir) -> dict:
 
         def ce(batch):
             x, y = batch
-            loss = F.cross_entropy(alone(x).logits, y)
+            loss = F.cross_entropy(logits_of(alone(x)), y)
             return loss, {"ce": float(loss.detach())}
 
         rows.append(("student, alone", fit(Run("student-alone", alone, ce, _sampler(xtr, ytr, device),
