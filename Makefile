@@ -31,7 +31,7 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 distill: install
-	$(BIN)/python -m pip install -q "scikit-learn>=1.3" "pyyaml>=6" "matplotlib>=3.7"
+	$(BIN)/python -m pip install -q "scikit-learn>=1.3" "tokenizers>=0.15" "pyyaml>=6" "matplotlib>=3.7"
 	$(BIN)/python -m kdkernels.train
 
 bench: install

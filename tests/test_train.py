@@ -268,3 +268,34 @@ def test_curves_png(tmp_path):
         {"run": "a", "step": 2, "eval": {"accuracy": 0.5}}, {"run": "b", "step": 1, "loss": 3.0, "lr": 1e-3}]))
     assert plot_metrics(str(path), str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ lm
+
+LM_SHORT = ["--task", "lm", "--steps", "20", "--teacher-steps", "20", "--eval-every", "10", "--ckpt-every", "10",
+            "--no-progress", "--corpus-bytes", "200000", "--vocab-size", "600", "--context", "16", "--batch-size", "4",
+            "--teacher-dim", "32", "--student-dim", "16"]
+
+
+def test_lm_short_run(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "lm"
+    assert distill(LM_SHORT + ["--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out perplexity" in printed and "fused_linear_kl" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {"teacher", "student, distilled", "student, alone"}
+    for row in summary["results"].values():
+        assert 1.0 < row["perplexity"] < 600 * 1.5  # better than uniform at worst by a margin, after 20 steps
+    assert (out / "tokenizer-600.json").exists()
+    metrics = read_metrics(str(out / "metrics.jsonl"))
+    assert any("hint" in m for m in metrics if m["run"] == "student-distilled")
+
+
+def test_lm_task_defaults_and_overrides():
+    cfg = parse_args(["--task", "lm"])
+    assert (cfg.temperature, cfg.steps, cfg.teacher_lr) == (1.0, 300, 3e-3)  # the lm defaults
+    assert parse_args(["--task", "lm", "--temperature", "2"]).temperature == 2.0  # a flag wins over them
+    assert parse_args([]).temperature == 4.0  # vision's
+    with pytest.raises(ConfigError, match="vocab_size must be >= 260"):
+        parse_args(["--task", "lm", "--vocab-size", "100"])

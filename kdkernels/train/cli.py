@@ -54,6 +54,8 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
         t0 = time.perf_counter()
         if cfg.task == "vision":
             from kdkernels.train.vision import run_task
+        else:
+            from kdkernels.train.lm import run_task
         result = run_task(cfg, device, out)
     except (ConfigError, CheckpointError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -65,7 +67,7 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
     dist.teardown()
     if not main_rank:
         return 0
-    table = format_table(result["rows"])
+    table = format_table(result["rows"], result.get("metrics", ("accuracy", "loss")))
     summary = {"task": cfg.task, "device": str(device), "processes": world, "seconds": round(seconds, 1),
                "config": cfg.to_dict(),
                "results": {name: values for name, values in result["rows"]}, "notes": result["notes"]}

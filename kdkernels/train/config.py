@@ -15,9 +15,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-__all__ = ["Config", "ConfigError", "load_file", "parse_args", "TASKS"]
+__all__ = ["Config", "ConfigError", "load_file", "parse_args", "TASKS", "TASK_DEFAULTS"]
 
-TASKS = ("vision",)
+TASKS = ("vision", "lm")
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,14 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue each run from its last checkpoint"})
     teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one"})
     baseline: bool = field(default=True, metadata={"help": "also train the student without distillation"})
+    vocab_size: int = field(default=16384, metadata={"help": "lm: BPE vocabulary size"})
+    context: int = field(default=64, metadata={"help": "lm: tokens per sequence"})
+    corpus_bytes: int = field(default=3_000_000, metadata={"help": "lm: bytes of standard-library sources to use"})
+    teacher_dim: int = field(default=128, metadata={"help": "lm: teacher width"})
+    teacher_layers: int = field(default=2, metadata={"help": "lm: teacher transformer blocks"})
+    student_dim: int = field(default=64, metadata={"help": "lm: student width"})
+    student_layers: int = field(default=1, metadata={"help": "lm: student transformer blocks"})
+    teacher_lr: float = field(default=1e-2, metadata={"help": "peak learning rate of the teacher"})
     autocast: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on the CPU)"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 
@@ -57,14 +65,17 @@ class Config:
     def validate(self) -> "Config":
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "context", "teacher_dim",
+                     "teacher_layers", "student_dim", "student_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("teacher_steps", "warmup", "student_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.vocab_size < 260:
+            raise ConfigError(f"vocab_size must be >= 260 (the 256 bytes and a few merges), got {self.vocab_size}")
+        if not self.lr > 0 or not self.teacher_lr > 0:
+            raise ConfigError(f"lr and teacher_lr must be > 0, got {self.lr} and {self.teacher_lr}")
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -80,6 +91,14 @@ class Config:
 
 
 _FIELDS = {f.name: f for f in fields(Config)}
+
+# the defaults of Config are the vision task's; another task changes these unless the file or a flag
+# sets them
+TASK_DEFAULTS = {
+    "vision": {},
+    "lm": {"steps": 300, "teacher_steps": 400, "teacher_lr": 3e-3, "batch_size": 16, "lr": 3e-3, "temperature": 1.0, "alpha": 0.5,
+           "hint_weight": 0.01, "eval_every": 100, "ckpt_every": 100, "warmup": 20},
+}
 
 
 def _unknown(key: str, where: str) -> ConfigError:
@@ -175,4 +194,7 @@ def parse_args(argv: Optional[list] = None, prog: str = "kdkernels distill") -> 
     values = vars(args)
     cfg = load_file(values.pop("config")) if "config" in values else {}
     cfg.update({k: _convert(k, v) for k, v in values.items()})
-    return Config(**cfg)
+    task = cfg.get("task", Config.task)
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    return Config(**{**TASK_DEFAULTS[task], **cfg})

@@ -115,7 +115,7 @@ def _teacher(cfg, data, device, out_dir):
         return ce, {"ce": float(ce.detach())}
 
     fit(Run("teacher", teacher, loss, _sampler(xtr, ytr, device), _evaluate(teacher, xte.to(device), yte.to(device))),
-        cfg, cfg.teacher_steps, out_dir, seed=cfg.seed + 1)
+        cfg, cfg.teacher_steps, out_dir, seed=cfg.seed + 1, lr=cfg.teacher_lr)
     return teacher, "trained"
 
 
@@ -169,4 +169,4 @@ def run_task(cfg, device, out_dir) -> dict:
     notes = [f"teacher {how} on {len(data[1])} digits, students on {len(ytr)}, {len(yte)} held out; teacher "
              f"{sum(p.numel() for p in teacher.parameters())} parameters, student "
              f"{sum(p.numel() for p in student.parameters())}"]
-    return {"rows": rows, "notes": notes}
+    return {"rows": rows, "notes": notes, "metrics": ("accuracy", "loss")}
