@@ -174,12 +174,22 @@ else:
 @pytest.mark.skipif(triton is None or not os.path.exists(CUOBJDUMP), reason="needs triton and its cuobjdump")
 def test_topk_kl_compiles_without_spills():
     """The top-k teacher kernel for every student dtype and tail, sm_80 and sm_90: no spills."""
-    jobs = [("topk_kl", sig, flags, warps, arch) for sig, flags, warps in TOPK_CASES for arch in ARCHS]
+    _compile_without_spills("topk", [("topk_kl", *case) for case in TOPK_CASES],
+                            lambda k, sig, flags, w: f"{sig['s_ptr'].split(':')[0][1:]}-"
+                                                     f"{'uniform' if flags['UNIFORM'] else 'ignore'}-V{flags['BLOCK_V']}")
+
+
+def _compile_without_spills(label, cases, case_id):
+    """Compile every (kernel, sig, flags, num_warps) case for each arch in ARCHS: each compiles, and
+    none uses stack (spills); prints the registers, shared memory and occupancy."""
+    jobs = [(*case, arch) for case in cases for arch in ARCHS]
     bad = []
-    for (_, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
-        name = f"{sig['s_ptr'].split(':')[0][1:]}-{'uniform' if flags['UNIFORM'] else 'ignore'}-V{flags['BLOCK_V']}"
+    for (kernel, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
+        name = case_id(kernel, sig, flags, warps)
         assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
-        print(f"\nsm_{arch} topk {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']}", end="")
+        occ = aot.occupancy(r["reg"], r["shared"], warps, arch)
+        print(f"\nsm_{arch} {label} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}",
+              end="")
         if r["stack"]:
             bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
     assert not bad, bad
@@ -205,16 +215,7 @@ def _sim_case_id(case):
 def test_similarity_compiles_without_spills():
     """The InfoNCE / similarity_kd / DistillClipLoss / SigLIP kernels (statistics, gradients, the
     one-pass sigmoid kernel) for each operand dtype, sm_80 and sm_90: compiled, no spills."""
-    jobs = [(*case, arch) for case in SIM_CASES for arch in ARCHS]
-    bad = []
-    for (kernel, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
-        name = _sim_case_id((kernel, sig, flags, warps))
-        assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
-        occ = aot.occupancy(r["reg"], r["shared"], warps, arch)
-        print(f"\nsm_{arch} {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']} occupancy {occ:.0%}", end="")
-        if r["stack"]:
-            bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
-    assert not bad, bad
+    _compile_without_spills("similarity", SIM_CASES, lambda *case: _sim_case_id(case))
 
 
 if triton is not None:
@@ -229,13 +230,6 @@ else:
 def test_projected_feature_compiles_without_spills():
     """The hint-loss kernel (smooth-L1 with every gradient, cosine statistics, cosine gradient) for
     each operand dtype, sm_80 and sm_90: compiled, no spills."""
-    jobs = [(*case, arch) for case in HINT_CASES for arch in ARCHS]
-    bad = []
-    for (kernel, sig, flags, warps, arch), r in zip(jobs, aot.compile_cases(jobs)):
-        name = (f"{sig['x_ptr'].split(':')[0][1:]}-k{flags['KIND']}-phase{flags['PHASE']}-"
-                f"{flags['BLOCK_N']}x{flags['BLOCK_V']}-w{warps}")
-        assert r["error"] is None, f"{name} sm_{arch}: {r['error']}"
-        print(f"\nsm_{arch} hint {name}: REG:{r['reg']} STACK:{r['stack']} SHARED:{r['shared']}", end="")
-        if r["stack"]:
-            bad.append(f"{name} sm_{arch} STACK:{r['stack']}")
-    assert not bad, bad
+    _compile_without_spills("hint", HINT_CASES,
+                            lambda k, sig, flags, w: f"{sig['x_ptr'].split(':')[0][1:]}-k{flags['KIND']}-phase"
+                                                     f"{flags['PHASE']}-{flags['BLOCK_N']}x{flags['BLOCK_V']}-w{w}")

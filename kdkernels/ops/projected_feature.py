@@ -87,6 +87,22 @@ def _cos_grad(P: Tensor, T: Tensor, coef: Tensor, dT: Optional[Tensor], cpu: boo
     P.mul_(coef[:, 0:1]).add_(coef[:, 1:2] * T)
 
 
+def cosine_terms(pp: Tensor, pt: Tensor, tt: Tensor, g: Optional[Tensor]):
+    """From the per-row sums ``pp = Σ P²``, ``pt = Σ P T``, ``tt = Σ T²``: the cosines and, with per-row weights ``g``, the [4, R] coefficients (a, c, e, f) of
+    ``dP = a P + c T``, ``dT = e P + f T`` for the loss ``g (1 - cos)``, where
+    ``cos = P·T / (max(|P|, eps) max(|T|, eps))``: ``a = g cos / |P|²`` (0 where |P| <= eps),
+    ``c = e = -g / den``, ``f = g cos / |T|²`` (0 where |T| <= eps)."""
+    n_p, n_t = torch.sqrt(pp), torch.sqrt(tt)
+    den = torch.clamp(n_p, min=EPS) * torch.clamp(n_t, min=EPS)
+    cos = pt / den
+    if g is None:
+        return cos, None
+    zero = torch.zeros_like(pp)
+    a = torch.where(n_p > EPS, g * cos / torch.where(n_p > EPS, pp, 1.0), zero)
+    f = torch.where(n_t > EPS, g * cos / torch.where(n_t > EPS, tt, 1.0), zero)
+    return cos, torch.stack([a, -g / den, -g / den, f])
+
+
 def _tiles(n: int, size: int):
     return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
@@ -159,19 +175,10 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
             stats = torch.zeros(ri.stop - ri.start, 3, dtype=acc, device=dev)
             for cj in ct:
                 _cos_stats(proj(Xr, cj), Tr[:, cj].to(acc).contiguous(), stats, cpu)
-            pp, pt, tt = stats.unbind(1)
-            n_p, n_t = torch.sqrt(pp), torch.sqrt(tt)
-            den = torch.clamp(n_p, min=EPS) * torch.clamp(n_t, min=EPS)
-            cos = pt / den
+            cos, coef = cosine_terms(*stats.unbind(1), g[ri] if any_grad else None)
             rows[ri] = 1.0 - cos
             if any_grad:
-                # cos = P·T / (max(|P|, eps) max(|T|, eps)); d(1 - cos)/dP = cos P / |P|² - T / den
-                # (the first term only where |P| > eps), and the same for T
-                gi = g[ri]
-                zero = torch.zeros_like(pp)
-                a = torch.where(n_p > EPS, gi * cos / torch.where(n_p > EPS, pp, 1.0), zero)
-                f = torch.where(n_t > EPS, gi * cos / torch.where(n_t > EPS, tt, 1.0), zero)
-                coef = torch.stack([a, -gi / den, -gi / den, f], 1).contiguous()
+                coef = coef.t().contiguous()  # [R, 4] for the row sweeps
                 for cj in ct:
                     P, Tt = proj(Xr, cj), Tr[:, cj].to(acc).contiguous()
                     dTt = torch.empty_like(P) if dT is not None else None

@@ -452,10 +452,14 @@ def _xent_dS(S, T, row, col, cpu):
     return total
 
 
-def _clip_distill_setup(a, b, ta, tb, log_scale, t_scale):
+def _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend):
+    """(acc, A, B, scale · A, TA, TB, scale): accumulation-dtype copies; the teacher's (with t_scale
+    applied) only for the ATen tile loops (the Triton kernels read the inputs as given)."""
     acc = _acc(a, b, ta, tb)
     A, B = a.to(acc).contiguous(), b.to(acc).contiguous()
     scale = log_scale.detach().to(acc).exp()
+    if backend == "triton":
+        return acc, A, B, A * scale, None, None, scale
     TA, TB = (ta.to(acc) * float(t_scale)).contiguous(), tb.to(acc).contiguous()
     return acc, A, B, A * scale, TA, TB, scale
 
@@ -469,7 +473,7 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
     cross-entropy of a row (column) of S against the same row (column) of T. Both share the
     student's tile and its log-sum-exps. ``statistics`` feed :func:`clip_distill_backward`."""
     cpu = backend == "cpu"
-    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale)
+    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend)
     n, dev = A.shape[0], A.device
     pos = (As * B).sum(1)
     if backend == "triton":
@@ -496,7 +500,7 @@ def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w
     False), recomputing the tiles of :func:`clip_distill_forward` with its ``statistics``:
     ``dS = (w_c + w_d)/2 (P_row + P_col)(S) - w_d/2 (P_row + P_col)(T)`` minus ``w_c`` at the pairs."""
     cpu = backend == "cpu"
-    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale)
+    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend)
     n, dev = A.shape[0], A.device
     sf = float(scale)
     da = torch.zeros_like(A) if need[0] else None

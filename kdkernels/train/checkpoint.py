@@ -60,15 +60,19 @@ def save_checkpoint(path: str, state: dict) -> None:
         raise
 
 
-def load_checkpoint(path: str) -> dict:
-    """The state saved at ``path``; :class:`CheckpointError` if there is none or it is corrupt."""
+def _read(path: str):
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path!r}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated and cannot be loaded "
                               f"({type(exc).__name__}: {exc}); delete it to start over") from None
+
+
+def load_checkpoint(path: str) -> dict:
+    """The state saved at ``path``; :class:`CheckpointError` if there is none or it is corrupt."""
+    state = _read(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not a kdkernels training checkpoint")
     return state
@@ -77,13 +81,7 @@ def load_checkpoint(path: str) -> dict:
 def model_state(path: str) -> dict:
     """A model's state dict from ``path``: a kdkernels training checkpoint (its model) or a plain
     ``torch.save(model.state_dict())`` file."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or truncated and cannot be loaded "
-                              f"({type(exc).__name__}: {exc})") from None
+    obj = _read(path)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return obj["model"]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

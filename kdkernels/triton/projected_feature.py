@@ -99,7 +99,7 @@ def _hint_kernel(
 def projected_feature_forward(X, W, b, T, keep, grad_scale, *, kind, beta, need):
     """The contract of :func:`kdkernels.ops.projected_feature.projected_feature_tiled` (same
     arguments and outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``."""
-    from kdkernels.ops.projected_feature import EPS
+    from kdkernels.ops.projected_feature import cosine_terms
 
     X, W, T = (_contig_last(x) for x in (X, W, T))
     b = None if b is None else b.contiguous()
@@ -142,16 +142,9 @@ def projected_feature_forward(X, W, b, T, keep, grad_scale, *, kind, beta, need)
     launch(0, dummy, grad and kind != COSINE)
     if kind != COSINE:
         return [loss_rows / Dt, dX, dW, db, dT]
-    pp, pt, tt = stats.unbind(0)
-    n_p, n_t = torch.sqrt(pp), torch.sqrt(tt)
-    den = torch.clamp(n_p, min=EPS) * torch.clamp(n_t, min=EPS)
-    cos = pt / den
+    cos, coef = cosine_terms(*stats.unbind(0), g if grad else None)
     if grad:
-        zero = torch.zeros_like(pp)
-        a = torch.where(n_p > EPS, g * cos / torch.where(n_p > EPS, pp, 1.0), zero)
-        f = torch.where(n_t > EPS, g * cos / torch.where(n_t > EPS, tt, 1.0), zero)
-        coef = torch.stack([a, -g / den, -g / den, f]).contiguous()
-        launch(1, coef, True)
+        launch(1, coef.contiguous(), True)
     return [1.0 - cos, dX, dW, db, dT]
 
 

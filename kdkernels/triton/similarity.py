@@ -164,6 +164,20 @@ def _stats_kernel(
 
 
 @triton.jit
+def _tile_indices(n, m, mask_off, MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    # this program's tile of rows and columns: indices (int32 and int64), bounds, and the entries kept
+    # (in bounds and, with MASK, off the (i, i + mask_off) diagonal)
+    r = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    c = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    rmask = r < n
+    cmask = c < m
+    keep = rmask[:, None] & cmask[None, :]
+    if MASK:
+        keep = keep & (c[None, :] != r[:, None] + mask_off)
+    return r, rmask, r.to(tl.int64), c, cmask, c.to(tl.int64), keep
+
+
+@triton.jit
 def _dS(a2, b2, vals_ptr, idx, imask, count, l2b, l2nb, beta, MODE: tl.constexpr, KIND: tl.constexpr,
         AXIS: tl.constexpr):
     # the gradient tile of one direction: the per-row values of ``idx`` (rows when AXIS == 1,
@@ -212,17 +226,7 @@ def _grad_kernel(
 ):
     # row_ptr / col_ptr: [N_VALUES, n] / [N_VALUES, m] per-row (per-column) values, V_* order
     ACC = dx_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = r < n
-    rows = r.to(tl.int64)
-    c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    cmask = c < m
-    cols = c.to(tl.int64)
-    keep = rmask[:, None] & cmask[None, :]
-    if MASK:
-        keep = keep & (c[None, :] != r[:, None] + mask_off)
+    r, rmask, rows, c, cmask, cols, keep = _tile_indices(n, m, mask_off, MASK, BLOCK_N, BLOCK_V)
     cs = tl.load(params_ptr + P_CS)
     ct = tl.load(params_ptr + P_CT)
     l2b = tl.load(params_ptr + P_LOG2_BETA)
@@ -235,7 +239,8 @@ def _grad_kernel(
     if COLS:
         dz += _dS(a2, b2, col_ptr, c, cmask, m, l2b, l2nb, beta, MODE, KIND, 0)
     dz = tl.where(keep, dz, 0.0)
-    tl.store(part_ptr + pid_n * tl.num_programs(1) + pid_v, tl.sum(tl.sum(dz * zs, axis=1), axis=0))
+    slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + slot, tl.sum(tl.sum(dz * zs, axis=1), axis=0))
     _accumulate(dz, x_ptr, rows, rmask, stride_x, y_ptr, cols, cmask, stride_y, dx_ptr, dy_ptr, dx_ptr, D,
                 NEED_X, NEED_Y, False, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
 
@@ -249,15 +254,7 @@ def _sigmoid_kernel(
 ):
     # params: [scale, bias]; every pair a negative: loss_r += sum_j softplus(S_rj), dS = g_r sigmoid(S)
     ACC = loss_ptr.dtype.element_ty
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rmask = r < n
-    rows = r.to(tl.int64)
-    c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
-    cmask = c < m
-    cols = c.to(tl.int64)
-    keep = rmask[:, None] & cmask[None, :]
+    r, rmask, rows, c, cmask, cols, keep = _tile_indices(n, m, 0, False, BLOCK_N, BLOCK_V)
     scale = tl.load(params_ptr + P_CS)
     bias = tl.load(params_ptr + P_CT)
     zs = _logits_tile(x_ptr, y_ptr, x_ptr, rows, rmask, cols, cmask, D, stride_x, stride_y,
@@ -272,7 +269,7 @@ def _sigmoid_kernel(
     if NEED_GRAD:
         g = tl.load(g_ptr + r, mask=rmask, other=0.0)
         ds = tl.where(keep, g[:, None] * tl.exp(s - sp), 0.0)  # g sigmoid(s)
-        slot = 2 * (pid_n * tl.num_programs(1) + pid_v)
+        slot = 2 * (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
         tl.store(part_ptr + slot, tl.sum(tl.sum(ds, axis=1), axis=0))
         tl.store(part_ptr + slot + 1, tl.sum(tl.sum(ds * (s - bias), axis=1), axis=0))
         _accumulate(ds * scale, x_ptr, rows, rmask, stride_x, y_ptr, cols, cmask, stride_y, dx_ptr, dy_ptr, dx_ptr,
