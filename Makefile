@@ -1,6 +1,8 @@
 # The two commands of the README:
-#   make demo   build kdkernels from source in ./.venv and run the end-to-end demo (python -m kdkernels)
-#   make test   build kdkernels from source in ./.venv and run the test suite
+#   make distill  build kdkernels from source in ./.venv (with the trainer's and the tests'
+#                 dependencies) and run `kdkernels distill` on its default task (--task lm)
+#   make test     build kdkernels from source in ./.venv and run the test suite
+# make demo runs the fused loss's demo (python -m kdkernels) instead.
 # torch is installed only when the environment has none (TORCH_SPEC, a CPU build here); a machine
 # that already has torch (a GPU image) keeps its own through --system-site-packages.
 PYTHON ?= python3
@@ -31,7 +33,6 @@ test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 distill: install
-	$(BIN)/python -m pip install -q "scikit-learn>=1.3" "tokenizers>=0.15" "pyyaml>=6" "matplotlib>=3.7"
 	$(BIN)/python -m kdkernels.train
 
 bench: install

