@@ -460,3 +460,15 @@ def test_lm_step_peak_memory():
     grads = (16384 * 16 * 2 + 64 * 16) * 4 / 2 ** 20  # the student's embedding and lm_head gradients, 2 MiB
     assert grads <= peak["fused"] < 16  # less than one eager logits tensor
     assert peak["eager"] > 4 * 16  # several of them
+
+
+def test_embeddings_fallback_teacher_is_the_lm_tasks():
+    """The lm teacher behind --task embeddings trains with --task lm's settings (batch, learning
+    rate, schedule), whatever the embedding students use; only the teacher's own keys carry over."""
+    from kdkernels.train.embeddings import _lm_config
+
+    emb = parse_args(["--task", "embeddings", "--teacher-steps", "7", "--vocab-size", "600", "--lr", "0.5"])
+    lm = _lm_config(emb)
+    expected = parse_args(["--task", "lm", "--teacher-steps", "7", "--vocab-size", "600"])
+    assert lm == Config(**{**expected.to_dict(), "out": emb.out})
+    assert (lm.batch_size, lm.lr) != (emb.batch_size, emb.lr)

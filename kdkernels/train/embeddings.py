@@ -319,7 +319,7 @@ _LM_TEACHER_KEYS = ("teacher", "teacher_steps", "teacher_lr", "teacher_dim", "te
 def _lm_config(cfg):
     from kdkernels.train.config import TASK_DEFAULTS, Config
 
-    return Config(**{**cfg.to_dict(), **TASK_DEFAULTS["lm"], "task": "lm",
+    return Config(**{**TASK_DEFAULTS["lm"], "task": "lm", "out": cfg.out,
                      **{k: getattr(cfg, k) for k in _LM_TEACHER_KEYS}})
 
 
