@@ -185,6 +185,10 @@ def load_file(path: str) -> dict:
 def build_parser(prog: str = "kdkernels distill") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Distill a student from a teacher with the kdkernels losses "
                                 "and compare it with the teacher and with the student trained alone.",
+                                epilog="The defaults shown are --task lm's. Other tasks change these unless a flag or "
+                                "the file sets them: " + "; ".join(
+                                    f"{task}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+                                    for task, changes in TASK_DEFAULTS.items() if changes) + ".",
                                 argument_default=argparse.SUPPRESS, allow_abbrev=False)
     p.add_argument("--config", metavar="FILE", help="a .toml or .yaml file of config keys (flags override it)")
     for f in fields(Config):
