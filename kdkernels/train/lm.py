@@ -12,9 +12,10 @@ cross-entropy mixed in with ``alpha``, and a ``kdkernels.nn.HintLoss`` from its 
 the teacher's. The same student trained alone (cross-entropy) is the baseline. Both students see
 only ``student_examples`` training blocks (32 by default, 32k tokens spread evenly over the
 corpus), where the teacher saw all of them: the setting in which distillation pays, since the
-teacher's full next-token distribution on each position carries what the few hard labels do not. Reported: held-out
-perplexity of all three, and the distillation step's time with the fused loss against eager
-PyTorch (logits, log-softmax, KL) on the same batch.
+teacher's full next-token distribution on each position carries what the few hard labels do not.
+Reported: held-out perplexity of all three, and the distillation step's time and peak memory with
+the fused loss against eager PyTorch (logits, log-softmax, KL) on the same batch
+(:mod:`kdkernels.train.memory`).
 """
 
 from __future__ import annotations
