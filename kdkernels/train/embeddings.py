@@ -45,6 +45,7 @@ from torch import nn
 import kdkernels
 from kdkernels.train import dist
 from kdkernels.train.config import ConfigError
+from kdkernels.train.lm import TransformerTrunk
 from kdkernels.train.loop import Run, fit
 
 __all__ = ["MiniLM", "SentenceEncoder", "sentence_pairs", "minilm_dir", "load_minilm", "read_safetensors",
@@ -221,24 +222,16 @@ def _mean_pool(h, mask):
     return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-class SentenceEncoder(nn.Module):
-    """Token and position embeddings, ``layers`` pre-norm bidirectional transformer blocks that skip
-    padding, a final LayerNorm; ``.embeddings`` is the mean of the unmasked states
-    (``[batch, dim]``, not normalized)."""
+class SentenceEncoder(TransformerTrunk):
+    """A bidirectional :class:`~kdkernels.train.lm.TransformerTrunk` that skips padding;
+    ``.embeddings`` is the mean of the unmasked states (``[batch, dim]``, not normalized)."""
 
     def __init__(self, vocab: int, dim: int, layers: int, context: int):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, dim)
-        self.pos = nn.Embedding(context, dim)
-        block = nn.TransformerEncoderLayer(dim, max(1, dim // 32), 4 * dim, dropout=0.0, batch_first=True,
-                                           norm_first=True)
-        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(dim)
+        super().__init__(vocab, dim, layers, context)
         nn.init.normal_(self.tok.weight, std=0.02)
 
     def forward(self, ids, mask):
-        h = self.tok(ids) + self.pos.weight[: ids.shape[1]]
-        h = self.norm(self.blocks(h, src_key_padding_mask=~mask))
+        h = self.states(ids, src_key_padding_mask=~mask)
         return SimpleNamespace(embeddings=_mean_pool(h, mask), hidden_states=(h,))
 
 

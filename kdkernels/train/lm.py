@@ -101,11 +101,11 @@ def load_corpus(cfg, out_dir):
     return blocks[~held], blocks[held], tok
 
 
-class TinyLM(nn.Module):
-    """Token and position embeddings, ``layers`` pre-norm transformer blocks with a causal mask, a
-    final LayerNorm and an untied lm_head (``self.head.weight`` ``[V, dim]``). ``forward(ids)``
-    returns ``.hidden_states`` (the final normalized states) and computes no logits: the losses
-    take the hidden states and ``head.weight``."""
+class TransformerTrunk(nn.Module):
+    """Token and position embeddings, ``layers`` pre-norm transformer blocks and a final LayerNorm:
+    the body of :class:`TinyLM` and of ``--task embeddings``' student. ``states(ids, **attention)``
+    passes ``attention`` (a causal ``mask``, or a ``src_key_padding_mask``) to the blocks. The
+    subclasses initialize the token embedding after building their own layers."""
 
     def __init__(self, vocab: int, dim: int, layers: int, context: int):
         super().__init__()
@@ -116,16 +116,26 @@ class TinyLM(nn.Module):
                                            norm_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
+
+    def states(self, ids, **attention):
+        h = self.tok(ids) + self.pos.weight[: ids.shape[1]]
+        return self.norm(self.blocks(h, **attention))
+
+
+class TinyLM(TransformerTrunk):
+    """A causal :class:`TransformerTrunk` with an untied lm_head (``self.head.weight``
+    ``[V, dim]``). ``forward(ids)`` returns ``.hidden_states`` (the final normalized states) and
+    computes no logits: the losses take the hidden states and ``head.weight``."""
+
+    def __init__(self, vocab: int, dim: int, layers: int, context: int):
+        super().__init__(vocab, dim, layers, context)
         self.head = nn.Linear(dim, vocab, bias=False)
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
 
     def forward(self, ids):
-        n = ids.shape[1]
-        h = self.tok(ids) + self.pos(torch.arange(n, device=ids.device))
-        mask = nn.Transformer.generate_square_subsequent_mask(n, device=ids.device)
-        h = self.norm(self.blocks(h, mask=mask, is_causal=True))
-        return SimpleNamespace(hidden_states=(h,), logits=None)
+        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
+        return SimpleNamespace(hidden_states=(self.states(ids, mask=mask, is_causal=True),), logits=None)
 
 
 def _sampler(blocks, context, device):
