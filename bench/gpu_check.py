@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-build", action="store_true", help="use the installed kdkernels as is")
     p.add_argument("--skip-tests", action="store_true")
     p.add_argument("--reps", type=int, default=None, help="fixed benchmark repetitions (default: time budget)")
+    p.add_argument("--families", default=None,
+                   help="comma-separated benchmark families (default: all; python -m bench --help lists them)")
+    p.add_argument("--dtype", default=None, help="benchmark dtypes, e.g. fp32,bf16 (default: python -m bench's)")
     p.add_argument("--out", type=Path, default=None,
                    help="where the report goes (default: bench/results on a GPU, /tmp/kdk-gpu-check on the CPU)")
     a = p.parse_args(argv)
@@ -115,6 +118,10 @@ def main(argv=None) -> int:
     cmd = [sys.executable, "-m", "bench", "--device", device, "--out", str(bench_dir)]
     if a.reps:
         cmd += ["--reps", str(a.reps)]
+    if a.dtype:
+        cmd += ["--dtype", a.dtype]
+    if a.families:
+        cmd += [f for f in a.families.split(",") if f]
     rc, out, dt = sh(cmd + ([] if has_gpu else ["--quick", "--skip-memory"]), timeout=240 if has_gpu else 600,
                      env=env, log=log)
     steps.append(("benchmarks", rc, dt, str(bench_dir)))
