@@ -180,6 +180,9 @@ def test_clear_errors(tmp_path, capsys):
     torch.save({"w": torch.zeros(3)}, bad_teacher)
     assert distill(SHORT + ["--out", str(tmp_path / "r"), "--teacher", str(bad_teacher)]) == 2
     assert "does not fit the vision teacher" in capsys.readouterr().err
+    assert distill(SHORT + ["--out", str(tmp_path / "r"), "--teacher", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint at" in err and "does not fit" not in err
 
 
 # ------------------------------------------------------------------ data-parallel (gloo, 2 processes)
@@ -305,7 +308,8 @@ def test_lm_teacher_with_another_vocabulary(tmp_path, capsys):
     torch.save(TinyLM(700, 32, 2, 16).state_dict(), path)  # the run's BPE has 600 tokens
     assert distill(LM_SHORT + ["--out", str(tmp_path / "r"), "--teacher", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "does not fit the lm teacher (vocabulary 600" in err and "700" in err
+    assert "does not fit the lm teacher (vocabulary 600" in err
+    assert "its vocabulary is 700 (this run's --vocab-size is 600)" in err
 
 
 def test_task_defaults_and_overrides():

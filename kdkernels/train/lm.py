@@ -180,11 +180,15 @@ def teacher_lm(cfg, vocab, train, held, device, out_dir):
     ``out/teacher``, or trained now (and cached)."""
     teacher = TinyLM(vocab, cfg.teacher_dim, cfg.teacher_layers, cfg.context).to(device)
     if cfg.teacher:
+        state = model_state(cfg.teacher)  # a missing or corrupt file raises its own CheckpointError
         try:
-            teacher.load_state_dict(model_state(cfg.teacher))
+            teacher.load_state_dict(state)
         except RuntimeError as exc:
+            theirs = state.get("tok.weight")
+            hint = "" if theirs is None or theirs.shape[0] == vocab else \
+                f"; its vocabulary is {theirs.shape[0]} (this run's --vocab-size is {vocab})"
             raise CheckpointError(f"teacher checkpoint {cfg.teacher!r} does not fit the lm teacher (vocabulary "
-                                  f"{vocab}, dim {cfg.teacher_dim}, {cfg.teacher_layers} layers): {exc}") from None
+                                  f"{vocab}, dim {cfg.teacher_dim}, {cfg.teacher_layers} layers){hint}: {exc}") from None
         return teacher, "given"
     cached = os.path.join(out_dir, "teacher", "checkpoint.pt")
     if os.path.exists(cached):

@@ -94,8 +94,9 @@ def _teacher(cfg, data, device, out_dir):
     xtr, ytr, xte, yte = data
     teacher = Teacher().to(device)
     if cfg.teacher:
+        state = model_state(cfg.teacher)  # a missing or corrupt file raises its own CheckpointError
         try:
-            teacher.load_state_dict(model_state(cfg.teacher))
+            teacher.load_state_dict(state)
         except RuntimeError as exc:  # missing / unexpected keys, wrong shapes
             raise CheckpointError(f"teacher checkpoint {cfg.teacher!r} does not fit the vision teacher: {exc}") \
                 from None
