@@ -183,6 +183,10 @@ def test_clear_errors(tmp_path, capsys):
     assert distill(SHORT + ["--out", str(tmp_path / "r"), "--teacher", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err
     assert "no checkpoint at" in err and "does not fit" not in err
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "task").write_text("lm\n")  # an output directory of another task is refused, not mixed
+    assert distill(SHORT + ["--out", str(tmp_path / "lm")]) == 2
+    assert "holds a --task lm run; pass another --out for --task vision" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ data-parallel (gloo, 2 processes)
@@ -319,7 +323,9 @@ def test_task_defaults_and_overrides():
     vision = parse_args(["--task", "vision"])
     assert (vision.temperature, vision.steps, vision.student_examples) == (4.0, 1500, 300)
     assert parse_args(["--task", "vision", "--steps", "7"]).steps == 7
+    assert (cfg.out, vision.out) == ("runs/lm", "runs/vision")  # one output directory per task
     emb = parse_args(["--task", "embeddings"])
+    assert emb.out == "runs/embeddings" and parse_args(["--task", "vision", "--out", "x"]).out == "x"
     assert (emb.hint_kind, emb.batch_size, emb.student_examples) == ("cosine", 128, 0)
     assert (emb.teacher_steps, emb.teacher_dim) == (cfg.teacher_steps, cfg.teacher_dim)  # the lm teacher's
     with pytest.raises(ConfigError, match="vocab_size must be >= 260"):

@@ -36,6 +36,23 @@ def _writable(out: str) -> str:
     return out
 
 
+def _claim(out: str, task: str) -> None:
+    """One task per output directory: its runs' checkpoints ("teacher", "student-distilled", ...)
+    and metrics.jsonl share names across tasks, so a directory that holds another task's run is
+    refused rather than mixed. The task is recorded in ``out/task``."""
+    marker = os.path.join(out, "task")
+    try:
+        with open(marker) as f:
+            other = f.read().strip()
+    except OSError:
+        other = ""
+    if other and other != task:
+        raise ConfigError(f"output directory {out!r} holds a --task {other} run; pass another --out for --task {task}")
+    if dist.is_main() and other != task:
+        with open(marker, "w") as f:
+            f.write(task + "\n")
+
+
 def format_table(rows, metrics=("accuracy", "loss")) -> str:
     lines = ["| model | " + " | ".join(f"held-out {m}" for m in metrics) + " |",
              "|---|" + "---:|" * len(metrics)]
@@ -50,6 +67,7 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
         device = _device(cfg)
         out = _writable(cfg.out)
         dist.setup(device)
+        _claim(out, cfg.task)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
         if cfg.task == "vision":

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     task: str = field(default="lm", metadata={"help": f"what to distill: {', '.join(TASKS)}"})
-    out: str = field(default="runs/distill", metadata={"help": "output directory (checkpoints, metrics.jsonl)"})
+    out: str = field(default="runs/lm", metadata={"help": "output directory (checkpoints, metrics.jsonl, the cached "
+                                                          "teacher); one task per directory"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "seed of the data order, the initializations and dropout"})
     steps: int = field(default=300, metadata={"help": "optimizer steps of each student run"})
@@ -108,9 +109,9 @@ _FIELDS = {f.name: f for f in fields(Config)}
 TASK_DEFAULTS = {
     "lm": {},
     # the embeddings task's fallback teacher is the lm task's, with the lm task's teacher settings
-    "embeddings": {"steps": 400, "batch_size": 128, "lr": 1e-2, "temperature": 0.1, "alpha": 0.2, "hint_weight": 1.0,
+    "embeddings": {"out": "runs/embeddings", "steps": 400, "batch_size": 128, "lr": 1e-2, "temperature": 0.1, "alpha": 0.2, "hint_weight": 1.0,
                    "hint_kind": "cosine", "student_dim": 128, "student_layers": 1, "student_examples": 0},
-    "vision": {"steps": 1500, "teacher_steps": 600, "teacher_lr": 1e-2, "student_examples": 300, "batch_size": 64,
+    "vision": {"out": "runs/vision", "steps": 1500, "teacher_steps": 600, "teacher_lr": 1e-2, "student_examples": 300, "batch_size": 64,
                "lr": 1e-2, "temperature": 4.0, "alpha": 0.1, "hint_weight": 0.02, "eval_every": 250,
                "ckpt_every": 250},
 }

