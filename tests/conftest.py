@@ -53,14 +53,23 @@ def loosest(*dtypes):
     return max(dtypes, key=lambda d: RTOL[d])
 
 
-def assert_close(out, ref, dtype, what=""):
-    """||out - ref|| <= rtol max(||ref||, FLOOR sqrt(rows)), with ref computed in float64."""
+def vocab_sum_scale(V: int) -> float:
+    """The tolerance factor of a gradient that sums over a vocabulary of V (the hidden states'
+    gradient of an lm_head loss: sum_v g_v W_v). Its float32 rounding grows as sqrt(V) whoever
+    computes it: eager PyTorch in float32 (logits materialized) against float64 measured 3.4e-6
+    median relative error at V = 32001 and 6.6e-6 at V = 131073 (max 8.1e-6 over 5 seeds; H = 64),
+    and kdkernels the same to two digits. Above V = 32768 the bound grows with sqrt(V)."""
+    return max(1.0, math.sqrt(V / 32768))
+
+
+def assert_close(out, ref, dtype, what="", scale=1.0):
+    """||out - ref|| <= scale rtol max(||ref||, FLOOR sqrt(rows)), with ref computed in float64."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
     assert not torch.isnan(out64).any(), f"{what}: NaN in output (unwritten element?)"
     err = (out64 - ref64).norm().item()
     rows = ref64.shape[0] if ref64.dim() else 1
-    bound = RTOL[dtype] * max(ref64.norm().item(), FLOOR * math.sqrt(max(1, rows)))
+    bound = scale * RTOL[dtype] * max(ref64.norm().item(), FLOOR * math.sqrt(max(1, rows)))
     assert err <= bound, f"{what}: ||out-ref|| = {err:.3e} > {bound:.3e} (||ref|| = {ref64.norm().item():.3e})"
 
 
