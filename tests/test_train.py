@@ -133,6 +133,25 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert steps == list(range(1, 21))  # the steps after the checkpoint are not logged twice
 
 
+def test_fit_evaluates_the_last_step_once(tmp_path):
+    """fit returns the last step's logged evaluation instead of evaluating again; a run resumed at
+    its last step (nothing left to train) evaluates once."""
+    model, run = _run()
+    calls = []
+
+    def evaluate():
+        calls.append(1)
+        return {"w": float(model[0].weight.sum())}
+
+    run = Run("r", model, run.loss, run.sample, evaluate)
+    cfg = Config(steps=10, ckpt_every=5, eval_every=4, batch_size=8, progress=False, warmup=2)
+    final = fit(run, cfg, 10, str(tmp_path), seed=1)
+    assert len(calls) == 3  # steps 4, 8 and 10
+    assert final == [m["eval"] for m in read_metrics(str(tmp_path / "metrics.jsonl")) if "eval" in m][-1]
+    assert fit(run, Config(**{**cfg.to_dict(), "resume": True}), 10, str(tmp_path), seed=1) == final
+    assert len(calls) == 4
+
+
 # ------------------------------------------------------------------ checkpoints
 
 def test_corrupt_checkpoint(tmp_path, capsys):

@@ -46,7 +46,7 @@ class Config:
     alpha: float = field(default=0.5, metadata={"help": "weight of the hard-label cross-entropy (Hinton)"})
     hint_weight: float = field(default=0.01, metadata={"help": "weight of the hint loss (0: none)"})
     hint_kind: str = field(default="mse", metadata={"help": "hint loss: mse, l1, smooth_l1 or cosine"})
-    eval_every: int = field(default=100, metadata={"help": "evaluate every this many steps"})
+    eval_every: int = field(default=150, metadata={"help": "evaluate every this many steps"})
     ckpt_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     resume: bool = field(default=False, metadata={"help": "continue each run from its last checkpoint"})
     teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one"})

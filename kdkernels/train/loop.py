@@ -135,6 +135,7 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
     bar = _Progress(run.name, steps, cfg.progress and main)
     run.model.train()
     loss_value = float("nan")
+    final = None  # the evaluation of the last step, returned rather than computed twice
     while step < steps:
         opt.zero_grad(set_to_none=True)
         logs: dict = {}
@@ -155,12 +156,15 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
         if step % cfg.eval_every == 0 or step == steps:
             run.model.eval()
             with torch.no_grad():
-                log({"run": run.name, "step": step, "eval": run.evaluate()})
+                final = run.evaluate()
+            log({"run": run.name, "step": step, "eval": final})
             run.model.train()
         if step % cfg.ckpt_every == 0 or step == steps:
             checkpoint()
         bar.update(step, loss_value, sched.get_last_lr()[0])
     bar.close()
     run.model.eval()
-    with torch.no_grad():
-        return run.evaluate()
+    if final is None:  # resumed from the last checkpoint: nothing left to train
+        with torch.no_grad():
+            final = run.evaluate()
+    return final
