@@ -27,7 +27,16 @@ def inputs(lead, Ds, Dt, dtype, bias=True, teacher_grad=True):
 
 
 def check(x, W, b, t, dtype, what, **kw):
-    """Loss and the gradients of every input that requires one, against the reference in float64."""
+    """Loss and the gradients of every input that requires one, against the reference in float64.
+    L1's gradient is sign(y - t): where the projection y is within rounding of the teacher the sign
+    is a coin toss in any precision (a CI run flipped one at float32), so the teacher is moved
+    3e-2 away from y wherever it lies within 1e-2 of it (the kink itself is tested by none)."""
+    if kw.get("kind") == "l1" or (kw.get("kind") == "smooth_l1" and kw.get("beta", 1.0) == 0.0):
+        with torch.no_grad():
+            y = x.double() @ W.double().t() + (0.0 if b is None else b.double())
+            d = t.double() - y
+            near = d.abs() < 1e-2
+            t.copy_(torch.where(near, y + 3e-2 * torch.where(d < 0, -1.0, 1.0), t.double()).to(t.dtype))
     out = kdkernels.projected_feature_loss(x, W, t, bias=b, **kw)
     go = torch.rand_like(out) + 0.5
     leaves = [v for v in (x, W, b, t) if v is not None and v.requires_grad]
