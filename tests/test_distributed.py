@@ -49,6 +49,7 @@ def _worker(rank, world, init_file, out_dir):
         results.append((rel(out, ref.detach()), rel(gs, rgs[:, lo:lo + split[rank]]),
                         rel(gt, rgt[:, lo:lo + split[rank]])))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # every rank done with every collective before gloo tears down (a CI run aborted there)
     dist.destroy_process_group()
 
 
@@ -126,6 +127,7 @@ def _fl_worker(rank, world, init_file, out_dir):
             errs[k] = rel(gr, rg)
         results.append(errs)
     torch.save(results, os.path.join(out_dir, f"fl_rank{rank}.pt"))
+    dist.barrier()  # every rank done with every collective before gloo tears down (a CI run aborted there)
     dist.destroy_process_group()
 
 
@@ -205,6 +207,7 @@ def _sim_worker(rank, world, init_file, out_dir):
                 errs[k] = rel(gr.detach() / (world if mean else 1), rg[lo:hi])
         results.append(errs)
     torch.save(results, os.path.join(out_dir, f"sim_rank{rank}.pt"))
+    dist.barrier()  # every rank done with every collective before gloo tears down (a CI run aborted there)
     dist.destroy_process_group()
 
 

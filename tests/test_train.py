@@ -226,6 +226,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
     model, run = _run()
     fit(run, cfg, 12, os.path.join(out_dir, "fit"), seed=3)
     torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    tdist.barrier()  # every rank done with every collective before gloo tears down
     tdist.destroy_process_group()
 
 
