@@ -94,8 +94,22 @@ def _kind_id(kind: str, beta: float) -> int:
     return kind_id
 
 
-def _grad_scale(N: int, labels: Optional[Tensor], ignore_index: int, reduction: str, dtype, device) -> Tensor:
-    """The gradient scale of a reduction over rows: 1 / (non-ignored rows) for "mean", else 1."""
+def _batch_size(shape) -> int:
+    """``input.size(0)`` of logits of this shape, the divisor of PyTorch's ``"batchmean"``: the
+    first leading dimension (the batch of ``[B, L, V]`` logits), or ``V`` for a single ``[V]`` row
+    (as ``F.kl_div`` divides a 1-D input's sum by its length)."""
+    return int(shape[0])
+
+
+def _grad_scale(N: int, labels: Optional[Tensor], ignore_index: int, reduction: str, dtype, device,
+                batch: Optional[int] = None) -> Tensor:
+    """The gradient scale of a reduction over rows: 1 / (non-ignored rows) for ``"mean"``,
+    1 / ``batch`` (the logits' ``size(0)``, :func:`_batch_size`) for ``"batchmean"`` (NaN for an
+    empty batch, as ``F.kl_div`` gives), else 1."""
+    if reduction == "batchmean":
+        if batch is None:
+            raise ValueError("reduction='batchmean' needs the logits' size(0)")
+        return torch.full((), 1.0 / batch if batch else math.nan, dtype=dtype, device=device)
     if reduction != "mean":
         return torch.ones((), dtype=dtype, device=device)
     if labels is None:
@@ -107,12 +121,13 @@ def _fused(student_logits, teacher_logits, labels, *, temperature, kind, beta, i
            ce_weight, kd_weight, op_name):
     device = student_logits.device
     name = _backend.resolve(backend, device, op_name)
-    red = "mean" if reduction == "batchmean" else reduction
+    red = reduction
+    batch = _batch_size(student_logits.shape)
     if name == "torch":
         rows = reference.softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature,
                                          kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
                                          kd_weight=kd_weight)
-        return reference.reduce_rows(rows, labels, ignore_index, red)
+        return reference.reduce_rows(rows, labels, ignore_index, red, batch=batch)
 
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     s2 = student_logits.reshape(-1, V)
@@ -126,7 +141,7 @@ def _fused(student_logits, teacher_logits, labels, *, temperature, kind, beta, i
     N = s2.shape[0]
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
 
-    grad_scale = _grad_scale(N, lab, ignore_index, red, torch.float32, device)
+    grad_scale = _grad_scale(N, lab, ignore_index, red, torch.float32, device, batch)
     kind_id = _kind_id(kind, beta)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = softmax_kl_op(s2, t2, lab, grad_scale, temperature, kind_id, beta, ignore_index,
@@ -143,8 +158,9 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
 
     With ``p_s = softmax(student_logits / T)`` and ``p_t = softmax(teacher_logits / T)``, per row:
 
-    * ``kind="forward"``: ``KL(p_t || p_s) = sum p_t (log p_t - log p_s)`` (what
-      ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")`` computes);
+    * ``kind="forward"``: ``KL(p_t || p_s) = sum p_t (log p_t - log p_s)``; with
+      ``reduction="batchmean"`` this is exactly
+      ``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")``;
     * ``kind="reverse"``: ``KL(p_s || p_t)``;
     * ``kind="jsd"``: the generalized Jensen-Shannon divergence
       ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with ``m = beta * p_t + (1 - beta) * p_s``;
@@ -158,8 +174,11 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
         temperature: ``T > 0``; no ``T**2`` factor is applied here (see :func:`distill_loss`).
         labels: optional integer ``[...]`` (the leading shape); rows whose label is ``ignore_index``
             cost nothing, contribute 0 and get a zero gradient.
-        reduction: ``"none"`` (per-row losses, float32, 0 for ignored rows), ``"sum"``, or ``"mean"``
-            over the non-ignored rows (``"batchmean"`` is an alias; an all-ignored batch gives 0).
+        reduction: ``"none"`` (per-row losses, float32, 0 for ignored rows), ``"sum"``, ``"mean"``
+            (the sum over the non-ignored rows divided by their number; an all-ignored batch gives
+            0), or ``"batchmean"`` (PyTorch's: the sum over the non-ignored rows divided by
+            ``student_logits.size(0)``, the batch B of ``[B, L, V]`` logits, V of a single ``[V]``
+            row; for 2-D ``[N, V]`` logits without labels it equals ``"mean"``).
         backend: ``"auto"`` (the C++ kernel on CPU tensors, Triton on CUDA), ``"cpu"``, ``"triton"``,
             ``"cuda"``, or ``"torch"`` (plain PyTorch: the reference, which materializes the softmaxes).
 
@@ -322,10 +341,11 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     hs, ht, tl = flat(student_hidden, 1), flat(teacher_hidden, 1), flat(teacher_logits, 1)
     N = hs.shape[0]
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
-    red = "mean" if reduction == "batchmean" else reduction
+    red = reduction
     # in the accumulation dtype: a float32 1/N would cost float64 inputs 8 digits
     scale_dtype = torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
-    grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, hs.device)
+    grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, hs.device,
+                             _batch_size((*lead, student_weight.shape[0])))
     kind_id = _kind_id(kind, beta)
     grad_on = torch.is_grad_enabled()
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
@@ -415,10 +435,10 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     vals = teacher_topk_values.reshape(-1, k)
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
-    red = "mean" if reduction == "batchmean" else reduction
+    red = reduction
     N = s2.shape[0]
     scale_dtype = torch.float64 if s2.dtype == torch.float64 else torch.float32
-    grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, s2.device)
+    grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, s2.device, _batch_size(student_logits.shape))
     need = torch.is_grad_enabled() and student_logits.requires_grad
     loss, _ = topk_kl_op(s2, vals, idx, lab, grad_scale, values == "logits", tail == "uniform", temperature,
                          ignore_index, REDUCTION_IDS[red], need, backend)
@@ -464,9 +484,10 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     vals = teacher_topk_values.reshape(-1, k)
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
-    red = "mean" if reduction == "batchmean" else reduction
+    red = reduction
     fp64 = torch.float64 in (student_hidden.dtype, student_weight.dtype)
-    grad_scale = _grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32, hs.device)
+    grad_scale = _grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32, hs.device,
+                             _batch_size((*lead, V)))
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and x is not None and x.requires_grad)
                  for x in (student_hidden, student_weight, student_bias))

@@ -91,14 +91,21 @@ def softmax_kl_rows(
     return rows
 
 
-def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str) -> torch.Tensor:
-    """``"none"`` keeps rows; ``"sum"`` adds them; ``"mean"``/``"batchmean"`` divides by the
-    number of non-ignored rows (an all-ignored batch gives 0)."""
+def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str,
+                batch: Optional[int] = None) -> torch.Tensor:
+    """``"none"`` keeps rows; ``"sum"`` adds them; ``"mean"`` divides the sum by the number of
+    non-ignored rows (an all-ignored batch gives 0); ``"batchmean"`` divides it by ``batch``, the
+    logits' ``size(0)`` (``F.kl_div``'s meaning: ``[B, L, V]`` logits divide by B, a single ``[V]``
+    row by V; an empty batch gives NaN)."""
     if reduction == "none":
         return rows
     total = rows.sum()
     if reduction == "sum":
         return total
+    if reduction == "batchmean":
+        if batch is None:
+            raise ValueError("reduction='batchmean' needs batch, the logits' size(0)")
+        return total / batch if batch else total * math.nan
     if labels is None:
         n = rows.numel()
     else:
@@ -111,7 +118,7 @@ def softmax_kl(student_logits, teacher_logits, *, temperature=1.0, kind="forward
     """Reference for :func:`kdkernels.softmax_kl`."""
     rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, kind=kind,
                            beta=beta, ignore_index=ignore_index)
-    return reduce_rows(rows, labels, ignore_index, reduction)
+    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
 
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.0,
@@ -121,7 +128,7 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0
     rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, kind=kind,
                            beta=beta, ignore_index=ignore_index, ce_weight=alpha,
                            kd_weight=(1.0 - alpha) * temperature * temperature)
-    return reduce_rows(rows, labels, ignore_index, reduction)
+    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
 
 
 def kl_div(input, target, reduction="mean", log_target=False):
@@ -182,7 +189,7 @@ def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, values
     rows = kl_rows(log_ps, log_pt.to(dtype), "forward", 0.5)
     if labels is not None:
         rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
-    return reduce_rows(rows, labels, ignore_index, reduction)
+    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
 
 
 def fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices, *,

@@ -121,6 +121,39 @@ def test_teacher_gradients_tiles_and_reductions(teacher, reduction, kind, backen
             reduction=reduction, backend=backend, what=f"{backend} seed={seed}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_labels", [False, True], ids=["nolabels", "labels"])
+def test_batchmean_is_pytorchs_on_hf_shapes(backend, with_labels, seed):
+    """[B, L, H] hidden states: "batchmean" divides the summed loss of the kept rows by B, as
+    F.kl_div(log_softmax(z_s / T), softmax(z_t / T), reduction="batchmean") on the [B, L, V] logits."""
+    import torch.nn.functional as F
+
+    B, L, H, V, T = 2, 16, 32, 777, 2.0
+    hs = torch.randn(B, L, H, requires_grad=True)
+    Ws = (torch.randn(V, H) * 0.3).requires_grad_()
+    ht, Wt = torch.randn(B, L, 24), torch.randn(V, 24) * 0.3
+    labels = None
+    if with_labels:
+        labels = torch.randint(0, V, (B, L))
+        labels[0, :5] = -100
+    out = kdkernels.fused_linear_kl(hs, Ws, ht, Wt, temperature=T, labels=labels, reduction="batchmean",
+                                    backend=backend)
+    g = torch.autograd.grad(out, [hs, Ws])
+    hs64, Ws64 = hs.detach().double().requires_grad_(), Ws.detach().double().requires_grad_()
+    zs, zt = hs64 @ Ws64.t(), ht.double() @ Wt.double().t()
+    if labels is None:
+        ref = F.kl_div(F.log_softmax(zs / T, -1), F.softmax(zt / T, -1), reduction="batchmean")
+    else:
+        rows = F.kl_div(F.log_softmax(zs / T, -1), F.softmax(zt / T, -1), reduction="none").sum(-1)
+        ref = (rows * (labels != -100)).sum() / B
+    ref = ref * T * T  # fused_linear_kl is distill_loss's (1 - alpha) T^2 D
+    rg = torch.autograd.grad(ref, [hs64, Ws64])
+    assert out.dtype == torch.float32 and out.shape == ()
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    for a, b, name in zip(g, rg, ("hidden", "weight")):
+        assert_close(a, b, torch.float32, f"grad {name} seed={seed}")
+
+
 def test_leading_shape_no_bias_no_labels(seed):
     hs = torch.randn(2, 3, 32, requires_grad=True)
     Ws = torch.randn(500, 32, requires_grad=True)

@@ -122,6 +122,74 @@ def test_reductions(backend, device, reduction, grad_scale, seed):
     assert_close(s1.grad, s2.grad, torch.float32, "grad")
 
 
+SHAPES = [(1000,), (6, 1000), (2, 16, 1000), (2, 3, 4, 257)]
+
+
+def _kl_div_original(s, t, T, reduction, labels=None, ignore_index=-100):
+    """"batchmean": PyTorch's own F.kl_div of log_softmax(s / T) and softmax(t / T), rows masked
+    by labels (the sum over kept rows divided by s.size(0)); "mean": the mean over kept rows."""
+    ls, pt = F.log_softmax(s / T, -1), F.softmax(t / T, -1)
+    if labels is None and reduction == "batchmean":
+        return F.kl_div(ls, pt, reduction="batchmean")
+    keep = torch.ones(s.shape[:-1], dtype=torch.bool) if labels is None else labels != ignore_index
+    rows = F.kl_div(ls, pt, reduction="none").sum(-1) * keep
+    return rows.sum() / s.size(0) if reduction == "batchmean" else rows.sum() / keep.sum()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params() + [pytest.param("torch", "cpu", id="torch-cpu")])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_labels", [False, True], ids=["nolabels", "labels"])
+def test_batchmean_is_pytorchs(backend, device, shape, dtype, with_labels, seed):
+    """"batchmean" is the sum (over non-ignored rows) divided by student_logits.size(0), as
+    F.kl_div's: on [B, L, V] logits B, not B * L; "mean" stays the mean over non-ignored rows."""
+    T = 2.0
+    s = (torch.randn(shape, device=device) * 3).to(dtype)
+    t = (torch.randn(shape, device=device) * 3).to(dtype)
+    labels = None
+    if with_labels and len(shape) > 1:
+        labels = torch.randint(0, shape[-1], shape[:-1], device=device)
+        labels.view(-1)[::3] = -100
+    for reduction in ("batchmean", "mean"):
+        s1 = s.clone().requires_grad_()
+        with _debug.poison_outputs():
+            out = kdkernels.softmax_kl(s1, t, temperature=T, labels=labels, reduction=reduction, backend=backend)
+            g, = torch.autograd.grad(out * 0.7, s1)
+        s2 = s.double().requires_grad_()
+        ref = _kl_div_original(s2, t.double(), T, reduction, labels)
+        rg, = torch.autograd.grad(ref * 0.7, s2)
+        assert out.dtype == torch.float32 and out.shape == ()
+        assert_close(out, ref, dtype, f"{reduction} loss seed={seed}")
+        assert_close(g, rg, dtype, f"{reduction} grad seed={seed}")
+        if labels is None and dtype == torch.float32:  # the installed original itself, same inputs
+            with torch.no_grad():
+                theirs = F.kl_div(F.log_softmax(s.float() / T, -1), F.softmax(t.float() / T, -1),
+                                  reduction="batchmean")
+            if reduction == "batchmean":
+                torch.testing.assert_close(out, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_distill_loss_batchmean(backend, device, seed):
+    """Both terms of distill_loss summed over non-ignored positions of [B, L, V] and divided by B."""
+    B, L, V, T, alpha = 2, 16, 301, 2.0, 0.3
+    s, t = (torch.randn(B, L, V, device=device) * 2 for _ in range(2))
+    labels = torch.randint(0, V, (B, L), device=device)
+    labels[0, :5] = -100
+    s1 = s.clone().requires_grad_()
+    out = kdkernels.distill_loss(s1, t, labels, temperature=T, alpha=alpha, reduction="batchmean", backend=backend)
+    g, = torch.autograd.grad(out, s1)
+    s2 = s.double().requires_grad_()
+    keep = labels != -100
+    ce = F.cross_entropy(s2.reshape(-1, V), labels.reshape(-1), reduction="sum") / B
+    kd = _kl_div_original(s2, t.double(), T, "batchmean", labels)
+    ref = alpha * ce + (1 - alpha) * T * T * kd
+    rg, = torch.autograd.grad(ref, s2)
+    assert keep.sum() < B * L
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    assert_close(g, rg, torch.float32, f"grad seed={seed}")
+
+
 @pytest.mark.parametrize("backend,device", backend_device_params())
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -314,13 +382,14 @@ def test_modules(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_drop_in_for_kl_div_of_log_softmax(device):
-    """The README's replacement: F.kl_div(log_softmax(s/T), softmax(t/T), batchmean) == softmax_kl(s, t, T)."""
-    s, t = make_logits(16, 1000, torch.float32, device)
-    s.requires_grad_()
+    """The README's replacement on Hugging Face-shaped [B, L, V] logits:
+    F.kl_div(log_softmax(s/T), softmax(t/T), batchmean) == softmax_kl(s, t, T, reduction="batchmean")."""
+    s, t = make_logits(32, 1000, torch.float32, device)
+    s, t = s.reshape(2, 16, 1000).requires_grad_(), t.reshape(2, 16, 1000)
     T = 2.0
     eager = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean")
     g_eager, = torch.autograd.grad(eager, s)
-    fused = kdkernels.softmax_kl(s, t, temperature=T)
+    fused = kdkernels.softmax_kl(s, t, temperature=T, reduction="batchmean")
     g_fused, = torch.autograd.grad(fused, s)
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_fused, g_eager, rtol=1e-4, atol=1e-8)
@@ -405,6 +474,9 @@ def test_empty_batch():
     t = torch.randn(0, 10)
     assert kdkernels.softmax_kl(s, t).item() == 0.0
     assert kdkernels.softmax_kl(s, t, reduction="none").shape == (0,)
+    # F.kl_div's batchmean divides the empty sum by size(0) = 0
+    assert torch.isnan(F.kl_div(s.log_softmax(-1), t.softmax(-1), reduction="batchmean"))
+    assert torch.isnan(kdkernels.softmax_kl(s, t, reduction="batchmean"))
 
 
 # ------------------------------------------------------------------------------------ memory

@@ -73,6 +73,24 @@ def test_reductions_leading_shape_bf16_values(backend, reduction, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_batchmean_is_pytorchs(backend, seed):
+    """A top-k teacher with k = V is the full teacher: "batchmean" on [B, L, V] is F.kl_div's (sum / B)."""
+    import torch.nn.functional as F
+
+    B, L, V, T = 2, 5, 64, 1.5
+    s, t = torch.randn(B, L, V) * 2, torch.randn(B, L, V) * 2
+    top = torch.log_softmax(t, -1).topk(V, -1)
+    s1 = s.clone().requires_grad_()
+    out = kdkernels.topk_kl(s1, top.values, top.indices, temperature=T, reduction="batchmean", backend=backend)
+    g, = torch.autograd.grad(out, s1)
+    s2 = s.double().requires_grad_()
+    ref = F.kl_div(F.log_softmax(s2 / T, -1), F.softmax(t.double() / T, -1), reduction="batchmean")
+    rg, = torch.autograd.grad(ref, s2)
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    assert_close(g, rg, torch.float32, f"grad seed={seed}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_padded_topk_and_nan(backend):
     s = torch.randn(3, 300)
     vals, idx = teacher(3, 300, 8, "logprobs")

@@ -115,9 +115,9 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
     N = s.shape[0]
     valid = torch.ones(N, dtype=torch.bool, device=s.device) if labels is None \
         else labels.reshape(-1) != ignore_index
-    red = "mean" if reduction == "batchmean" else reduction
-    count = valid.sum().clamp_min(1) if labels is not None else torch.tensor(max(N, 1), device=s.device)
-    scale = (1.0 / count.double()) if red == "mean" else torch.ones((), dtype=torch.float64, device=s.device)
+    red = reduction
+    lab = None if labels is None else labels.reshape(-1)
+    scale = KF._grad_scale(N, lab, ignore_index, red, torch.float64, s.device, KF._batch_size(student_logits.shape))
     grad_on = torch.is_grad_enabled()
     rows = _VocabParallelKL.apply(s, t, valid, temperature, kind_id, beta, group,
                                   torch.ones((), device=s.device), grad_on and student_logits.requires_grad,
@@ -222,10 +222,10 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
     hs, ht, tl = flat(student_hidden), flat(teacher_hidden), flat(teacher_logits)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
-    red = "mean" if reduction == "batchmean" else reduction
+    red = reduction
     fp64 = any(x is not None and x.dtype == torch.float64 for x in (hs, student_weight, ht, teacher_weight, tl))
     grad_scale = KF._grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32,
-                                hs.device)
+                                hs.device, KF._batch_size((*lead, student_weight.shape[0])))
     grad_on = torch.is_grad_enabled()
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in srcs)

@@ -21,7 +21,7 @@ from torch import Tensor
 from kdkernels import _ext
 
 KIND_IDS = {"forward": 0, "reverse": 1, "jsd": 2}
-REDUCTION_IDS = {"none": 0, "sum": 1, "mean": 2}
+REDUCTION_IDS = {"none": 0, "sum": 1, "mean": 2, "batchmean": 2}  # the op sums rows times grad_scale
 
 
 def launch(backend: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor, *,
