@@ -332,6 +332,10 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     from kdkernels.ops.fused_linear_kl import fused_linear_kl_op
 
     backend = _backend.resolve(backend, student_hidden.device, "fused_linear_kl", has_cuda_kernel=False)
+    # under autocast, the matmul operands in autocast's dtype (as F.linear gets them); products in fp32
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = \
+        _backend.autocast_operands(student_hidden.device, student_hidden, student_weight, student_bias,
+                                   teacher_hidden, teacher_weight, teacher_bias)
 
     lead = student_hidden.shape[:-1]
     tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
@@ -479,6 +483,9 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
 
     from kdkernels.ops.fused_linear_topk_kl import FusedLinearTopkKL
 
+    student_hidden, student_weight, student_bias = _backend.autocast_operands(student_hidden.device, student_hidden,
+                                                                              student_weight, student_bias)
+
     k = teacher_topk_values.shape[-1]
     hs = student_hidden.reshape(-1, H)
     vals = teacher_topk_values.reshape(-1, k)
@@ -603,6 +610,7 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
     backend = _similarity_backend(backend, a.device, "info_nce")
+    a, b = _backend.autocast_operands(a.device, a, b)
     acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
     log_scale = logit_scale.reshape(()) if logit_scale is not None else \
         torch.tensor(-math.log(temperature), dtype=acc, device=a.device)
@@ -712,6 +720,8 @@ def _similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temp
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
     backend = _similarity_backend(backend, student_a.device, "similarity_kd")
+    student_a, teacher_a, student_b, teacher_b = _backend.autocast_operands(student_a.device, student_a, teacher_a,
+                                                                            student_b, teacher_b)
     prep = (lambda x: torch.nn.functional.normalize(x, dim=-1)) if normalize else (lambda x: x)  # noqa: E731
     sa, sb = prep(student_a), None if student_b is None else prep(student_b)
     with torch.no_grad():
@@ -773,6 +783,7 @@ def _clip_distill(image: Tensor, text: Tensor, t_image: Tensor, t_text: Tensor, 
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
     backend = _similarity_backend(backend, image.device, "DistillClipLoss")
+    image, text, t_image, t_text = _backend.autocast_operands(image.device, image, text, t_image, t_text)
     log_scale = log_scale.reshape(())
     on = torch.is_grad_enabled()
     need = tuple(bool(on and x.requires_grad) for x in (image, text, log_scale))
@@ -804,6 +815,7 @@ class _ProjectedFeature(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+@_backend.without_autocast
 def _projected_feature_launch(X, W, b, T, keep, grad_scale, need, kw):
     if kw["backend"] == "triton":
         from kdkernels.triton.projected_feature import projected_feature_forward
@@ -872,6 +884,7 @@ def projected_feature_loss(student_feat: Tensor, weight: Tensor, teacher_feat: T
     if len(devs) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
     backend = _backend.resolve(backend, student_feat.device, "projected_feature_loss", has_cuda_kernel=False)
+    student_feat, weight, bias = _backend.autocast_operands(student_feat.device, student_feat, weight, bias)
     X, T = student_feat.reshape(-1, Ds), teacher_feat.reshape(-1, Dt)
     N = X.shape[0]
     keep = (mask.reshape(-1) != 0).nonzero().squeeze(1) if mask is not None else \

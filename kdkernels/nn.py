@@ -224,7 +224,9 @@ class KLDivLoss(torch.nn.KLDivLoss):
     For the reductions ``"sum"``, ``"mean"`` and ``"batchmean"`` the loss is accumulated over row
     chunks and the input gradient is written in the forward pass, so no pointwise loss tensor or
     float32 copy of the inputs is materialized (see :mod:`kdkernels.ops.kl_div`). ``"none"``,
-    broadcasting shapes and a target that requires grad use ``torch.nn.functional.kl_div``.
+    broadcasting shapes and a target that requires grad use ``torch.nn.functional.kl_div``. The
+    loss has torch's dtype, ``torch.promote_types(input.dtype, target.dtype)``, and is accumulated in
+    float32 (float64 for float64 inputs); the input gradient has the input's dtype.
 
     To fuse the ``log_softmax`` as well, replace
     ``KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, -1), F.softmax(t / T, -1))`` by
@@ -245,4 +247,7 @@ class KLDivLoss(torch.nn.KLDivLoss):
             scale = 1.0
         else:
             raise ValueError(f"reduction must be 'none', 'batchmean', 'sum' or 'mean', got {self.reduction!r}")
-        return ChunkedKLDiv.apply(input, target, self.log_target, scale)
+        # the loss in torch's dtype: input and target promoted (a bf16 input and a float32 target
+        # give float32), accumulated in float32 (float64 for float64 inputs) whatever the dtypes
+        return ChunkedKLDiv.apply(input, target, self.log_target, scale, None,
+                                  torch.promote_types(input.dtype, target.dtype))

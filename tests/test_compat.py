@@ -84,11 +84,30 @@ def test_trl_generalized_jsd_loss(reduction, beta, with_labels, seed):
         assert_close(out, theirs.double(), torch.float32, "against the installed TRL")
 
 
-def test_trl_bf16_matches_to_bf16_precision():
-    s, t = (torch.randn(4, 1000) * 3).bfloat16(), (torch.randn(4, 1000) * 3).bfloat16()
-    out = ktrl.generalized_jsd_loss(s, t, beta=0.5, temperature=2.0)
-    ref = trl_definition(s.double(), t.double(), beta=0.5, temperature=2.0)
-    assert_close(out, ref, torch.bfloat16, "bf16")
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32), (torch.float64, torch.float64)],
+                         ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "items"])
+def test_trl_dtypes(dtypes, reduction):
+    """The loss has TRL's dtype (it computes in the logits' promoted dtype), its value to that precision."""
+    s = (torch.randn(2, 4, 1000) * 3).to(dtypes[0]).requires_grad_()
+    t = (torch.randn(2, 4, 1000) * 3).to(dtypes[1])
+    labels = torch.randint(0, 1000, (2, 4))
+    labels[0, 0] = -100
+    kw = dict(labels=labels, beta=0.5, temperature=2.0)
+    kw.update(num_items_in_batch=torch.tensor(5)) if reduction == "items" else kw.update(reduction=reduction)
+    out = ktrl.generalized_jsd_loss(s, t, **kw)
+    g, = torch.autograd.grad(out, s)
+    s64 = s.detach().double().requires_grad_()
+    ref = trl_definition(s64, t.double(), **kw)
+    rg, = torch.autograd.grad(ref, s64)
+    assert out.dtype == torch.promote_types(*dtypes) and g.dtype == dtypes[0]
+    tol = max(dtypes, key=lambda d: {torch.float64: 0, torch.float32: 1}.get(d, 2))
+    assert_close(out, ref, tol if tol != torch.float64 else torch.float32, "loss")
+    assert_close(g, rg, tol if tol != torch.float64 else torch.float32, "grad")
+    peer = _trl()
+    if peer is not None:
+        assert peer(s.detach(), t, **kw).dtype == out.dtype
 
 
 # ------------------------------------------------------------------------------ torchtune
@@ -189,104 +208,6 @@ def test_torchtune_chunked_output_losses(loss, seed):
            "reverse": lambda: tt_reverse(flat_s, flat_t, labels),
            "symmetric": lambda: tt_symmetric(flat_s, flat_t, labels, 0.7)}[loss]()
     _check(out, ref, [s], [s2], f"chunked {loss} seed={seed}")
-
-
-# ------------------------------------------------------------------------------ Liger-Kernel
-
-from kdkernels.compat import liger as kl  # noqa: E402
-
-
-def _jsd_rows(ls, lt, beta):
-    """Liger's generalized JSD per row from log-probabilities (beta 0 / 1: forward / reverse KL)."""
-    if beta == 0:
-        return F.kl_div(ls, lt, reduction="none", log_target=True).sum(-1)
-    if beta == 1:
-        return F.kl_div(lt, ls, reduction="none", log_target=True).sum(-1)
-    m = torch.logsumexp(torch.stack([ls + torch.log1p(torch.tensor(-beta, dtype=ls.dtype)),
-                                     lt + torch.log(torch.tensor(beta, dtype=ls.dtype))]), 0)
-    return (beta * F.kl_div(m, lt, reduction="none", log_target=True)
-            + (1 - beta) * F.kl_div(m, ls, reduction="none", log_target=True)).sum(-1)
-
-
-def liger_fused_definition(hs, Ws, ht, Wt, labels, bs=None, bt=None, *, wh=0.5, ws=0.5, beta=0.5, T=1.0,
-                           ignore_index=-100):
-    """liger_kernel 0.8.5 chunked LigerFusedLinearJSDLoss, restated."""
-    zs = hs @ Ws.t() + (0 if bs is None else bs)
-    zt = (ht @ Wt.t() + (0 if bt is None else bt)).detach()
-    valid = labels != ignore_index
-    n = valid.sum().clamp_min(1)
-    hard = F.cross_entropy(zs, labels, ignore_index=ignore_index, reduction="sum") / n
-    if zt.shape[-1] > zs.shape[-1]:
-        zs = torch.cat([zs, zs.new_zeros(zs.shape[0], zt.shape[-1] - zs.shape[-1])], -1)
-    rows = _jsd_rows(F.log_softmax(zs / T, -1), F.log_softmax(zt / T, -1), beta)
-    soft = torch.where(valid, rows, torch.zeros_like(rows)).sum() / n
-    return wh * hard + ws * soft, soft, hard
-
-
-def _liger_chunked():
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-        return LigerFusedLinearJSDLoss
-    except Exception:
-        return None
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
-@pytest.mark.parametrize("pad", [0, 37], ids=["samevocab", "padded"])
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-def test_liger_fused_linear_jsd_loss(beta, pad, bias, seed):
-    N, H, Ht, V = 12, 32, 24, 500
-    hs = torch.randn(N, H, requires_grad=True)
-    Ws = (torch.randn(V, H) * 0.2).requires_grad_()
-    bs = torch.randn(V, requires_grad=True) if bias else None
-    ht, Wt = torch.randn(N, Ht), torch.randn(V + pad, Ht) * 0.2
-    bt = torch.randn(V + pad) if bias else None
-    labels = torch.randint(0, V, (N,))
-    labels[:3] = -100
-    kw = dict(weight_hard_loss=0.3, weight_soft_loss=0.7, beta=beta, temperature=1.5)
-    loss, soft, hard = kl.LigerFusedLinearJSDLoss(**kw, return_soft_hard_loss=True)(hs, Ws, ht, Wt, labels, bs, bt)
-    inputs = [x for x in (hs, Ws, bs) if x is not None]
-    grads = torch.autograd.grad(loss, inputs)
-    d = [x.detach().double().requires_grad_() if x is not None else None for x in (hs, Ws, bs)]
-    ref, rsoft, rhard = liger_fused_definition(d[0], d[1], ht.double(), Wt.double(), labels, d[2],
-                                               None if bt is None else bt.double(), wh=0.3, ws=0.7, beta=beta, T=1.5)
-    rgrads = torch.autograd.grad(ref, [x for x in d if x is not None])
-    assert_close(loss, ref, torch.float32, f"loss seed={seed}")
-    assert_close(soft, rsoft, torch.float32, "soft")
-    assert_close(hard, rhard, torch.float32, "hard")
-    for g, r in zip(grads, rgrads):
-        assert_close(g, r, torch.float32, "grad")
-    peer = _liger_chunked()
-    if peer is not None:
-        theirs = peer(**kw, compiled=False)(hs.detach(), Ws.detach(), ht, Wt, labels,
-                                            None if bs is None else bs.detach(), bt)
-        assert_close(loss, theirs.double(), torch.float32, "against the installed Liger-Kernel")
-
-
-def test_liger_fused_linear_jsd_and_jsd(seed):
-    N, H, V = 10, 16, 300
-    hs, Ws = torch.randn(N, H, requires_grad=True), torch.randn(V, H) * 0.3
-    ht, Wt = torch.randn(N, H), torch.randn(V, H) * 0.3
-    labels = torch.randint(0, V, (N,))
-    labels[0] = -100
-    out = kl.LigerFusedLinearJSD(jsd_beta=0.3, temperature=2.0)(hs, Ws, ht, Wt, labels)
-    zs, zt = hs.double() @ Ws.double().t(), ht.double() @ Wt.double().t()
-    rows = _jsd_rows(F.log_softmax(zs / 2, -1), F.log_softmax(zt / 2, -1), 0.3)
-    ref = rows[labels != -100].sum() / (labels != -100).sum()
-    assert_close(out, ref, torch.float32, "LigerFusedLinearJSD")
-    lq, lp = F.log_softmax(torch.randn(N, V), -1), F.log_softmax(torch.randn(N, V), -1)
-    for beta in (0.0, 0.5, 1.0):
-        out = kl.LigerJSD(beta=beta)(lq, lp, labels)
-        rows = _jsd_rows(lq.double(), lp.double(), beta)
-        assert_close(out, rows[labels != -100].sum() / (labels != -100).sum(), torch.float32, f"LigerJSD {beta}")
-    out = kl.LigerKLDIVLoss(reduction="batchmean", log_target=True)(lq, lp)
-    assert_close(out, F.kl_div(lq.double(), lp.double(), reduction="batchmean", log_target=True), torch.float32, "kl")
-
-
-def test_liger_bad_vocab():
-    with pytest.raises(ValueError, match="larger than the teacher"):
-        kl.LigerFusedLinearJSDLoss()(torch.randn(2, 4), torch.randn(10, 4), torch.randn(2, 4), torch.randn(9, 4),
-                                     torch.zeros(2, dtype=torch.long))
 
 
 # ------------------------------------------------------------------------------ open_clip

@@ -154,6 +154,38 @@ def test_batchmean_is_pytorchs_on_hf_shapes(backend, with_labels, seed):
         assert_close(a, b, torch.float32, f"grad {name} seed={seed}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_autocast(backend, hidden_dtype, seed):
+    """Under torch.autocast("cpu", bfloat16), float32 weights and float32 or bf16 hidden states (what a
+    model under autocast hands over) run like F.linear under autocast: operands in bf16, products
+    accumulated in float32 (not rounded to bf16); gradients in each input's own dtype."""
+    N, H, V = 12, 48, 700
+    hs = torch.randn(N, H).to(hidden_dtype).requires_grad_()
+    Ws, bs = (torch.randn(V, H) * 0.2).requires_grad_(), torch.randn(V).requires_grad_()
+    ht, Wt = torch.randn(N, 40), torch.randn(V, 40) * 0.2
+    labels = torch.randint(0, V, (N,))
+    labels[:2] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kdkernels.fused_linear_kl(hs, Ws, ht, Wt, student_bias=bs, temperature=2.0, alpha=0.3, labels=labels,
+                                        kind="jsd", backend=backend)
+    g = torch.autograd.grad(out, [hs, Ws, bs])
+    assert out.dtype == torch.float32 and [x.dtype for x in g] == [hidden_dtype, torch.float32, torch.float32]
+    r = [x.detach().bfloat16().double().requires_grad_() for x in (hs, Ws, bs)]
+    ref = reference.fused_linear_kl(r[0], r[1], ht.bfloat16().double(), Wt.bfloat16().double(), student_bias=r[2],
+                                    temperature=2.0, alpha=0.3, labels=labels, kind="jsd")
+    rg = torch.autograd.grad(ref, r)
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")  # fp32 accumulation of the bf16 operands
+    for a, b, name in zip(g, rg, ("hidden", "weight", "bias")):
+        assert_close(a, b, torch.bfloat16, f"grad {name} seed={seed}")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the module and the top-k loss too
+        m = kdkernels.nn.FusedLinearDistillationLoss(temperature=2.0, backend=backend)(hs, Ws, ht, Wt)
+        top = torch.log_softmax(torch.randn(N, V), -1).topk(8, -1)
+        k = kdkernels.fused_linear_topk_kl(hs, Ws, top.values, top.indices, student_bias=bs)
+    assert torch.isfinite(m) and torch.isfinite(k) and k.dtype == torch.float32
+    torch.autograd.grad(m + k, [hs, Ws])
+
+
 def test_leading_shape_no_bias_no_labels(seed):
     hs = torch.randn(2, 3, 32, requires_grad=True)
     Ws = torch.randn(500, 32, requires_grad=True)

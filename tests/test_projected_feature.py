@@ -188,3 +188,23 @@ def test_projection_is_not_kept():
            f"{proj / 2**20:.0f} MiB, gradients {grads / 2**20:.0f} MiB)")
     assert eager > proj, msg  # the probe sees what eager keeps
     assert ours < 2 * grads + 8 * 2**20 < proj, msg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mse", "cosine"])
+def test_autocast(backend, kind, seed):
+    """Under torch.autocast("cpu", bfloat16) the projection's operands are bf16 (as F.linear's),
+    the projection accumulates in float32, the gradients keep the inputs' dtypes."""
+    x = torch.randn(30, 24, requires_grad=True)
+    W, b = (torch.randn(40, 24) * 0.2).requires_grad_(), torch.randn(40, requires_grad=True)
+    t = torch.randn(30, 40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = kdkernels.projected_feature_loss(x, W, t, bias=b, kind=kind, backend=backend)
+    g = torch.autograd.grad(out, [x, W, b])
+    assert out.dtype == torch.float32 and all(y.dtype == torch.float32 for y in g)
+    r = [y.detach().bfloat16().double().requires_grad_() for y in (x, W, b)]
+    ref = reference.projected_feature_loss(r[0], r[1], t.double(), bias=r[2], kind=kind)
+    rg = torch.autograd.grad(ref, r)
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    for a, c, name in zip(g, rg, ("x", "W", "b")):
+        assert_close(a, c, torch.bfloat16, f"grad {name} seed={seed}")

@@ -253,3 +253,32 @@ def test_peak_memory_is_linear_in_N(which):
     per_row = 64 * 4 * 12  # a generous O(N D) allowance: a dozen fp32 [N, D] tensors
     assert large - small < (n2 - n1) * per_row + 8 * 2**20, msg
     assert large < 200 * 2**20, msg
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast(backend, seed):
+    """Under torch.autocast("cpu", bfloat16) the embeddings enter the tiles in bf16 (as a matmul
+    under autocast gets them), the products accumulate in float32, the gradients keep the inputs'
+    dtypes: info_nce, similarity_kd and the fused DistillClipLoss all run."""
+    from kdkernels.compat import open_clip as koc
+
+    n, d = 40, 24
+    a, b = (torch.nn.functional.normalize(torch.randn(n, d), dim=-1).requires_grad_() for _ in range(2))
+    ta, tb = torch.randn(n, 32), torch.randn(n, 32)
+    scale = torch.tensor(2.3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        clip = kdkernels.info_nce(a, b, logit_scale=scale, backend=backend)
+        kd = kdkernels.similarity_kd(a, ta, b, tb, temperature=0.5, backend=backend)
+        c, dist = koc.DistillClipLoss()(a, b, scale.exp(), ta, tb, 10.0)
+    assert all(x.dtype == torch.float32 for x in (clip, kd, c, dist))
+    g = torch.autograd.grad(clip, [a, b, scale])
+    assert all(x.dtype == torch.float32 for x in g)
+    r = [x.detach().bfloat16().double().requires_grad_() for x in (a, b)]
+    rs = scale.detach().double().requires_grad_()
+    ref = reference.info_nce(r[0], r[1], logit_scale=rs)
+    rg = torch.autograd.grad(ref, [*r, rs])
+    assert_close(clip, ref, torch.float32, f"info_nce seed={seed}")
+    for x, y, name in zip(g, rg, ("a", "b", "logit_scale")):
+        assert_close(x, y, torch.bfloat16, f"info_nce grad {name} seed={seed}")
+    torch.autograd.grad(kd + c + dist, [a, b, scale])

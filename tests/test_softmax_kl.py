@@ -525,3 +525,19 @@ def test_peak_memory_is_the_gradient_buffer():
     eager = _extra_bytes("eager", N, V)
     assert fused <= grad_bytes + 24 * 2**20, f"fused extra {fused / 2**20:.1f} MiB, gradient {grad_bytes / 2**20:.0f} MiB"
     assert eager >= 2 * grad_bytes, f"eager extra {eager / 2**20:.1f} MiB: the probe is not measuring"
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+def test_autocast(backend, device):
+    """Inside torch.autocast the logits losses compute what they compute outside it (their kernels
+    have no matmul): bf16 logits from an autocast model, a float32 loss."""
+    s, t = make_logits(6, 1000, torch.bfloat16, device)
+    labels = torch.randint(0, 1000, (6,), device=device)
+    s1 = s.clone().requires_grad_()
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        out = kdkernels.distill_loss(s1, t, labels, temperature=2.0, alpha=0.5, backend=backend)
+        top = torch.log_softmax(t.float(), -1).topk(16, -1)
+        k = kdkernels.topk_kl(s1, top.values, top.indices, backend=backend)
+    g, = torch.autograd.grad(out, s1)
+    assert out.dtype == k.dtype == torch.float32 and g.dtype == torch.bfloat16
+    torch.testing.assert_close(out, kdkernels.distill_loss(s, t, labels, temperature=2.0, alpha=0.5, backend=backend))

@@ -15,8 +15,10 @@ here exactly:
   ``[unmasked, V]`` with labels); ``num_items_in_batch``, when given, divides the sum by it
   whatever the reduction.
 
-Differences: the fused kernel computes in float32 for bfloat16/float16 logits (TRL computes in the
-input dtype), so results agree to the input dtype's precision rather than bit for bit; the
+The loss has TRL's dtype (the logits' promoted dtype: bfloat16 for bfloat16 logits). Differences:
+the fused kernel accumulates in float32 for bfloat16/float16 logits and rounds once at the end (TRL
+computes in the input dtype), so results agree to the input dtype's precision rather than bit for
+bit; the
 elementwise (``"none"``) form materializes the ``[..., V]`` terms, as it must, in plain PyTorch.
 """
 
@@ -52,20 +54,23 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     """TRL's ``GKDTrainer.generalized_jsd_loss``, fused (see the module docstring)."""
     if num_items_in_batch is None and reduction not in ("batchmean", "sum", "mean"):
         return _elementwise(student_logits, teacher_logits, labels, beta, temperature)
+    # TRL computes in the logits' dtype, so its loss has their promoted dtype (bf16 for bf16 logits);
+    # the sum here accumulates in float32 and is rounded to that dtype once, at the end
+    out_dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     total = KF.softmax_kl(student_logits, teacher_logits, temperature=temperature, kind="jsd", beta=float(beta),
                           labels=labels, ignore_index=-100, reduction="sum")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
+        return (total / num_items_in_batch).to(out_dtype)
     if reduction == "sum":
-        return total
+        return total.to(out_dtype)
     V = student_logits.shape[-1]
     if labels is not None:
         positions = (labels != -100).sum()
         if reduction == "batchmean":
-            return total / positions.clamp_min(1)
-        return total / (positions * V)  # mean over the elements of jsd[mask] (NaN when empty, as in TRL)
+            return (total / positions.clamp_min(1)).to(out_dtype)
+        return (total / (positions * V)).to(out_dtype)  # mean over the elements of jsd[mask] (NaN when empty)
     if reduction == "batchmean":
-        return total / max(student_logits.shape[0], 1)
-    return total / student_logits.numel()
+        return (total / max(student_logits.shape[0], 1)).to(out_dtype)
+    return (total / student_logits.numel()).to(out_dtype)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdkernels import functional as KF
+from kdkernels._backend import autocast_operands, without_autocast
 
 
 def _safe(m: Tensor) -> Tensor:
@@ -176,6 +177,7 @@ class _VocabParallelFusedLinearKL(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None)
 
 
+@without_autocast
 def _run(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, kw, need, group):
     """The tile loop on this rank's slice with the statistics merged across ranks; the hidden
     states' gradients summed across ranks (each rank's slice contributes to them)."""
@@ -219,6 +221,9 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
             raise ValueError(f"labels must have the hidden states' leading shape {tuple(student_hidden.shape[:-1])}, "
                              f"got {tuple(labels.shape)}")
     lead = student_hidden.shape[:-1]
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_operands(
+        student_hidden.device, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+        teacher_bias)
     flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
     hs, ht, tl = flat(student_hidden), flat(teacher_hidden), flat(teacher_logits)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)

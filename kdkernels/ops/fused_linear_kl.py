@@ -34,6 +34,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from kdkernels._backend import without_autocast
+
 V_TILE = 2048  # vocabulary columns per tile
 TILE_ELEMENTS = 1 << 19  # R * Vt per logits tile: 2 MiB of fp32 (a pass holds about ten such temporaries)
 
@@ -262,6 +264,7 @@ NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "
          "teacher_logits")
 
 
+@without_autocast
 def launch(backend: str, hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
            ignore_index, ce_weight, kd_weight, need):
     if backend == "torch":

@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kdkernels._backend import without_autocast
+
 from kdkernels.ops import fused_linear_kl as FL
 
 
@@ -50,6 +52,7 @@ def _topk_in_tile(idx: Tensor, v0: int, v1: int):
     return r, j, idx[r, j] - v0
 
 
+@without_autocast
 def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, indices: Tensor,
                   labels: Optional[Tensor], grad_scale: Tensor, *, uniform_tail: bool, temperature: float,
                   ignore_index: int, need: tuple):

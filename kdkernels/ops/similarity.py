@@ -32,6 +32,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from kdkernels._backend import without_autocast
+
 ROW_TILE = 1024
 COL_TILE = 2048
 
@@ -204,6 +206,7 @@ def _sigmoid_negatives(S, rows, g, bias, cpu):
 
 # ------------------------------------------------------------------------------ info_nce
 
+@without_autocast
 def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tensor], labels: Tensor,
                    grad_scale: Tensor, *, sigmoid: bool, symmetric: bool, need, backend: str = "torch",
                    row_tile=None, col_tile=None) -> List[Optional[Tensor]]:
@@ -318,6 +321,7 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
 
 # ------------------------------------------------------------------------------ similarity_kd
 
+@without_autocast
 def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Optional[Tensor], grad_scale: Tensor, *,
                         inv_ts: float, inv_t: float, kind: int, beta: float, symmetric: bool, need,
                         backend: str = "torch", mask_offset: Optional[int] = None,
@@ -464,6 +468,7 @@ def _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend):
     return acc, A, B, A * scale, TA, TB, scale
 
 
+@without_autocast
 def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale: Tensor, t_scale: float, *,
                          backend: str = "torch", row_tile=None, col_tile=None):
     """open_clip's ``DistillClipLoss`` over one pass of tiles: with ``S = exp(log_scale) a bᵀ``
@@ -494,6 +499,7 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
     return 0.5 * (lsr + lsc) - pos, 0.5 * (xr + xc), (lsr, ltr, lsc, ltc)
 
 
+@without_autocast
 def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w_d: float, need, *,
                           backend: str = "torch", row_tile=None, col_tile=None):
     """(d a, d b, d log_scale) of ``w_c Σ contrastive_i + w_d Σ distill_i`` (None where ``need`` is
