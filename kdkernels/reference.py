@@ -12,7 +12,9 @@ Conventions shared with the kernels (see ``kdkernels.softmax_kl``):
   ``m = beta * p_t + (1 - beta) * p_s``; at ``beta == 0`` and ``beta == 1``, where that
   expression is identically zero, ``"jsd"`` is forward and reverse KL respectively;
 * terms with ``p == 0`` contribute nothing (``0 * log 0 = 0``), so ``-inf`` logits are legal;
-* the hard-label cross-entropy of ``distill_loss`` uses temperature 1.
+* the hard-label cross-entropy of ``distill_loss`` uses temperature 1; a label outside ``[0, V)``
+  that is not ``ignore_index`` makes its row NaN (as in the kernels), and so does a top-k index
+  outside ``[0, V)``.
 """
 
 from __future__ import annotations
@@ -81,9 +83,12 @@ def softmax_kl_rows(
     if labels is not None:
         valid = labels != ignore_index
         if ce_weight != 0.0:
-            safe = torch.where(valid, labels, torch.zeros_like(labels))
+            inside = (labels >= 0) & (labels < s.shape[-1])
+            safe = torch.where(valid & inside, labels, torch.zeros_like(labels))
             log_p1 = torch.log_softmax(s, dim=-1)
             ce = -log_p1.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+            # a label out of range: a NaN loss and (through the product) a NaN gradient for its row
+            ce = ce * torch.where(valid & ~inside, torch.full_like(ce, math.nan), torch.ones_like(ce))
             rows = rows + ce_weight * ce
         rows = torch.where(valid, rows, torch.zeros_like(rows))
     elif ce_weight != 0.0:
@@ -173,8 +178,11 @@ def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, 
         mass = (1.0 - values.to(dtype).exp().sum(-1, keepdim=True)).clamp_min(0.0)
         full = full.clone()
         full[...] = (torch.log(mass) - math.log(V - k)) / temperature
-    full = full.scatter(-1, indices.long(), b)
-    return torch.log_softmax(full, dim=-1)
+    inside = (indices >= 0) & (indices < V)
+    full = full.scatter(-1, torch.where(inside, indices.long(), torch.zeros_like(indices.long())), b)
+    out = torch.log_softmax(full, dim=-1)
+    bad = ~inside.all(-1, keepdim=True)  # an index out of range: a NaN row
+    return torch.where(bad, torch.full_like(out, math.nan), out)
 
 
 def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, values="logprobs", tail="ignore",

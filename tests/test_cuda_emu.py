@@ -148,6 +148,24 @@ def test_padded_vocabulary_and_nan(emu):
     assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
 
 
+def test_out_of_range_label_gives_a_nan_row(emu):
+    """With CE on, a label outside [0, V) that is not ignore_index (unchecked under torch.compile)
+    makes its row's loss and gradients NaN in every plan, and no logit past the row is read; the
+    other rows are untouched. Without CE a label only masks rows, whatever its value."""
+    V = 1024
+    s, t = torch.randn(4, V), torch.randn(4, V)
+    labels = torch.tensor([3, 50000, -100, -7])
+    for gpu, force in [(limits(), (-1, 0, 0)), (limits(target_kib=4), (-1, 0, 0)), (limits(), (0, 0, 0))]:
+        loss, gs, gt, plan = run(emu, s, t, labels, kind=0, ce=0.5, kd=0.5, gpu=gpu, force=force)
+        assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(gs[[1, 3]]).all() and torch.isnan(gt[[1, 3]]).all()
+        assert torch.isfinite(loss[0]) and loss[2] == 0 and (gs[2] == 0).all(), plan
+        ok = torch.tensor([3, 0, -100, 0])
+        ref, _, _ = run(emu, s, t, ok, kind=0, ce=0.5, kd=0.5, gpu=gpu, force=force)[:3]
+        assert loss[0] == ref[0], plan
+        loss, _, _, _ = run(emu, s, t, labels, kind=0, ce=0.0, kd=1.0, gpu=gpu, force=force)
+        assert torch.isfinite(loss).all(), plan
+
+
 def test_strided_and_offset_rows(emu):
     """Rows with a stride != V (vector-aligned: staged) and rows starting off a 16-byte boundary
     (streaming with scalar accesses)."""

@@ -272,3 +272,25 @@ def test_peak_memory_does_not_grow_with_V():
     msg = f"extra beyond the gradients: {small / 2**20:.1f} MiB at V=16384, {large / 2**20:.1f} MiB at V=131072"
     assert large - small < 8 * 2**20, msg  # one [512, 131072] fp32 logits tensor would be 256 MiB
     assert large < 64 * 2**20, msg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_label_fails_visibly_when_compiled(backend):
+    """Eagerly a CE label outside [0, V) is a ValueError; under torch.compile the kernels give its
+    row a NaN loss and spread NaN to every gradient the row reaches (never a silently wrong CE)."""
+    hs, Ws, bs, t = make(5, 16, 12, 300, torch.float32)
+    labels = torch.tensor([3, 50000, -100, 7, 9])
+
+    def step(hs, Ws, bs, labels, reduction):
+        return kdkernels.fused_linear_kl(hs, Ws, t["teacher_hidden"], t["teacher_weight"], student_bias=bs,
+                                         teacher_bias=t["teacher_bias"], temperature=2.0, alpha=0.5, labels=labels,
+                                         reduction=reduction, backend=backend)
+
+    with pytest.raises(ValueError, match="labels must be in"):
+        step(hs, Ws, bs, labels, "mean")
+    fn = torch.compile(step, fullgraph=True, backend="eager")
+    rows = fn(hs, Ws, bs, labels, "none")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 3, 4]]).all() and rows[2] == 0
+    loss = fn(hs, Ws, bs, labels, "mean")
+    g = torch.autograd.grad(loss, [hs, Ws])
+    assert torch.isnan(loss) and torch.isnan(g[0][1]).all() and torch.isnan(g[1]).any()

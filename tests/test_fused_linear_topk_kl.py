@@ -148,3 +148,16 @@ def test_modules(seed):
     want = kdkernels.fused_linear_kl(hs, Ws, ht, Wt, temperature=2.0, alpha=0.2, labels=labels)
     assert torch.equal(got, want)
     assert "tail='uniform'" in repr(mod)
+
+
+def test_out_of_range_index_fails_visibly_when_compiled():
+    hs, Ws, bs, vals, idx = make(3, 8, 50, 4, torch.float32, "logprobs")
+    idx[2, 0] = -3
+    with pytest.raises(ValueError, match="teacher_topk_indices must be in"):
+        kdkernels.fused_linear_topk_kl(hs, Ws, vals, idx, student_bias=bs)
+    # not fullgraph: this loss is an autograd.Function with data-dependent tiles, a graph break
+    fn = torch.compile(lambda h: kdkernels.fused_linear_topk_kl(h, Ws, vals, idx, student_bias=bs, reduction="none"),
+                       backend="eager")
+    rows = fn(hs)
+    g, = torch.autograd.grad(rows.sum(), hs)
+    assert torch.isnan(rows[2]) and torch.isnan(g[2]).all() and torch.isfinite(rows[:2]).all()

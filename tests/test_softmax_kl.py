@@ -541,3 +541,38 @@ def test_autocast(backend, device):
     g, = torch.autograd.grad(out, s1)
     assert out.dtype == k.dtype == torch.float32 and g.dtype == torch.bfloat16
     torch.testing.assert_close(out, kdkernels.distill_loss(s, t, labels, temperature=2.0, alpha=0.5, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params() + [pytest.param("torch", "cpu", id="torch-cpu")])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_out_of_range_label_fails_visibly(backend, device, compiled):
+    """Eager, a label outside [0, V) is a ValueError. Under torch.compile that check cannot run
+    (it would read the labels on the host while tracing): the kernel makes the row's loss and
+    gradients NaN instead of a wrong cross-entropy (50,000 at V = 1000 used to compute one), and
+    the other rows are what they are with a valid label."""
+    V = 1000
+    s, t = make_logits(4, V, torch.float32, device)
+    labels = torch.tensor([3, 50000, -100, 7], device=device)
+
+    def step(s, t, labels, reduction):
+        return kdkernels.distill_loss(s, t, labels, temperature=2.0, alpha=0.5, reduction=reduction, backend=backend)
+
+    if not compiled:
+        with pytest.raises(ValueError, match="labels must be in"):
+            step(s, t, labels, "mean")
+        return
+    fn = torch.compile(step, fullgraph=True, backend="eager")
+    s1 = s.clone().requires_grad_()
+    rows = fn(s1, t, labels, "none")
+    g, = torch.autograd.grad(rows.sum(), s1)
+    assert torch.isnan(rows[1]) and torch.isnan(g[1]).all()
+    ok = labels.clone()
+    ok[1] = 0
+    good = step(s, t, ok, "none")
+    torch.testing.assert_close(rows[[0, 2, 3]], good[[0, 2, 3]])
+    assert rows[2] == 0 and (g[2] == 0).all() and torch.isfinite(g[[0, 3]]).all()
+    assert torch.isnan(fn(s, t, labels, "mean"))
+    # without the cross-entropy a label only masks its row: any value but ignore_index keeps it
+    kl = torch.compile(lambda s, t, lab: kdkernels.softmax_kl(s, t, labels=lab, reduction="none", backend=backend),
+                       fullgraph=True, backend="eager")(s, t, labels)
+    assert torch.isfinite(kl).all()

@@ -139,3 +139,20 @@ def _bad_cases():
 def test_bad_input(name, call, exc, match):
     with pytest.raises(exc, match=re.escape(match)):
         call()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_index_fails_visibly_when_compiled(backend):
+    """A top-k index outside [0, V) is a ValueError eagerly; under torch.compile (where that check
+    cannot run) the kernel never reads past the row and gives that row a NaN loss and gradient."""
+    s = torch.randn(3, 300, requires_grad=True)
+    vals, idx = teacher(3, 300, 8, "logprobs")
+    idx[1, 4] = 300
+    with pytest.raises(ValueError, match="teacher_topk_indices must be in"):
+        kdkernels.topk_kl(s, vals, idx, backend=backend)
+    fn = torch.compile(lambda s: kdkernels.topk_kl(s, vals, idx, reduction="none", backend=backend), fullgraph=True,
+                       backend="eager")
+    rows = fn(s)
+    g, = torch.autograd.grad(rows.sum(), s)
+    assert torch.isnan(rows[1]) and torch.isnan(g[1]).all()
+    assert torch.isfinite(rows[[0, 2]]).all() and torch.isfinite(g[[0, 2]]).all()

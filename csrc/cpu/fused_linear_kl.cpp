@@ -9,7 +9,8 @@
 //   pass 2, per tile and block: the logits tiles again, the gradient with respect to the logits
 //           (sweep_grad) into a [rows, tile] buffer, then dh += dZ W_tile, dW_tile += dZ^T h and
 //           db_tile += sum_rows dZ by GEMMs (ATen's, so MKL / oneDNN where torch has them).
-// Rows labelled ignore_index are dropped before the first GEMM. Memory beyond the gradients: O(N)
+// Rows labelled ignore_index are dropped before the first GEMM; with CE, a label outside [0, V) makes
+// its row's loss and every gradient NaN. Memory beyond the gradients: O(N)
 // row statistics, the rows kept (a copy of the hidden states in the accumulation dtype) and a few
 // [rows, tile] buffers; the weight gradient accumulates in the accumulation dtype.
 
@@ -188,6 +189,17 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     const double* gp = gk.data_ptr<double>();
     for (int64_t i = 0; i < n; ++i) g[i] = static_cast<acc_t>(gp[i]);
   }
+  // a cross-entropy label outside [0, V) (unchecked under torch.compile): a NaN loss, and a NaN
+  // gradient scale so that every gradient it reaches is NaN too (never a silently wrong CE)
+  std::vector<bool> bad(n, false);
+  if (c.ce) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (lab[i] < 0 || lab[i] >= V) {
+        bad[i] = true;
+        g[i] = std::numeric_limits<acc_t>::quiet_NaN();
+      }
+    }
+  }
   at::Tensor dhs_k = grads[0].defined() ? at::zeros({n, hs.size(1)}, hs.options().dtype(acc)) : at::Tensor();
   at::Tensor dht_k = grads[3].defined() ? at::zeros({n, ht.size(1)}, ht.options().dtype(acc)) : at::Tensor();
 
@@ -265,6 +277,7 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     for (int64_t r = 0; r < n; ++r) {
       rows[r] = acc_t(c.kd_weight) * st.D[r];
       if (c.ce) rows[r] += acc_t(c.ce_weight) * (st.lse_c[r] - st.s_label[r]);  // CE = lse(z_s) - z_s[label]
+      if (bad[r]) rows[r] = std::numeric_limits<acc_t>::quiet_NaN();
     }
     at::Tensor rows_t = at::from_blob(rows.data(), {n}, at::TensorOptions().dtype(acc)).clone();
     loss.index_copy_(0, keep, rows_t);

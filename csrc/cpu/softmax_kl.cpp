@@ -28,7 +28,8 @@
 // besides the gradients.
 //
 // 0 log 0 = 0 everywhere (where-guards on p > 0), so -inf logits are legal. A NaN anywhere in a
-// row makes that row's loss and gradients NaN.
+// row makes that row's loss and gradients NaN, and so does a cross-entropy label outside [0, V)
+// that is not ignore_index (the Python-side range check does not run under torch.compile).
 
 #include "../kdkernels.h"
 #include "sweeps.h"
@@ -264,6 +265,13 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
         loss_ptr[r] = 0;
         if (gs) std::memset(static_cast<void*>(gs), 0, V * sizeof(TS));
         if (gt) std::memset(static_cast<void*>(gt), 0, V * sizeof(TT));
+        continue;
+      }
+      if (p.ce && (label < 0 || label >= V)) {  // a label out of range (unchecked under torch.compile):
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();  // a NaN row, never a read past it
+        loss_ptr[r] = nan;
+        if (gs) std::fill(gs, gs + V, static_cast<TS>(nan));
+        if (gt) std::fill(gt, gt + V, static_cast<TT>(nan));
         continue;
       }
       loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + r * s_stride, t_base + r * t_stride, V, label,

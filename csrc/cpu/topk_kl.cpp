@@ -9,11 +9,13 @@
 //       + pt_tail ((V - k)(b_tail - lse_b + lse_a) - (sum_j a_j - sum_k a_k))      (uniform tail only)
 //   dD/ds_j = (ps_j - pt_j) / T, with pt_j = pt_tail off the top-k (0 for tail = ignore)
 // The row's sum of a (for the uniform tail) comes from the same sweep as lse_a. Terms with pt = 0
-// contribute nothing (-inf values are legal). Rows labelled ignore_index: zero loss and gradient.
+// contribute nothing (-inf values are legal). Rows labelled ignore_index: zero loss and gradient. A
+// row with an index outside [0, V) (unchecked under torch.compile): NaN loss and gradient.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -164,7 +166,14 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
           if (gs) std::fill(gs, gs + V, static_cast<TS>(0));
           continue;
         }
-        loss_ptr[r] = row<acc_t, TS>(s_base + r * stride, V, b_base + r * 2 * k, idx_base + r * k, k, uniform_tail,
+        const int64_t* ir = idx_base + r * k;
+        if (std::any_of(ir, ir + k, [V](int64_t i) { return i < 0 || i >= V; })) {
+          // an index outside [0, V) (unchecked under torch.compile): a NaN row, never a read past it
+          loss_ptr[r] = std::numeric_limits<acc_t>::quiet_NaN();
+          if (gs) std::fill(gs, gs + V, static_cast<TS>(std::numeric_limits<acc_t>::quiet_NaN()));
+          continue;
+        }
+        loss_ptr[r] = row<acc_t, TS>(s_base + r * stride, V, b_base + r * 2 * k, ir, k, uniform_tail,
                                      static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(g), gs);
       }
     });

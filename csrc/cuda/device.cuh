@@ -11,7 +11,7 @@
 // thread_idx, block_dim, block_idx, sync_threads, shfl_xor, dynamic_smem,
 // cluster_rank / cluster_sync / cluster_arrive / cluster_wait / cluster_map (sm_90; no-ops below,
 // where require_clusters traps),
-// cp_async / cp_async_wait_all (sm_80+), exp2 / log2 / fmax, and the bf16 / fp16 conversions.
+// cp_async / cp_async_wait_all (sm_80+), exp2 / log2 / fmax / quiet_nan, and the bf16 / fp16 conversions.
 #pragma once
 
 #include <cstdint>
@@ -118,6 +118,9 @@ KDK_DEVICE float log2(float x) { return log2f(x); }
 KDK_DEVICE double log2(double x) { return ::log2(x); }
 KDK_DEVICE float fmax(float a, float b) { return fmaxf(a, b); }
 KDK_DEVICE double fmax(double a, double b) { return ::fmax(a, b); }
+template <class X> KDK_DEVICE X quiet_nan();
+template <> KDK_DEVICE float quiet_nan<float>() { return __int_as_float(0x7fffffff); }
+template <> KDK_DEVICE double quiet_nan<double>() { return __longlong_as_double(0x7ff8000000000000LL); }
 
 // ---- conversions between storage types and the accumulator
 KDK_DEVICE float bf16_to_float(bf16_t x) { return __uint_as_float(static_cast<unsigned>(x.bits) << 16); }

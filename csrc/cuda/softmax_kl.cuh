@@ -378,17 +378,33 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
   if (cluster > 1) dev::cluster_wait();  // no block exits while a peer may still read its slots
 }
 
-// Zero loss and gradient rows for a row labelled ignore_index (the block's segment).
+// A constant loss and gradient rows (the block's segment): 0 for a row labelled ignore_index, NaN for
+// a cross-entropy label outside [0, V) (unchecked under torch.compile; s[label] is never read).
 template <class S, class T, class Acc>
-KDK_DEVICE void ignored_row(const Params& p, int64_t row, int rank, int64_t lo, int64_t n) {
+KDK_DEVICE void constant_row(const Params& p, int64_t row, int rank, int64_t lo, int64_t n, Acc value) {
   const SoftmaxKLArgs& a = p.a;
   S* gs = a.grad_student ? static_cast<S*>(a.grad_student) + row * a.V + lo : nullptr;
   T* gt = a.grad_teacher ? static_cast<T*>(a.grad_teacher) + row * a.V + lo : nullptr;
   for (int64_t k = dev::thread_idx(); k < n; k += dev::block_dim()) {
-    if (gs) dev::st(gs + k, Store<S>::from(Acc(0)));
-    if (gt) dev::st(gt + k, Store<T>::from(Acc(0)));
+    if (gs) dev::st(gs + k, Store<S>::from(value));
+    if (gt) dev::st(gt + k, Store<T>::from(value));
   }
-  if (rank == 0 && dev::thread_idx() == 0) dev::st(static_cast<Acc*>(a.loss) + row, Acc(0));
+  if (rank == 0 && dev::thread_idx() == 0) dev::st(static_cast<Acc*>(a.loss) + row, value);
+}
+
+// Whether a row's loss is fixed by its label: ignored (0) or a CE label out of range (NaN).
+template <class Acc>
+KDK_DEVICE bool fixed_row(const SoftmaxKLArgs& a, int64_t label, Acc* value) {
+  if (!a.labels) return false;
+  if (label == a.ignore_index) {
+    *value = Acc(0);
+    return true;
+  }
+  if (a.ce_weight != 0 && (label < 0 || label >= a.V)) {
+    *value = dev::quiet_nan<Acc>();
+    return true;
+  }
+  return false;
 }
 
 // ---------------------------------------------------------------- the kernels
@@ -409,8 +425,9 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params 
   const int64_t hi = lo + p.seg < p.a.V ? lo + p.seg : p.a.V;
   const int64_t n = hi > lo ? hi - lo : 0;
   const int64_t label = p.a.labels ? dev::ld(p.a.labels + row) : 0;
-  if (p.a.labels && label == p.a.ignore_index) {
-    ignored_row<S, T, Acc>(p, row, rank, lo, n);
+  Acc fixed;
+  if (fixed_row(p.a, label, &fixed)) {
+    constant_row<S, T, Acc>(p, row, rank, lo, n, fixed);
     return;
   }
   unsigned char* smem = dev::dynamic_smem();
@@ -434,8 +451,9 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_streaming(const Para
   const int64_t row = dev::block_idx();
   const int64_t V = p.a.V;
   const int64_t label = p.a.labels ? dev::ld(p.a.labels + row) : 0;
-  if (p.a.labels && label == p.a.ignore_index) {
-    ignored_row<S, T, Acc>(p, row, 0, 0, V);
+  Acc fixed;
+  if (fixed_row(p.a, label, &fixed)) {
+    constant_row<S, T, Acc>(p, row, 0, 0, V, fixed);
     return;
   }
   const S* s_g = static_cast<const S*>(p.a.student) + row * p.a.stride_s;

@@ -15,7 +15,9 @@ Per row n (``z_s = h_s W_sᵀ + b_s``, ``z_t = h_t W_tᵀ + b_t`` or given teach
             dh_s += dZ_s W_s[tile], dW_s[tile] = dZ_sᵀ h_s, db_s[tile] = sum_n dZ_s (and the teacher's
             when it requires grad, or d(teacher_logits)[:, tile] = dZ_t).
 
-Rows labelled ``ignore_index`` are dropped before any matmul (they cost nothing). Memory beyond
+Rows labelled ``ignore_index`` are dropped before any matmul (they cost nothing); with CE, a row
+whose label is outside ``[0, V)`` gets a NaN loss and spreads NaN to every gradient it reaches (the
+label range is not checked while torch.compile traces, and a wrong CE must not pass silently). Memory beyond
 the gradients: per-row statistics O(N) and a few [R, Vt] fp32 tiles, independent of V. Matmuls
 run in fp32 (fp64 for fp64 inputs): logits are never rounded to the input dtype before the softmax.
 
@@ -42,6 +44,12 @@ TILE_ELEMENTS = 1 << 19  # R * Vt per logits tile: 2 MiB of fp32 (a pass holds a
 
 def _acc_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def bad_labels(labels: Tensor, V: int) -> Tensor:
+    """The rows whose cross-entropy label is outside ``[0, V)`` (the inputs are checked in eager
+    mode, not while torch.compile traces): the kernels give them a NaN loss and NaN gradients."""
+    return (labels < 0) | (labels >= V)
 
 
 def _safe(m: Tensor) -> Tensor:
@@ -120,6 +128,9 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     lab_k = None if labels is None else labels.index_select(0, keep)
     g = grad_scale.to(acc).reshape(-1)
     g_k = g if g.numel() == 1 else g.index_select(0, keep)
+    bad = bad_labels(lab_k, V) if ce_weight != 0.0 else None
+    if bad is not None:  # NaN rows, and NaN gradients wherever such a row reaches
+        g_k = torch.where(bad, torch.full_like(bad, math.nan, dtype=acc), g_k.expand(n))
     tiles = _Tiles(hs_k, Ws, bs, ht_k, Wt, bt, tl_k, acc)
 
     inv_t = 1.0 / temperature
@@ -191,6 +202,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     rows = kd_weight * D
     if ce:
         rows = rows + ce_weight * (lse_c - s_label)  # CE = lse(z_s) - z_s[label]
+        rows = torch.where(bad, torch.full_like(rows, math.nan), rows)
     loss.index_copy_(0, keep, rows)
 
     if grads_wanted:

@@ -113,12 +113,16 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
         sum_a = (h @ col_sum + (b_acc.sum() if b_acc is not None else 0.0)) * inv_t
         tail = pt_tail * ((V - k) * (b_tail - lse_b + lse_a) - (sum_a - a_k.sum(1)))
         D = D + torch.where(pt_tail == 0, torch.zeros_like(tail), tail)
+    # a row with an index outside [0, V) (unchecked under torch.compile): NaN loss, NaN gradients
+    bad = ((idx < 0) | (idx >= V)).any(1)
+    D = torch.where(bad, torch.full_like(D, math.nan), D)
     loss.index_copy_(0, keep, D)
 
     # ---- pass 2: the gradients
     if any(need):
         g = grad_scale.to(acc).reshape(-1)
         c = (g.expand(N) if g.numel() == 1 else g).index_select(0, keep) * inv_t  # [n]
+        c = torch.where(bad, torch.full_like(c, math.nan), c)
         for v0, v1 in tiles:
             w = Ws[v0:v1].to(acc)
             for rb in blocks:

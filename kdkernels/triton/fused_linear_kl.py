@@ -375,7 +375,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     """The contract of :func:`kdkernels.ops.fused_linear_kl.tiled_forward` (same arguments and
     outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``. ``splits`` forces the number of
     vocabulary splits of the statistics pass (tests)."""
-    from kdkernels.ops.fused_linear_kl import _acc_dtype, _finish
+    from kdkernels.ops.fused_linear_kl import _acc_dtype, _finish, bad_labels
 
     hs, Ws, ht, Wt, t_logits = (_contig_last(x) for x in (hs, Ws, ht, Wt, t_logits))
     bs = None if bs is None else bs.contiguous()
@@ -463,13 +463,17 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         Ks, Kt = kk[0].sum(0), kk[1].sum(0)
         D = beta * Kt + (1.0 - beta) * Ks
     rows_loss = kd_weight * D
+    bad = bad_labels(lab_k, V) if ce else None  # NaN rows (labels are unchecked under torch.compile)
     if ce:
         rows_loss = rows_loss + ce_weight * (lse_c - s_label.sum(0))
+        rows_loss = torch.where(bad, torch.full_like(rows_loss, math.nan), rows_loss)
     loss.index_copy_(0, keep, rows_loss)
 
     if any(need):
         g = grad_scale.to(acc).reshape(-1)
         g_k = g.expand(N).index_select(0, keep) if g.numel() == 1 else g.index_select(0, keep)
+        if bad is not None:  # and NaN gradients wherever such a row reaches
+            g_k = torch.where(bad, torch.full_like(g_k, math.nan), g_k)
         per_row = torch.stack([lse2_a, lse2_b, lse_c * math.log2(math.e), D, Ks, Kt,
                                g_k * (kd_weight / temperature), g_k * ce_weight]).contiguous()
         dummy = stats

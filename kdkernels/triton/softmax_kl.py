@@ -32,7 +32,8 @@ Hard-label CE (temperature 1, ``CE``):  CE = lse(s) - s[label]
 Row loss = ce_weight CE + kd_weight D (fp32, fp64 for fp64 inputs); written gradients:
     grad_s = g (ce_weight dCE/ds + kd_weight dD/ds),  grad_t = g kd_weight dD/dt,
 with ``g = grad_scale[0]`` read on the device. A row whose label is ``ignore_index`` writes a
-zero loss and zero gradient rows and does no exponentials.
+zero loss and zero gradient rows and does no exponentials; with CE, a row whose label is outside
+``[0, V)`` writes a NaN loss and NaN gradient rows (and reads nothing past the row).
 
 Zeros and NaN: a term ``x (log x - log y)`` is taken as 0 where ``x == 0`` (padded ``-inf``
 logits give x == 0 and log x == -inf; 0 * inf would be NaN). The test is ``x == 0`` rather than
@@ -192,6 +193,20 @@ def _softmax_kl_kernel(
                     tl.store(gt_row + offs, tl.zeros([BLOCK], dtype=gt_ptr.dtype.element_ty), mask=mask)
             tl.store(loss_ptr + row, tl.zeros([], dtype=ACC))
             return
+        if CE:
+            if (label < 0) | (label >= V):
+                # a label out of range (unchecked under torch.compile): a NaN row, no read past the row
+                for start in range(0, V, BLOCK):
+                    offs = start + cols
+                    mask = offs < V
+                    if GRAD_S:
+                        tl.store(gs_row + offs, tl.full([BLOCK], float("nan"), dtype=gs_ptr.dtype.element_ty),
+                                 mask=mask)
+                    if GRAD_T:
+                        tl.store(gt_row + offs, tl.full([BLOCK], float("nan"), dtype=gt_ptr.dtype.element_ty),
+                                 mask=mask)
+                tl.store(loss_ptr + row, tl.full([], float("nan"), dtype=ACC))
+                return
 
     zero = tl.zeros([], dtype=ACC)
     # float arguments arrive as fp32 (hi) + fp32 (lo) pairs so that fp64 accumulation sees them

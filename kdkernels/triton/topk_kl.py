@@ -103,9 +103,13 @@ def _topk_kl_kernel(
     # ---- the divergence
     d = tl.zeros([], ACC)
     sum_ak = tl.zeros([], ACC)
+    n_bad = tl.zeros([], tl.int32)  # indices outside [0, V) (unchecked under torch.compile): never read
     for k0 in range(0, k, BLOCK_K):
         kmask = k0 + ks < k
         idx = tl.load(i_row + k0 + ks, mask=kmask, other=0)
+        inside = (idx >= 0) & (idx < V)
+        n_bad += tl.sum((kmask & ~inside).to(tl.int32), axis=0)
+        kmask = kmask & inside
         a2k = tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC) * scale
         lpt2 = tl.load(v_row + k0 + ks, mask=kmask, other=NEG_INF).to(ACC) * scale - lse2_b
         pt = tl.exp2(lpt2)
@@ -114,11 +118,12 @@ def _topk_kl_kernel(
             sum_ak += tl.sum(tl.where(kmask, a2k, 0.0), axis=0)
     if UNIFORM:
         d += tl.where(pt_tail == 0.0, 0.0, pt_tail * (tail_n * (b2_tail - lse2_b + lse2_a) - (sum_a - sum_ak)))
-    tl.store(loss_ptr + row, d * LN2)
+    nan_if_bad = tl.where(n_bad > 0, float("nan"), 1.0).to(ACC)  # such a row: NaN loss and gradient
+    tl.store(loss_ptr + row, d * LN2 * nan_if_bad)
 
     # ---- pass 2: the gradient g (ps - pt) / T
     if GRAD:
-        g = tl.load(grad_scale_ptr).to(ACC) * inv_t
+        g = tl.load(grad_scale_ptr).to(ACC) * inv_t * nan_if_bad
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             a2 = tl.load(s_row + v0 + cols, mask=mask, other=NEG_INF).to(ACC) * scale
@@ -128,6 +133,7 @@ def _topk_kl_kernel(
         for k0 in range(0, k, BLOCK_K):
             kmask = k0 + ks < k
             idx = tl.load(i_row + k0 + ks, mask=kmask, other=0)
+            kmask = kmask & (idx >= 0) & (idx < V)
             a2k = tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC) * scale
             b2 = tl.load(v_row + k0 + ks, mask=kmask, other=NEG_INF).to(ACC) * scale
             gk = g * (tl.exp2(a2k - lse2_a) - tl.exp2(b2 - lse2_b))

@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -295,6 +296,7 @@ inline float log2(float x) { return std::log2(x); }
 inline double log2(double x) { return std::log2(x); }
 inline float fmax(float a, float b) { return std::fmax(a, b); }
 inline double fmax(double a, double b) { return std::fmax(a, b); }
+template <class X> inline X quiet_nan() { return std::numeric_limits<X>::quiet_NaN(); }
 
 inline float bf16_to_float(bf16_t x) {
   const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
