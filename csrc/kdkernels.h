@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -12,7 +13,37 @@ namespace kdk {
 // Divergence selector, shared with kdkernels/ops/softmax_kl.py.
 enum class Kind : int64_t { Forward = 0, Reverse = 1, JSD = 2 };
 
-// Fused softmax-KL (+ optional hard-label CE) on the CPU; see csrc/cpu/softmax_kl.cpp.
+// Per-row inputs are [N, D] (row stride stride(0)) or [B, L, D] (row r at (r / L) stride(0) + (r % L) stride(1):
+// the rows of a strided view such as logits[:, :-1], read without a copy); the last dimension contiguous.
+struct RowLayout {
+  int64_t rows = 0, inner = 1, outer_stride = 0, inner_stride = 0;
+  bool two_level = false;  // [B, L, D] with B, L > 1; else row r is at r * inner_stride
+  int64_t offset(int64_t r) const {
+    return two_level ? (r / inner) * outer_stride + (r % inner) * inner_stride : r * inner_stride;
+  }
+};
+
+inline RowLayout row_layout(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, name, " must be [N, D] or [B, L, D] rows, got ", x.sizes());
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, name, ": the last dimension must be contiguous");
+  RowLayout r;
+  r.rows = x.dim() == 2 ? x.size(0) : x.size(0) * x.size(1);
+  r.inner = std::max<int64_t>(1, r.rows);
+  if (x.dim() == 2) {
+    r.inner_stride = x.stride(0);
+  } else if (x.size(0) > 1 && x.size(1) > 1) {
+    r.two_level = true;
+    r.inner = x.size(1);
+    r.outer_stride = x.stride(0);
+    r.inner_stride = x.stride(1);
+  } else {  // one of B, L is 1: a single strided run of rows
+    r.inner_stride = x.size(1) > 1 ? x.stride(1) : x.stride(0);
+  }
+  return r;
+}
+
+// Fused softmax-KL (+ optional hard-label CE) on the CPU; see csrc/cpu/softmax_kl.cpp. student and teacher:
+// rows (RowLayout) with the same number of rows N and the same V.
 // Returns (loss_rows [N] fp32|fp64, grad_student [N,V] or undefined, grad_teacher [N,V] or undefined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,

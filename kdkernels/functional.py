@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from kdkernels import _backend, _ext, reference
+from kdkernels.ops.rows import rows3
 from kdkernels.ops.softmax_kl import KIND_IDS, REDUCTION_IDS, softmax_kl_op
 
 __all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "info_nce",
@@ -129,16 +130,12 @@ def _fused(student_logits, teacher_logits, labels, *, temperature, kind, beta, i
                                          kd_weight=kd_weight)
         return reference.reduce_rows(rows, labels, ignore_index, red, batch=batch)
 
-    lead, V = student_logits.shape[:-1], student_logits.shape[-1]
-    s2 = student_logits.reshape(-1, V)
-    t2 = teacher_logits.reshape(-1, V)
-    if s2.stride(-1) != 1:
-        s2 = s2.contiguous()
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
+    lead = student_logits.shape[:-1]
+    # rows read through their strides: a view such as logits[:, :-1] (the causal shift) is not copied
+    s2, t2 = rows3(student_logits), rows3(teacher_logits)
     if (s2.dtype == torch.float64) != (t2.dtype == torch.float64):  # float64 pairs with float64 only
         s2, t2 = s2.double(), t2.double()
-    N = s2.shape[0]
+    N = s2.shape[0] * s2.shape[1]
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
 
     grad_scale = _grad_scale(N, lab, ignore_index, red, torch.float32, device, batch)
@@ -341,9 +338,11 @@ def _fused_linear(student_hidden, student_weight, student_bias, teacher_hidden, 
     tensors = [x for x in (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                            teacher_logits) if x is not None]
 
-    flat = lambda x, d: None if x is None else x.reshape(-1, x.shape[-1]) if d else x  # noqa: E731
-    hs, ht, tl = flat(student_hidden, 1), flat(teacher_hidden, 1), flat(teacher_logits, 1)
-    N = hs.shape[0]
+    # [B, L, D] rows read through their strides: a causal-shift view of the hidden states (or of the
+    # teacher's logits) is not copied
+    rows = lambda x: None if x is None else rows3(x)  # noqa: E731
+    hs, ht, tl = rows(student_hidden), rows(teacher_hidden), rows(teacher_logits)
+    N = hs.shape[0] * hs.shape[1]
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     red = reduction
     # in the accumulation dtype: a float32 1/N would cost float64 inputs 8 digits
@@ -433,14 +432,12 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
 
     from kdkernels.ops.topk_kl import topk_kl_op
 
-    s2 = student_logits.reshape(-1, V)
-    if s2.stride(-1) != 1:
-        s2 = s2.contiguous()
+    s2 = rows3(student_logits)  # rows through their strides: a causal-shift view is not copied
     vals = teacher_topk_values.reshape(-1, k)
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     red = reduction
-    N = s2.shape[0]
+    N = s2.shape[0] * s2.shape[1]
     scale_dtype = torch.float64 if s2.dtype == torch.float64 else torch.float32
     grad_scale = _grad_scale(N, lab, ignore_index, red, scale_dtype, s2.device, _batch_size(student_logits.shape))
     need = torch.is_grad_enabled() and student_logits.requires_grad
@@ -487,14 +484,14 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
                                                                               student_weight, student_bias)
 
     k = teacher_topk_values.shape[-1]
-    hs = student_hidden.reshape(-1, H)
+    hs = rows3(student_hidden)  # [B, L, H] rows through their strides (no copy of a shifted view)
     vals = teacher_topk_values.reshape(-1, k)
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     red = reduction
     fp64 = torch.float64 in (student_hidden.dtype, student_weight.dtype)
-    grad_scale = _grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32, hs.device,
-                             _batch_size((*lead, V)))
+    grad_scale = _grad_scale(hs.shape[0] * hs.shape[1], lab, ignore_index, red,
+                             torch.float64 if fp64 else torch.float32, hs.device, _batch_size((*lead, V)))
     grad_on = torch.is_grad_enabled()
     need = tuple(bool(grad_on and x is not None and x.requires_grad)
                  for x in (student_hidden, student_weight, student_bias))

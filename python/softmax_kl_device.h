@@ -5,11 +5,13 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <optional>
 #include <string>
 #include <tuple>
 
 #include "../csrc/cuda/softmax_kl_plan.h"
+#include "../csrc/kdkernels.h"
 
 namespace kdk {
 
@@ -27,16 +29,30 @@ inline int cuda_dtype_code(const at::Tensor& x, const char* name) {
 // `plan` is (mode, cluster, threads, seg, smem): what the planner chose, for tests and benchmarks.
 template <class Alloc, class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>
-softmax_kl_forward_device(const at::Tensor& student, const at::Tensor& teacher,
+softmax_kl_forward_device(const at::Tensor& student_rows, const at::Tensor& teacher_rows,
                           const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature,
                           int64_t kind, double beta, int64_t ignore_index, double ce_weight, double kd_weight,
                           bool need_grad_student, bool need_grad_teacher, int64_t force_mode, int64_t force_cluster,
                           int64_t force_threads, Alloc&& alloc, Launch&& launch) {
-  TORCH_CHECK(student.dim() == 2 && student.sizes() == teacher.sizes(),
-              "softmax_kl (cuda): student and teacher must be [N, V] of the same shape, got ", student.sizes(),
+  at::Tensor student = student_rows, teacher = teacher_rows;
+  RowLayout ls = row_layout(student, "softmax_kl (cuda): student");
+  RowLayout lt = row_layout(teacher, "softmax_kl (cuda): teacher");
+  TORCH_CHECK(ls.rows == lt.rows && student.size(-1) == teacher.size(-1),
+              "softmax_kl (cuda): student and teacher must hold the same [N, V] rows, got ", student.sizes(),
               " and ", teacher.sizes());
-  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1,
-              "softmax_kl (cuda): the vocabulary dimension must be contiguous");
+  // The grid is B x L row blocks of the two-level input(s) (SoftmaxKLArgs). Two two-level inputs of
+  // different L, or a B beyond gridDim.y (65535), are not expressible: those rows are made one-level
+  // (a copy; a causal-shift view of [B, L, V] logits never needs it).
+  auto one_level = [](at::Tensor& x, RowLayout& l, const char* name) {
+    x = x.reshape({l.rows, x.size(-1)}).contiguous();
+    l = row_layout(x, name);
+  };
+  if (ls.two_level && lt.two_level && ls.inner != lt.inner) one_level(teacher, lt, "teacher");
+  const int64_t grid_inner = ls.two_level ? ls.inner : lt.two_level ? lt.inner : std::max<int64_t>(1, ls.rows);
+  if (ls.rows / grid_inner > 65535) {
+    if (ls.two_level) one_level(student, ls, "student");
+    if (lt.two_level) one_level(teacher, lt, "teacher");
+  }
   TORCH_CHECK(student.device() == teacher.device() && grad_scale.device() == student.device(),
               "softmax_kl (cuda): student, teacher and grad_scale must be on one device");
   TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
@@ -48,8 +64,9 @@ softmax_kl_forward_device(const at::Tensor& student, const at::Tensor& teacher,
   const int s_code = cuda_dtype_code(student, "student"), t_code = cuda_dtype_code(teacher, "teacher");
   TORCH_CHECK((s_code == cuda::kFloat64) == (t_code == cuda::kFloat64),
               "softmax_kl (cuda): float64 logits pair with float64 only");
-  const int64_t N = student.size(0), V = student.size(1);
+  const int64_t N = ls.rows, V = student.size(-1);
   TORCH_CHECK(V >= 1, "softmax_kl (cuda): V must be >= 1");
+  TORCH_CHECK(N <= INT32_MAX, "softmax_kl (cuda): at most 2^31 - 1 rows per call, got ", N);
   at::Tensor lab;
   if (labels.has_value()) {
     lab = labels->to(at::kLong).contiguous();
@@ -73,8 +90,13 @@ softmax_kl_forward_device(const at::Tensor& student, const at::Tensor& teacher,
   a.grad_teacher = gt.defined() ? gt.data_ptr() : nullptr;
   a.N = N;
   a.V = V;
-  a.stride_s = student.stride(0);
-  a.stride_t = teacher.stride(0);
+  a.stride_s = ls.inner_stride;
+  a.stride_t = lt.inner_stride;
+  a.inner = ls.two_level ? ls.inner : lt.two_level ? lt.inner : std::max<int64_t>(1, N);
+  a.two_level_s = ls.two_level;
+  a.two_level_t = lt.two_level;
+  a.outer_stride_s = ls.two_level ? ls.outer_stride : 0;
+  a.outer_stride_t = lt.two_level ? lt.outer_stride : 0;
   a.student_dtype = s_code;
   a.teacher_dtype = t_code;
   a.kind = static_cast<int>(kind);

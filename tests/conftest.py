@@ -110,3 +110,40 @@ def run_memory_probe(body: str, *args, single_thread: bool = True) -> int:
     out = subprocess.run([sys.executable, "-c", PEAK_RSS_PRELUDE + textwrap.dedent(body), *map(str, args)],
                          capture_output=True, text=True, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+class LargeOutputs:
+    """A TorchDispatchMode that records every ATen op called from Python (outside the kdkernels
+    custom ops, whose kernels it does not see) that allocates an output of at least ``limit``
+    elements (a storage none of its inputs has): a copy of a strided input made before the kernel
+    shows up here, by op name and shape; views do not."""
+
+    def __init__(self, limit: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        self.limit, self.seen = limit, []
+        outer = self
+
+        def storages(xs):
+            return {x.untyped_storage().data_ptr() for x in tree_flatten(xs)[0] if isinstance(x, torch.Tensor)}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not str(func).startswith("kdkernels"):
+                    inputs = storages((args, kwargs))
+                    for x in tree_flatten(out)[0]:
+                        if isinstance(x, torch.Tensor) and x.numel() >= outer.limit and \
+                                x.untyped_storage().data_ptr() not in inputs:
+                            outer.seen.append((str(func), tuple(x.shape)))
+                return out
+
+        self._mode = _Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -179,6 +179,27 @@ def test_strided_and_offset_rows(emu):
     assert plan[0] == 0
 
 
+def test_causal_shift_rows_through_their_strides(emu):
+    """[B, L, V] rows of a causal-shift view (logits[:, :-1], logits[:, 1:]) read in place: every
+    plan, student and teacher laid out differently, against the same rows made contiguous."""
+    B, L, V = 3, 9, 1024
+    base_s, base_t = torch.randn(B, L + 1, V), torch.randn(B, L + 1, V)
+    s, t = base_s[:, :-1], base_t[:, 1:]
+    labels = torch.randint(0, V, (B * L,))
+    labels[4] = -100
+    for gpu, force in [(limits(), (-1, 0, 0)), (limits(target_kib=4), (-1, 0, 0)), (limits(), (0, 0, 0))]:
+        got = run(emu, s, t, labels, kind=2, beta=0.3, T=2.0, ce=0.4, kd=0.6, gpu=gpu, force=force)
+        want = run(emu, s.reshape(-1, V), t.reshape(-1, V).contiguous(), labels, kind=2, beta=0.3, T=2.0, ce=0.4,
+                   kd=0.6, gpu=gpu, force=force)
+        assert got[3] == want[3], (got[3], want[3])
+        for a, b in zip(got[:3], want[:3]):
+            assert a.shape == b.shape and torch.equal(a, b), got[3]
+    # the teacher as a 2-D matrix, the student as [B, L, V] rows: the same rows again
+    got = run(emu, s, t.reshape(-1, V), labels, kind=0)
+    want = run(emu, s.reshape(-1, V), t.reshape(-1, V), labels, kind=0)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+
+
 def test_loss_only_and_student_only(emu):
     s, t = torch.randn(3, 4096).bfloat16(), torch.randn(3, 4096).bfloat16()
     g = torch.tensor(1.0)
@@ -192,7 +213,7 @@ def test_loss_only_and_student_only(emu):
 
 def test_rejects_bad_arguments(emu):
     s, t, g = torch.randn(2, 8), torch.randn(2, 8), torch.tensor(1.0)
-    with pytest.raises(RuntimeError, match="same shape"):
+    with pytest.raises(RuntimeError, match=r"the same \[N, V\] rows"):
         emu.softmax_kl_forward_emu(s, torch.randn(2, 9), None, g, 1.0, 0, 0.5, -100, 0.0, 1.0, True, False,
                                    *limits(), -1, 0, 0, 1)
     with pytest.raises(RuntimeError, match="float64 logits pair"):

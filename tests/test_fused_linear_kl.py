@@ -294,3 +294,40 @@ def test_out_of_range_label_fails_visibly_when_compiled(backend):
     loss = fn(hs, Ws, bs, labels, "mean")
     g = torch.autograd.grad(loss, [hs, Ws])
     assert torch.isnan(loss) and torch.isnan(g[0][1]).all() and torch.isnan(g[1]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_causal_shift_views_are_read_in_place(backend, teacher, seed):
+    """hidden[:, :-1] (and the teacher's hidden states or logits [:, :-1]) with labels[:, 1:]: no
+    copy of the hidden states or the teacher logits before the kernels, and loss and gradients (to
+    the full tensors) are the reference's."""
+    from conftest import LargeOutputs
+
+    B, L, H, Ht, V = 2, 7, 48, 40, 500
+    hs_full = torch.randn(B, L, H, requires_grad=True)
+    Ws = (torch.randn(V, H) * 0.3).requires_grad_()
+    labels = torch.randint(0, V, (B, L))
+    labels[1, 3] = -100
+    if teacher == "hidden":
+        ht_full = torch.randn(B, L, Ht, requires_grad=True)
+        Wt = torch.randn(V, Ht) * 0.3
+        t_kw = dict(teacher_hidden=ht_full[:, :-1], teacher_weight=Wt)
+        full = ht_full
+    else:
+        full = (torch.randn(B, L, V) * 2).requires_grad_()
+        t_kw = dict(teacher_logits=full[:, :-1])
+    with LargeOutputs(B * (L - 1) * min(H, Ht) // 2) as big:
+        out = kdkernels.fused_linear_kl(hs_full[:, :-1], Ws, **t_kw, temperature=2.0, alpha=0.4, labels=labels[:, 1:],
+                                        kind="reverse", backend=backend)
+    assert big.seen == [], f"copies before the kernel: {big.seen}"
+    g = torch.autograd.grad(out, [hs_full, Ws, full])
+    r = [x.detach().double().requires_grad_() for x in (hs_full, Ws, full)]
+    rt = dict(teacher_hidden=r[2][:, :-1], teacher_weight=Wt.double()) if teacher == "hidden" else \
+        dict(teacher_logits=r[2][:, :-1])
+    ref = reference.fused_linear_kl(r[0][:, :-1], r[1], **rt, temperature=2.0, alpha=0.4, labels=labels[:, 1:],
+                                    kind="reverse")
+    rg = torch.autograd.grad(ref, r)
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    for a, b, name in zip(g, rg, ("hidden", "weight", "teacher")):
+        assert_close(a, b, torch.float32, f"grad {name} seed={seed}")

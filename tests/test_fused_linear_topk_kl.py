@@ -161,3 +161,18 @@ def test_out_of_range_index_fails_visibly_when_compiled():
     rows = fn(hs)
     g, = torch.autograd.grad(rows.sum(), hs)
     assert torch.isnan(rows[2]) and torch.isnan(g[2]).all() and torch.isfinite(rows[:2]).all()
+
+
+def test_causal_shift_view(seed):
+    """hidden[:, :-1] with a top-k teacher: the same loss and hidden-state gradient as the copied rows."""
+    hs_full = torch.randn(2, 6, 16, requires_grad=True)
+    Ws = (torch.randn(300, 16) * 0.3).requires_grad_()
+    t = torch.log_softmax(torch.randn(2, 5, 300) * 2, -1).topk(10, -1)
+    out = kdkernels.fused_linear_topk_kl(hs_full[:, :-1], Ws, t.values, t.indices, tail="uniform")
+    g = torch.autograd.grad(out, [hs_full, Ws])
+    hs2 = hs_full.detach().clone().requires_grad_()
+    ref = kdkernels.fused_linear_topk_kl(hs2[:, :-1].contiguous(), Ws, t.values, t.indices, tail="uniform")
+    rg = torch.autograd.grad(ref, [hs2, Ws])
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, rg):
+        torch.testing.assert_close(a, b)

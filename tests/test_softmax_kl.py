@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import kdkernels
 from kdkernels import _debug, reference
-from conftest import DEVICES, assert_close, backend_device_params, loosest
+from conftest import DEVICES, HAS_PEAK_RSS_RESET, assert_close, backend_device_params, loosest
 
 KINDS = ["forward", "reverse", "jsd"]
 HALF = [torch.float32, torch.bfloat16, torch.float16]
@@ -576,3 +576,68 @@ def test_out_of_range_label_fails_visibly(backend, device, compiled):
     kl = torch.compile(lambda s, t, lab: kdkernels.softmax_kl(s, t, labels=lab, reduction="none", backend=backend),
                        fullgraph=True, backend="eager")(s, t, labels)
     assert torch.isfinite(kl).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params())
+@pytest.mark.parametrize("teacher_shift", ["same", "other"])
+def test_causal_shift_views_are_read_in_place(backend, device, teacher_shift, seed):
+    """logits[:, :-1] (and the teacher's [:, 1:] or a plain [B, L-1, V] tensor) with labels[:, 1:]:
+    the rows are read through their strides, nothing of the logits' size is allocated before the
+    kernel, and loss and gradients (to the full tensors) are the float64 reference's."""
+    from conftest import LargeOutputs
+
+    B, L, V = 2, 9, 1000
+    s_full = (torch.randn(B, L, V, device=device) * 3).requires_grad_()
+    t_full = (torch.randn(B, L, V, device=device) * 3).requires_grad_()
+    labels = torch.randint(0, V, (B, L), device=device)
+    labels[0, 2] = -100
+    s = s_full[:, :-1]
+    t = t_full[:, :-1] if teacher_shift == "same" else t_full[:, 1:]
+    assert not s.is_contiguous()
+    with _debug.poison_outputs(), LargeOutputs(B * (L - 1) * V // 2) as big:
+        out = kdkernels.distill_loss(s, t, labels[:, 1:], temperature=2.0, alpha=0.3, kind="jsd", beta=0.4,
+                                     reduction="batchmean", backend=backend)
+    assert big.seen == [], f"copies before the kernel: {big.seen}"
+    gs, gt = torch.autograd.grad(out * 0.8, [s_full, t_full])
+    s64, t64 = s_full.detach().double().requires_grad_(), t_full.detach().double().requires_grad_()
+    tv = t64[:, :-1] if teacher_shift == "same" else t64[:, 1:]
+    ref = reference.distill_loss(s64[:, :-1], tv, labels[:, 1:], temperature=2.0, alpha=0.3, kind="jsd", beta=0.4,
+                                 reduction="batchmean")
+    rgs, rgt = torch.autograd.grad(ref * 0.8, [s64, t64])
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    assert_close(gs, rgs, torch.float32, f"grad student seed={seed}")
+    assert_close(gt, rgt, torch.float32, f"grad teacher seed={seed}")
+    assert (gs[:, -1] == 0).all()  # the last position of the full logits predicts nothing
+
+
+SHIFT_PROBE = """
+import sys, torch, kdkernels
+B, L, V, which = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+s = torch.randn(B, L, V, requires_grad=True)
+t = torch.randn(B, L, V)
+labels = torch.randint(0, V, (B, L))
+kdkernels.softmax_kl(torch.randn(2, 3, 8, requires_grad=True)[:, :-1], torch.randn(2, 2, 8),
+                     labels=torch.zeros(2, 2, dtype=torch.long), backend="cpu").backward()  # warm-up
+def forward():
+    global loss
+    loss = kdkernels.softmax_kl(s[:, :-1], t[:, :-1], labels=labels[:, 1:], temperature=2.0, backend="cpu")
+def step():
+    kdkernels.softmax_kl(s[:, :-1], t[:, :-1], labels=labels[:, 1:], temperature=2.0, backend="cpu").backward()
+print(peak_extra(forward if which == "forward" else step))
+"""
+
+
+@pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="needs Linux /proc peak-RSS reset")
+@pytest.mark.skipif(not kdkernels.build_info()["extension"], reason="needs the C++ extension")
+def test_causal_shift_costs_no_copy():
+    """At 4 x 128 x 32768 fp32 (64 MiB per logits tensor): the forward of the shifted call allocates
+    the gradient and nothing of the logits' size besides (a copy of each view was 2 x 63.5 MiB more);
+    the whole step adds only autograd's own slice backward (one buffer of the full logits' size)."""
+    from conftest import run_memory_probe
+
+    B, L, V = 4, 128, 32768
+    grad = B * (L - 1) * V * 4
+    fwd = run_memory_probe(SHIFT_PROBE, B, L, V, "forward")
+    step = run_memory_probe(SHIFT_PROBE, B, L, V, "step")
+    assert fwd <= grad + 12 * 2**20, f"forward {fwd / 2**20:.1f} MiB, gradient {grad / 2**20:.1f} MiB"
+    assert step <= grad + B * L * V * 4 + 12 * 2**20, f"step {step / 2**20:.1f} MiB"

@@ -156,3 +156,27 @@ def test_out_of_range_index_fails_visibly_when_compiled(backend):
     g, = torch.autograd.grad(rows.sum(), s)
     assert torch.isnan(rows[1]) and torch.isnan(g[1]).all()
     assert torch.isfinite(rows[[0, 2]]).all() and torch.isfinite(g[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_causal_shift_view_is_read_in_place(backend, seed):
+    """logits[:, :-1] against a top-k teacher of the shifted positions: no copy of the student's
+    logits before the kernel; loss and gradient (to the full logits) are the reference's."""
+    from conftest import LargeOutputs
+
+    B, L, V = 2, 6, 700
+    s_full = (torch.randn(B, L, V) * 2).requires_grad_()
+    top = torch.log_softmax(torch.randn(B, L - 1, V) * 2, -1).topk(12, -1)
+    labels = torch.randint(0, V, (B, L - 1))
+    labels[0, 1] = -100
+    with LargeOutputs(B * (L - 1) * V // 2) as big:
+        out = kdkernels.topk_kl(s_full[:, :-1], top.values, top.indices, tail="uniform", temperature=1.5,
+                                labels=labels, reduction="sum", backend=backend)
+    assert big.seen == [], f"copies before the kernel: {big.seen}"
+    g, = torch.autograd.grad(out, s_full)
+    s64 = s_full.detach().double().requires_grad_()
+    ref = reference.topk_kl(s64[:, :-1], top.values.double(), top.indices, tail="uniform", temperature=1.5,
+                            labels=labels, reduction="sum")
+    rg, = torch.autograd.grad(ref, s64)
+    assert_close(out, ref, torch.float32, f"loss seed={seed}")
+    assert_close(g, rg, torch.float32, f"grad seed={seed}")

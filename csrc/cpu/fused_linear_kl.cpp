@@ -10,9 +10,11 @@
 //           (sweep_grad) into a [rows, tile] buffer, then dh += dZ W_tile, dW_tile += dZ^T h and
 //           db_tile += sum_rows dZ by GEMMs (ATen's, so MKL / oneDNN where torch has them).
 // Rows labelled ignore_index are dropped before the first GEMM; with CE, a label outside [0, V) makes
-// its row's loss and every gradient NaN. Memory beyond the gradients: O(N)
+// its row's loss and every gradient NaN. Hidden states and teacher logits are [N, D] or [B, L, D] rows
+// (RowLayout: a causal-shift view is read in place). Memory beyond the gradients: O(N)
 // row statistics, the rows kept (a copy of the hidden states in the accumulation dtype) and a few
-// [rows, tile] buffers; the weight gradient accumulates in the accumulation dtype.
+// [rows, tile] buffers (given teacher logits are gathered tile by tile, never copied whole); the
+// weight gradient accumulates in the accumulation dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -150,6 +152,13 @@ void grad_row(const acc_t* s, const TT* t, acc_t* gs, acc_t* gt, int64_t n, int6
 
 at::Tensor opt(const std::optional<at::Tensor>& x) { return x.has_value() ? *x : at::Tensor(); }
 
+// Rows `rows` of [N, D] or [B, L, D] rows (RowLayout), gathered from the strided tensor: [len(rows), D].
+at::Tensor take_rows(const at::Tensor& x, const at::Tensor& rows) {
+  if (x.dim() == 2) return x.index_select(0, rows);
+  const int64_t L = std::max<int64_t>(1, x.size(1));
+  return x.index({rows.div(L, "floor"), rows.remainder(L)});
+}
+
 template <typename acc_t, Kind K>
 std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at::Tensor& bs, const at::Tensor& ht,
                             const at::Tensor& Wt, const at::Tensor& bt, const at::Tensor& tl,
@@ -157,7 +166,7 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
                             const std::vector<bool>& need, int64_t v_tile, int64_t tile_elements,
                             int64_t ignore_index) {
   const auto acc = std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
-  const int64_t N = hs.size(0), V = Ws.size(0);
+  const int64_t N = row_layout(hs, "student_hidden").rows, V = Ws.size(0);
   Call c = c0;
   c.want_s = need[0] || need[1] || need[2];
   c.want_t = need[3] || need[4] || need[5] || need[6];
@@ -165,8 +174,12 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
   at::Tensor loss = at::zeros({N}, hs.options().dtype(acc));
   const at::Tensor srcs[7] = {hs, Ws, bs, ht, Wt, bt, tl};
   std::vector<at::Tensor> grads(7);
-  for (int i = 0; i < 7; ++i)
-    if (need[i] && srcs[i].defined()) grads[i] = at::zeros(srcs[i].sizes(), srcs[i].options().dtype(acc));
+  for (int i = 0; i < 7; ++i) {
+    if (!need[i] || !srcs[i].defined()) continue;
+    const bool row_tensor = i == 0 || i == 3 || i == 6;  // [N, D], whatever the layout of the rows
+    grads[i] = row_tensor ? at::zeros({N, srcs[i].size(-1)}, srcs[i].options().dtype(acc))
+                          : at::zeros(srcs[i].sizes(), srcs[i].options().dtype(acc));
+  }
 
   at::Tensor keep = labels.defined() ? at::nonzero(labels != ignore_index).squeeze(1)
                                      : at::arange(N, hs.options().dtype(at::kLong));
@@ -177,9 +190,8 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     return out;
   };
   if (n == 0) return finish();
-  const at::Tensor hs_k = hs.index_select(0, keep).to(acc).contiguous();
-  const at::Tensor ht_k = ht.defined() ? ht.index_select(0, keep).to(acc).contiguous() : at::Tensor();
-  const at::Tensor tl_k = tl.defined() ? tl.index_select(0, keep).contiguous() : at::Tensor();
+  const at::Tensor hs_k = take_rows(hs, keep).to(acc).contiguous();
+  const at::Tensor ht_k = ht.defined() ? take_rows(ht, keep).to(acc).contiguous() : at::Tensor();
   const at::Tensor lab_k = labels.defined() ? labels.index_select(0, keep).contiguous() : at::Tensor();
   const int64_t* lab = lab_k.defined() ? lab_k.data_ptr<int64_t>() : nullptr;
   at::Tensor g_all = grad_scale.to(at::kDouble).reshape({-1});
@@ -200,8 +212,8 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
       }
     }
   }
-  at::Tensor dhs_k = grads[0].defined() ? at::zeros({n, hs.size(1)}, hs.options().dtype(acc)) : at::Tensor();
-  at::Tensor dht_k = grads[3].defined() ? at::zeros({n, ht.size(1)}, ht.options().dtype(acc)) : at::Tensor();
+  at::Tensor dhs_k = grads[0].defined() ? at::zeros({n, hs.size(-1)}, hs.options().dtype(acc)) : at::Tensor();
+  at::Tensor dht_k = grads[3].defined() ? at::zeros({n, ht.size(-1)}, ht.options().dtype(acc)) : at::Tensor();
 
   RowStats<acc_t> st(n);
   const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(n, tile_elements / v_tile));
@@ -222,8 +234,8 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     const at::Tensor h = hs_k.narrow(0, r0, rn);
     at::Tensor zs = w.bs.defined() ? at::addmm(w.bs, h, w.ws.t()) : at::mm(h, w.ws.t());
     at::Tensor zt;
-    if (tl_k.defined()) {
-      zt = tl_k.narrow(0, r0, rn).narrow(1, v0, vt).to(acc).contiguous();  // given logits, any dtype
+    if (tl.defined()) {  // given logits, any dtype: this tile's block, gathered from the strided rows
+      zt = take_rows(tl.narrow(-1, v0, vt), keep.narrow(0, r0, rn)).to(acc).contiguous();
     } else {
       const at::Tensor h2 = ht_k.narrow(0, r0, rn);
       zt = w.bt.defined() ? at::addmm(w.bt, h2, w.wt.t()) : at::mm(h2, w.wt.t());
@@ -326,9 +338,15 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature, int64_t kind,
     double beta, int64_t ignore_index, double ce_weight, double kd_weight, const std::vector<bool>& need,
     int64_t v_tile, int64_t tile_elements) {
-  TORCH_CHECK(student_hidden.dim() == 2 && student_weight.dim() == 2 &&
-                  student_hidden.size(1) == student_weight.size(1),
-              "fused_linear_kl_forward_cpu: hidden [N, H] and weight [V, H] expected");
+  TORCH_CHECK(student_weight.dim() == 2 && student_hidden.size(-1) == student_weight.size(1),
+              "fused_linear_kl_forward_cpu: hidden [N, H] (or [B, L, H] rows) and weight [V, H] expected");
+  const int64_t rows = row_layout(student_hidden, "student_hidden").rows;
+  if (teacher_hidden.has_value()) {
+    TORCH_CHECK(row_layout(*teacher_hidden, "teacher_hidden").rows == rows, "teacher_hidden: ", rows, " rows expected");
+  }
+  if (teacher_logits.has_value()) {
+    TORCH_CHECK(row_layout(*teacher_logits, "teacher_logits").rows == rows, "teacher_logits: ", rows, " rows expected");
+  }
   TORCH_CHECK(teacher_logits.has_value() != (teacher_hidden.has_value() && teacher_weight.has_value()),
               "fused_linear_kl_forward_cpu: teacher logits, or teacher hidden and weight");
   TORCH_CHECK(need.size() == 7, "need: 7 flags");

@@ -247,10 +247,10 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
 template <typename acc_t, Kind K, typename TS, typename TT>
 void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, at::Tensor& loss,
               at::Tensor& grad_s, at::Tensor& grad_t, const Params<acc_t>& p) {
-  const int64_t N = student.size(0), V = student.size(1);
+  const RowLayout ls = row_layout(student, "student"), lt = row_layout(teacher, "teacher");
+  const int64_t N = ls.rows, V = student.size(-1);
   const TS* s_base = student.data_ptr<TS>();
   const TT* t_base = teacher.data_ptr<TT>();
-  const int64_t s_stride = student.stride(0), t_stride = teacher.stride(0);
   TS* gs_base = p.grad_s ? grad_s.data_ptr<TS>() : nullptr;
   TT* gt_base = p.grad_t ? grad_t.data_ptr<TT>() : nullptr;
   acc_t* loss_ptr = loss.data_ptr<acc_t>();
@@ -274,7 +274,7 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
         if (gt) std::fill(gt, gt + V, static_cast<TT>(nan));
         continue;
       }
-      loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + r * s_stride, t_base + r * t_stride, V, label,
+      loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + ls.offset(r), t_base + lt.offset(r), V, label,
                                                          gs, gt, p, scratch);
     }
   });
@@ -298,17 +298,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
     const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
     double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "softmax_kl_forward_cpu: CPU tensors expected");
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2 && student.sizes() == teacher.sizes(),
-              "student and teacher must be [N, V] of the same shape, got ", student.sizes(), " and ", teacher.sizes());
-  TORCH_CHECK(student.size(1) == 0 || (student.stride(1) == 1 && teacher.stride(1) == 1),
-              "the last dimension of student and teacher must be contiguous");
+  const RowLayout ls = row_layout(student, "student"), lt = row_layout(teacher, "teacher");
+  TORCH_CHECK(ls.rows == lt.rows && student.size(-1) == teacher.size(-1),
+              "student and teacher must hold the same [N, V] rows, got ", student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
   TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (forward), 1 (reverse) or 2 (jsd)");
   TORCH_CHECK(kind != 2 || (beta > 0 && beta < 1), "jsd needs 0 < beta < 1");
   const bool is_double = student.scalar_type() == at::kDouble;
   TORCH_CHECK(is_double == (teacher.scalar_type() == at::kDouble),
               "float64 student and teacher go together; cast both");
-  const int64_t N = student.size(0), V = student.size(1);
+  const int64_t N = ls.rows, V = student.size(-1);
   const int64_t* label_ptr = nullptr;
   at::Tensor labels_c;
   if (labels.has_value() && labels->defined()) {

@@ -129,13 +129,12 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
                                                        bool uniform_tail, double temperature, int64_t ignore_index,
                                                        bool need_grad) {
   TORCH_CHECK(student.device().is_cpu(), "topk_kl_forward_cpu: CPU tensors expected");
-  TORCH_CHECK(student.dim() == 2 && values.dim() == 2 && indices.sizes() == values.sizes() &&
-                  values.size(0) == student.size(0),
-              "topk_kl_forward_cpu: student [N, V], values and indices [N, k] expected");
-  TORCH_CHECK(student.size(1) == 0 || student.stride(1) == 1, "the vocabulary dimension must be contiguous");
+  const RowLayout ls = row_layout(student, "student");
+  TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes() && values.size(0) == ls.rows,
+              "topk_kl_forward_cpu: student rows [N, V] (or [B, L, V]), values and indices [N, k] expected");
   TORCH_CHECK(!(values_are_logits && uniform_tail), "a uniform tail needs log-probabilities");
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
-  const int64_t N = student.size(0), V = student.size(1), k = values.size(1);
+  const int64_t N = ls.rows, V = student.size(-1), k = values.size(1);
   TORCH_CHECK(k <= V, "k must be <= V");
   const bool fp64 = student.scalar_type() == at::kDouble;
   const auto acc = fp64 ? at::kDouble : at::kFloat;
@@ -152,7 +151,6 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
     using TS = scalar_t;
     using acc_t = std::conditional_t<std::is_same_v<TS, double>, double, float>;
     const TS* s_base = student.data_ptr<TS>();
-    const int64_t stride = student.stride(0);
     TS* g_base = need_grad ? grad.data_ptr<TS>() : nullptr;
     const acc_t* b_base = b.data_ptr<acc_t>();
     const int64_t* idx_base = idx.data_ptr<int64_t>();
@@ -173,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
           if (gs) std::fill(gs, gs + V, static_cast<TS>(std::numeric_limits<acc_t>::quiet_NaN()));
           continue;
         }
-        loss_ptr[r] = row<acc_t, TS>(s_base + r * stride, V, b_base + r * 2 * k, ir, k, uniform_tail,
+        loss_ptr[r] = row<acc_t, TS>(s_base + ls.offset(r), V, b_base + r * 2 * k, ir, k, uniform_tail,
                                      static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(g), gs);
       }
     });

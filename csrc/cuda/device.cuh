@@ -8,7 +8,7 @@
 // indexing and synchronization are tested on a machine without a GPU.
 //
 // Kernels use only: ld / st (every access to global memory, and the vector reads of shared memory),
-// thread_idx, block_dim, block_idx, sync_threads, shfl_xor, dynamic_smem,
+// thread_idx, block_dim, block_idx / block_idx_y, sync_threads, shfl_xor, dynamic_smem,
 // cluster_rank / cluster_sync / cluster_arrive / cluster_wait / cluster_map (sm_90; no-ops below,
 // where require_clusters traps),
 // cp_async / cp_async_wait_all (sm_80+), exp2 / log2 / fmax / quiet_nan, and the bf16 / fp16 conversions.
@@ -37,6 +37,7 @@ namespace kdk::dev {
 KDK_DEVICE int thread_idx() { return static_cast<int>(threadIdx.x); }
 KDK_DEVICE int block_dim() { return static_cast<int>(blockDim.x); }
 KDK_DEVICE int64_t block_idx() { return static_cast<int64_t>(blockIdx.x); }
+KDK_DEVICE int64_t block_idx_y() { return static_cast<int64_t>(blockIdx.y); }
 KDK_DEVICE void sync_threads() { __syncthreads(); }
 KDK_DEVICE float shfl_xor(float v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }
 KDK_DEVICE double shfl_xor(double v, int lane_mask) { return __shfl_xor_sync(0xffffffffu, v, lane_mask); }

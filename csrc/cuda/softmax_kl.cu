@@ -52,7 +52,8 @@ std::string launch_one(Kernel kernel, const Params& params, const Plan& plan, cu
                                        static_cast<int>(plan.smem));
   if (e != cudaSuccess) return cuda_error("cudaFuncSetAttribute(MaxDynamicSharedMemorySize)", e);
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(params.a.N * plan.cluster));
+  // B x L row blocks (one-level rows: L = N, B = 1); the binding keeps B within gridDim.y's 65535
+  cfg.gridDim = dim3(static_cast<unsigned>(params.a.inner * plan.cluster), static_cast<unsigned>(params.a.N / params.a.inner));
   cfg.blockDim = dim3(static_cast<unsigned>(plan.threads));
   cfg.dynamicSmemBytes = static_cast<size_t>(plan.smem);
   cfg.stream = stream;

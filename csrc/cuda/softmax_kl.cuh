@@ -31,7 +31,8 @@
 //   streaming KIND 0, 1:  2 (bs + bt)      + bs + bt                         = 10 B for bf16
 //   streaming KIND 2:     3 (bs + bt)      + bs + bt                         = 14 B for bf16
 //   loss only (no gradient): one read fewer when streaming.
-// Per row on top: the label (8 B), s[label] for CE (one logit), the loss (4 B, 8 B for fp64).
+// Per row on top: the label (8 B), the loss (4 B, 8 B for fp64); for CE, s[label] (one logit), parked
+// in the loss slot until the end (the loss written twice and read once: 8 B, 16 B for fp64, more).
 // Accumulation in fp32 (fp64 for fp64 inputs); exp2 / log2 with log2(e)/T folded into the scale.
 #pragma once
 
@@ -330,8 +331,7 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
   if (rank == 0 && dev::thread_idx() == 0) {
     Acc loss = kd_w * D;
     if (ce) {
-      const S* s_row = static_cast<const S*>(a.student) + row * a.stride_s;
-      const Acc s_label = to_acc<Acc>(dev::ld(s_row + label));
+      const Acc s_label = dev::ld(static_cast<const Acc*>(a.loss) + row);  // parked there by park_label_logit
       const Acc c2_label = s_label * (ce_sep ? Acc(kLog2e) : scale);
       loss += ce_w * ((lse2_c - c2_label) * Acc(kLn2));  // CE = lse(s) - s[label]
     }
@@ -392,6 +392,20 @@ KDK_DEVICE void constant_row(const Params& p, int64_t row, int rank, int64_t lo,
   if (rank == 0 && dev::thread_idx() == 0) dev::st(static_cast<Acc*>(a.loss) + row, value);
 }
 
+// The element offset of row r = y L + l (see SoftmaxKLArgs): from the grid's coordinates, no division.
+KDK_DEVICE int64_t row_start(bool two_level, int64_t y, int64_t l, int64_t r, int64_t outer_stride, int64_t stride) {
+  return two_level ? y * outer_stride + l * stride : r * stride;
+}
+
+// CE: s[label], read by rank 0's thread 0 when the kernel starts and parked in the row's loss slot
+// until row_body adds the loss there (no row pointer held through the body: registers stay free).
+template <class S, class Acc>
+KDK_DEVICE void park_label_logit(const Params& p, int64_t row, int64_t label, int rank, const S* s_row) {
+  if (p.a.ce_weight != 0 && rank == 0 && dev::thread_idx() == 0) {
+    dev::st(static_cast<Acc*>(p.a.loss) + row, to_acc<Acc>(dev::ld(s_row + label)));
+  }
+}
+
 // Whether a row's loss is fixed by its label: ignored (0) or a CE label out of range (NaN).
 template <class Acc>
 KDK_DEVICE bool fixed_row(const SoftmaxKLArgs& a, int64_t label, Acc* value) {
@@ -420,7 +434,8 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params 
   constexpr int P = kPack<S, T>;
   dev::require_clusters(p.cluster);
   const int rank = p.cluster > 1 ? static_cast<int>(dev::cluster_rank()) : 0;
-  const int64_t row = dev::block_idx() / p.cluster;
+  const int64_t l = dev::block_idx() / p.cluster, y = dev::block_idx_y();
+  const int64_t row = y * p.a.inner + l;
   const int64_t lo = rank * p.seg;
   const int64_t hi = lo + p.seg < p.a.V ? lo + p.seg : p.a.V;
   const int64_t n = hi > lo ? hi - lo : 0;
@@ -433,8 +448,11 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params 
   unsigned char* smem = dev::dynamic_smem();
   S* s_sm = reinterpret_cast<S*>(smem + kScratchBytes);
   T* t_sm = reinterpret_cast<T*>(smem + kScratchBytes + (p.seg * int64_t(sizeof(S)) + 15) / 16 * 16);
-  const S* s_g = static_cast<const S*>(p.a.student) + row * p.a.stride_s + lo;
-  const T* t_g = static_cast<const T*>(p.a.teacher) + row * p.a.stride_t + lo;
+  const S* s_g = static_cast<const S*>(p.a.student) + row_start(p.a.two_level_s, y, l, row, p.a.outer_stride_s,
+                                                                p.a.stride_s) + lo;
+  const T* t_g = static_cast<const T*>(p.a.teacher) + row_start(p.a.two_level_t, y, l, row, p.a.outer_stride_t,
+                                                                p.a.stride_t) + lo;
+  park_label_logit<S, Acc>(p, row, label, rank, s_g);  // rank 0: lo = 0, s_g is the row
   for (int64_t k = int64_t(dev::thread_idx()) * P; k < n; k += int64_t(dev::block_dim()) * P) {
     dev::cp_async<P * sizeof(S)>(s_sm + k, s_g + k);
     dev::cp_async<P * sizeof(T)>(t_sm + k, t_g + k);
@@ -448,7 +466,8 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params 
 template <class S, class T, class Acc, int KIND>
 KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_streaming(const Params p) {
   constexpr int P = kPack<S, T>;
-  const int64_t row = dev::block_idx();
+  const int64_t l = dev::block_idx(), y = dev::block_idx_y();
+  const int64_t row = y * p.a.inner + l;
   const int64_t V = p.a.V;
   const int64_t label = p.a.labels ? dev::ld(p.a.labels + row) : 0;
   Acc fixed;
@@ -456,8 +475,11 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_streaming(const Para
     constant_row<S, T, Acc>(p, row, 0, 0, V, fixed);
     return;
   }
-  const S* s_g = static_cast<const S*>(p.a.student) + row * p.a.stride_s;
-  const T* t_g = static_cast<const T*>(p.a.teacher) + row * p.a.stride_t;
+  const S* s_g = static_cast<const S*>(p.a.student) + row_start(p.a.two_level_s, y, l, row, p.a.outer_stride_s,
+                                                                p.a.stride_s);
+  const T* t_g = static_cast<const T*>(p.a.teacher) + row_start(p.a.two_level_t, y, l, row, p.a.outer_stride_t,
+                                                                p.a.stride_t);
+  park_label_logit<S, Acc>(p, row, label, 0, s_g);
   const bool aligned = V % P == 0 && reinterpret_cast<uintptr_t>(s_g) % (P * sizeof(S)) == 0 &&
                        reinterpret_cast<uintptr_t>(t_g) % (P * sizeof(T)) == 0 &&
                        reinterpret_cast<uintptr_t>(p.a.grad_student) % (P * sizeof(S)) == 0 &&

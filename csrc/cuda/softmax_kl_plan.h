@@ -13,14 +13,20 @@ inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : dtype == kFloa
 
 // One call: the same contract as the CPU and Triton kernels (see softmax_kl.cuh).
 struct SoftmaxKLArgs {
-  const void* student = nullptr;   // [N, V], row stride stride_s elements, unit column stride
-  const void* teacher = nullptr;   // [N, V], row stride stride_t
+  // Rows of V logits with a unit column stride. The grid is B x L row blocks (L = inner): row
+  // r = y L + l (y = blockIdx.y, l = the row block along x). A two-level tensor's row r starts
+  // y * outer_stride + l * stride elements in (the rows of a [B, L, V] strided view such as
+  // logits[:, :-1], read without a copy); a one-level tensor's at r * stride.
+  const void* student = nullptr;   // stride_s, and outer_stride_s when two_level_s
+  const void* teacher = nullptr;   // stride_t, and outer_stride_t when two_level_t
   const int64_t* labels = nullptr; // [N] or null
   const float* grad_scale = nullptr;  // 1 element, read on the device
   void* loss = nullptr;            // [N] float32 (float64 when student_dtype is float64)
   void* grad_student = nullptr;    // [N, V] contiguous in student_dtype, or null
   void* grad_teacher = nullptr;    // [N, V] contiguous in teacher_dtype, or null
   int64_t N = 0, V = 0, stride_s = 0, stride_t = 0;
+  int64_t inner = 1, outer_stride_s = 0, outer_stride_t = 0;  // inner = L (N for one-level rows)
+  bool two_level_s = false, two_level_t = false;
   int student_dtype = kFloat32, teacher_dtype = kFloat32;
   int kind = 0;                    // 0 forward KL, 1 reverse KL, 2 generalized JSD (0 < beta < 1)
   double inv_temperature = 1.0, beta = 0.5, ce_weight = 0.0, kd_weight = 1.0;
@@ -84,7 +90,8 @@ inline Plan plan_softmax_kl(const SoftmaxKLArgs& a, const DeviceLimits& d) {
   Plan p;
   p.pack = pack_of(a.student_dtype, a.teacher_dtype);
   const int64_t P = p.pack, ss = dtype_size(a.student_dtype), st = dtype_size(a.teacher_dtype);
-  p.aligned = a.V % P == 0 && a.stride_s % P == 0 && a.stride_t % P == 0 && aligned_to(a.student, P * ss) &&
+  p.aligned = a.V % P == 0 && a.stride_s % P == 0 && a.stride_t % P == 0 && a.outer_stride_s % P == 0 &&
+              a.outer_stride_t % P == 0 && aligned_to(a.student, P * ss) &&
               aligned_to(a.teacher, P * st) && aligned_to(a.grad_student, P * ss) &&
               aligned_to(a.grad_teacher, P * st);
   const int64_t packs = (a.V + P - 1) / P;

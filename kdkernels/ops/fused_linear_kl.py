@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from kdkernels._backend import without_autocast
+from kdkernels.ops.rows import take_rows
 
 V_TILE = 2048  # vocabulary columns per tile
 TILE_ELEMENTS = 1 << 19  # R * Vt per logits tile: 2 MiB of fp32 (a pass holds about ten such temporaries)
@@ -62,12 +63,26 @@ def _xlogy_ratio(p: Tensor, diff: Tensor) -> Tensor:
     return torch.where(p > 0, p * diff, torch.zeros_like(p))
 
 
-class _Tiles:
-    """The logits tiles of one vocabulary slice for a block of rows."""
+def rows_of(x: Optional[Tensor]) -> int:
+    """The number of rows of ``[N, D]`` or ``[B, L, D]`` rows (:mod:`kdkernels.ops.rows`)."""
+    return 0 if x is None else x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
 
-    def __init__(self, hs, Ws, bs, ht, Wt, bt, t_logits, acc):
+
+def take(x: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+    """Rows ``rows`` of ``[N, D]`` or ``[B, L, D]`` rows, gathered from the strided tensor: ``[len(rows), D]``."""
+    if x is None:
+        return None
+    return x.index_select(0, rows) if x.dim() == 2 else take_rows(x, rows)
+
+
+class _Tiles:
+    """The logits tiles of one vocabulary slice for a block of rows. ``t_logits`` stays the
+    caller's (strided) tensor: each tile gathers its [rows, columns] block from it, so that teacher
+    logits are never copied whole."""
+
+    def __init__(self, hs, Ws, bs, ht, Wt, bt, t_logits, keep, acc):
         self.hs, self.Ws, self.bs, self.ht, self.Wt, self.bt, self.tl = hs, Ws, bs, ht, Wt, bt, t_logits
-        self.acc = acc
+        self.keep, self.acc = keep, acc
 
     def weights(self, v0: int, v1: int):
         acc = self.acc
@@ -82,7 +97,7 @@ class _Tiles:
         hs = self.hs[rows].to(self.acc)
         zs = torch.addmm(bs, hs, ws.t()) if bs is not None else hs @ ws.t()
         if self.tl is not None:
-            zt = self.tl[rows, v0:v1].to(self.acc)
+            zt = take(self.tl[..., v0:v1], self.keep[rows]).to(self.acc)
         else:
             ht = self.ht[rows].to(self.acc)
             zt = torch.addmm(bt, ht, wt.t()) if bt is not None else ht @ wt.t()
@@ -96,8 +111,10 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
                   merge=None) -> List[Optional[Tensor]]:
     """Loss rows and the requested gradients, pre-multiplied by ``grad_scale`` (a scalar, or one
     value per row). ``hs [N, H]``, ``Ws [V, H]``, ``bs [V]``; teacher ``ht [N, Ht]``, ``Wt [V, Ht]``,
-    ``bt [V]`` or ``t_logits [N, V]``. ``need`` = which of (hs, Ws, bs, ht, Wt, bt, t_logits) get a
-    gradient. Returns [loss_rows, d_hs, d_Ws, d_bs, d_ht, d_Wt, d_bt, d_tlogits] (None where not needed).
+    ``bt [V]`` or ``t_logits [N, V]``; the row tensors ``hs``, ``ht``, ``t_logits`` may also be
+    ``[B, L, D]`` rows with free leading strides (:mod:`kdkernels.ops.rows`), read in place. ``need`` =
+    which of (hs, Ws, bs, ht, Wt, bt, t_logits) get a gradient. Returns [loss_rows, d_hs, d_Ws,
+    d_bs, d_ht, d_Wt, d_bt, d_tlogits] (None where not needed; those of the row tensors ``[N, D]``).
 
     ``merge``: for a vocabulary split across processes (kdkernels.distributed), an object whose
     ``stats(kind, ma, za, mb, zb, w)`` combines the per-row statistics of pass 1 over all slices
@@ -105,14 +122,15 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     """
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
     v_tile = V_TILE if v_tile is None else v_tile
-    N, V = hs.shape[0], Ws.shape[0]
+    N, V = rows_of(hs), Ws.shape[0]
     dev = hs.device
     loss = torch.zeros(N, dtype=acc, device=dev)
     outs: List[Optional[Tensor]] = [loss] + [None] * 7
     grads_wanted = any(need)
     # gradients accumulate in the accumulation dtype and are cast at the end
     sources = (hs, Ws, bs, ht, Wt, bt, t_logits)
-    acc_grads = [torch.zeros(x.shape, dtype=acc, device=dev) if (x is not None and need[i]) else None
+    flat = lambda i, x: (N, x.shape[-1]) if i in (0, 3, 6) else x.shape  # noqa: E731  row tensors: [N, D]
+    acc_grads = [torch.zeros(flat(i, x), dtype=acc, device=dev) if (x is not None and need[i]) else None
                  for i, x in enumerate(sources)]
 
     # rows that count: ignored rows cost nothing
@@ -123,15 +141,14 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     n = keep.numel()
     if n == 0 or (V == 0 and merge is None):  # an empty slice still takes part in the merge
         return _finish(outs, acc_grads, sources)
-    sel = lambda x: None if x is None else x.index_select(0, keep)  # noqa: E731
-    hs_k, ht_k, tl_k = sel(hs), sel(ht), sel(t_logits)
+    hs_k, ht_k = take(hs, keep), take(ht, keep)
     lab_k = None if labels is None else labels.index_select(0, keep)
     g = grad_scale.to(acc).reshape(-1)
     g_k = g if g.numel() == 1 else g.index_select(0, keep)
     bad = bad_labels(lab_k, V) if ce_weight != 0.0 else None
     if bad is not None:  # NaN rows, and NaN gradients wherever such a row reaches
         g_k = torch.where(bad, torch.full_like(bad, math.nan, dtype=acc), g_k.expand(n))
-    tiles = _Tiles(hs_k, Ws, bs, ht_k, Wt, bt, tl_k, acc)
+    tiles = _Tiles(hs_k, Ws, bs, ht_k, Wt, bt, t_logits, keep, acc)
 
     inv_t = 1.0 / temperature
     ce = ce_weight != 0.0
@@ -270,6 +287,12 @@ def _finish(outs, acc_grads, sources):
     return outs
 
 
+def shaped(outs, sources):
+    """The gradients of the row tensors (hs, ht, t_logits), ``[N, D]`` from the kernels, in their
+    sources' row shapes (a view: the kernels write them contiguous)."""
+    return [outs[0]] + [g if g is None or g.shape == x.shape else g.view(x.shape) for g, x in zip(outs[1:], sources)]
+
+
 # ------------------------------------------------------------------------------ the custom op
 
 NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias",
@@ -279,23 +302,26 @@ NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "
 @without_autocast
 def launch(backend: str, hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
            ignore_index, ce_weight, kd_weight, need):
+    """One backend's kernels on ``[N, D]`` or ``[B, L, D]`` row tensors (hs, ht, t_logits); the
+    gradients of those come back in their shapes."""
+    srcs = (hs, Ws, bs, ht, Wt, bt, t_logits)
     if backend == "torch":
-        return tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature=temperature, kind=kind,
-                             beta=beta, ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                             need=need)
+        return shaped(tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature=temperature,
+                                    kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
+                                    kd_weight=kd_weight, need=need), srcs)
     if backend == "cpu":
         from kdkernels import _ext
 
         C = _ext.require("fused_linear_kl(backend='cpu')")
-        return list(C.fused_linear_kl_forward_cpu(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature,
-                                                  kind, beta, ignore_index, ce_weight, kd_weight, list(need), V_TILE,
-                                                  TILE_ELEMENTS))
+        return shaped(list(C.fused_linear_kl_forward_cpu(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale,
+                                                         temperature, kind, beta, ignore_index, ce_weight, kd_weight,
+                                                         list(need), V_TILE, TILE_ELEMENTS)), srcs)
     if backend == "triton":
         from kdkernels.triton.fused_linear_kl import fused_linear_kl_forward
 
-        return fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature=temperature,
-                                       kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
-                                       kd_weight=kd_weight, need=need)
+        return shaped(fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale,
+                                              temperature=temperature, kind=kind, beta=beta, ignore_index=ignore_index,
+                                              ce_weight=ce_weight, kd_weight=kd_weight, need=need), srcs)
     raise ValueError(f"no fused_linear_kl kernel for backend {backend!r}")
 
 
@@ -318,7 +344,7 @@ def fused_linear_kl_op(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optiona
 def _(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature, kind, beta, ignore_index, ce_weight,
       kd_weight, reduction, need, backend):
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
-    loss = hs.new_empty((hs.shape[0],) if reduction == 0 else (), dtype=acc)
+    loss = hs.new_empty((rows_of(hs),) if reduction == 0 else (), dtype=acc)
     srcs = (hs, Ws, bs, ht, Wt, bt, t_logits)
     return [loss] + [torch.empty_like(x) if (x is not None and need[i] and reduction) else hs.new_empty(0)
                      for i, x in enumerate(srcs)]

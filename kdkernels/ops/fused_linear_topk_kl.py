@@ -61,19 +61,20 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
     ``values`` are log-probabilities or logits: both enter as ``b_k = values / T``; only the
     uniform tail (log-probabilities) reads them as probabilities."""
     acc = FL._acc_dtype(hs, Ws)
-    N, V = hs.shape[0], Ws.shape[0]
+    N, V = FL.rows_of(hs), Ws.shape[0]  # hs: [N, H] or [B, L, H] rows (kdkernels.ops.rows)
     k = values.shape[1]
     dev = hs.device
     loss = torch.zeros(N, dtype=acc, device=dev)
     sources = (hs, Ws, bs)
-    acc_grads = [torch.zeros(x.shape, dtype=acc, device=dev) if (x is not None and need[i]) else None
+    shapes = ((N, hs.shape[-1]), Ws.shape, None if bs is None else bs.shape)
+    acc_grads = [torch.zeros(shapes[i], dtype=acc, device=dev) if (x is not None and need[i]) else None
                  for i, x in enumerate(sources)]
     keep = (labels != ignore_index).nonzero().squeeze(1) if labels is not None else torch.arange(N, device=dev)
     n = keep.numel()
     outs = [loss, None, None, None]
     if n == 0:
-        return FL._finish(outs, acc_grads, sources)
-    h = hs.index_select(0, keep).to(acc)
+        return FL.shaped(FL._finish(outs, acc_grads, sources), sources)
+    h = FL.take(hs, keep).to(acc)
     idx = indices.index_select(0, keep).long()
     inv_t = 1.0 / temperature
     b_acc = None if bs is None else bs.to(acc)
@@ -89,7 +90,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
     m = torch.full((n,), -math.inf, dtype=acc, device=dev)
     z = torch.zeros(n, dtype=acc, device=dev)
     a_k = torch.zeros((n, k), dtype=acc, device=dev)
-    col_sum = torch.zeros(hs.shape[1], dtype=acc, device=dev)  # sum_j W_j, for the uniform tail
+    col_sum = torch.zeros(hs.shape[-1], dtype=acc, device=dev)  # sum_j W_j, for the uniform tail
     for v0, v1 in tiles:
         w = Ws[v0:v1].to(acc)
         if uniform_tail:
@@ -131,7 +132,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
                 r, j, col = _topk_in_tile(idx[rb], v0, v1)
                 dz[r, col] = (ps[r, col] - pt[rb][r, j]) * c[rb][r]
                 FL._accumulate(acc_grads, dz, keep[rb], h[rb], w, v0, v1)
-    return FL._finish(outs, acc_grads, sources)
+    return FL.shaped(FL._finish(outs, acc_grads, sources), sources)
 
 
 class FusedLinearTopkKL(torch.autograd.Function):

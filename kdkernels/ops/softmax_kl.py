@@ -27,7 +27,9 @@ REDUCTION_IDS = {"none": 0, "sum": 1, "mean": 2, "batchmean": 2}  # the op sums 
 def launch(backend: str, student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad_scale: Tensor, *,
            temperature: float, kind: int, beta: float, ignore_index: int, ce_weight: float, kd_weight: float,
            need_grad_student: bool, need_grad_teacher: bool):
-    """Run one backend's kernel on ``[N, V]`` inputs: ``(loss_rows, grad_student|None, grad_teacher|None)``."""
+    """Run one backend's kernel on ``[N, V]`` or ``[B, L, V]`` rows (:mod:`kdkernels.ops.rows`; the
+    two may be laid out differently but hold the same N rows): ``(loss_rows [N], grad_student
+    [N, V] | None, grad_teacher [N, V] | None)``, the gradients contiguous."""
     kwargs = dict(temperature=temperature, kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
                   kd_weight=kd_weight, need_grad_student=need_grad_student, need_grad_teacher=need_grad_teacher)
     if backend == "cpu":
@@ -73,16 +75,18 @@ def softmax_kl_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], gr
                                   kd_weight=kd_weight, need_grad_student=need_grad_student,
                                   need_grad_teacher=need_grad_teacher)
     loss = rows if reduction == 0 else rows.sum() * grad_scale.to(rows.dtype)
+    # the kernels write [N, V] contiguous gradients: the inputs' row shapes, contiguous (a view);
     # custom ops cannot return None: an absent gradient is an empty tensor
-    return (loss, grad_s if grad_s is not None else student.new_empty(0),
-            grad_t if grad_t is not None else teacher.new_empty(0))
+    return (loss, grad_s.view(student.shape) if grad_s is not None else student.new_empty(0),
+            grad_t.view(teacher.shape) if grad_t is not None else teacher.new_empty(0))
 
 
 @softmax_kl_op.register_fake
 def _(student, teacher, labels, grad_scale, temperature, kind, beta, ignore_index, ce_weight, kd_weight,
       reduction, need_grad_student, need_grad_teacher, backend):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=acc)
+    rows = student.shape[0] if student.dim() == 2 else student.shape[0] * student.shape[1]
+    loss = student.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     grad_s = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad_student \
         else student.new_empty(0)
     grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_grad_teacher \

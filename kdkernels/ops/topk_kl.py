@@ -23,6 +23,7 @@ from kdkernels.ops.softmax_kl import _is_one
 def topk_kl_op(student: Tensor, values: Tensor, indices: Tensor, labels: Optional[Tensor], grad_scale: Tensor,
                values_are_logits: bool, uniform_tail: bool, temperature: float, ignore_index: int, reduction: int,
                need_grad: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    shape = student.shape  # [N, V] or [B, L, V] rows (kdkernels.ops.rows)
     if backend == "cpu":
         C = _ext.require("topk_kl(backend='cpu')")
         rows, grad = C.topk_kl_forward_cpu(student, values, indices, labels, grad_scale, values_are_logits,
@@ -37,7 +38,7 @@ def topk_kl_op(student: Tensor, values: Tensor, indices: Tensor, labels: Optiona
         # the reference, materialized in float64 (a uniform tail over a large V loses float32 digits);
         # its gradient g (p_s - p_t) / T written out
         out_dtype = student.dtype
-        student, values = student.double(), values.double()
+        student, values = student.reshape(-1, student.shape[-1]).double(), values.double()
         kw = dict(values_kind="logits" if values_are_logits else "logprobs",
                   tail="uniform" if uniform_tail else "ignore", temperature=temperature)
         rows = reference.topk_kl(student, values, indices, values=kw["values_kind"], tail=kw["tail"],
@@ -54,14 +55,16 @@ def topk_kl_op(student: Tensor, values: Tensor, indices: Tensor, labels: Optiona
     else:
         raise ValueError(f"no topk_kl kernel for backend {backend!r}")
     loss = rows if reduction == 0 else rows.sum() * grad_scale.to(rows.dtype)
-    return loss, grad if grad is not None else student.new_empty(0)
+    # the kernels write [N, V] contiguous gradients: the student's row shape, contiguous (a view)
+    return loss, grad.view(shape) if grad is not None else student.new_empty(0)
 
 
 @topk_kl_op.register_fake
 def _(student, values, indices, labels, grad_scale, values_are_logits, uniform_tail, temperature, ignore_index,
       reduction, need_grad, backend):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=acc)
+    rows = student.shape[0] if student.dim() == 2 else student.shape[0] * student.shape[1]
+    loss = student.new_empty((rows,) if reduction == 0 else (), dtype=acc)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty(0)
     return loss, grad
 

@@ -106,18 +106,20 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, K, stride_h, str
 
 
 @triton.jit
-def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
-                H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols, cmask,
+                H, Ht, stride_ws, stride_wt,
                 HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
                 DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, rows, rmask, cols, cmask, H, stride_hs, stride_ws,
+    # off_s, off_t: element offsets of the rows of the student's hidden states and of the teacher's
+    # hidden states or logits (computed on the host: offs_ptr of the kernels)
+    zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, off_s, rmask, cols, cmask, H, 1, stride_ws,
                       HAS_BS, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     if TEACHER_LOGITS:
-        zt = tl.load(zt_ptr + rows[:, None] * stride_zt + cols[None, :],
+        zt = tl.load(zt_ptr + off_t[:, None] + cols[None, :],
                      mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
     else:
-        zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, rows, rmask, cols, cmask, Ht, stride_ht, stride_wt,
+        zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, off_t, rmask, cols, cmask, Ht, 1, stride_wt,
                           HAS_BT, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     return zs, zt
 
@@ -138,8 +140,8 @@ def _online(m, z, x2):
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _stats_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, labels_ptr, params_ptr, lse_ptr, out_ptr,
-    n, V, H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt, split_cols,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, lse_ptr,
+    out_ptr, n, V, H, Ht, stride_ws, stride_wt, split_cols,
     PHASE: tl.constexpr, KIND: tl.constexpr, CE: tl.constexpr, CE_SEP: tl.constexpr,
     HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
@@ -151,7 +153,9 @@ def _stats_kernel(
     split = tl.program_id(1)
     r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = r < n
-    rows = tl.load(rows_ptr + r, mask=rmask, other=0)  # int64 row indices of the kept rows
+    # the kept rows' element offsets in the student's and the teacher's row tensors (any layout)
+    off_s = tl.load(offs_ptr + r, mask=rmask, other=0)
+    off_t = tl.load(offs_ptr + n + r, mask=rmask, other=0)
     scale = tl.load(params_ptr + P_SCALE)
     v_lo = split * split_cols
     v_hi = tl.minimum(V, v_lo + split_cols)
@@ -173,8 +177,8 @@ def _stats_kernel(
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             cmask = cols < v_hi
-            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
-                                 H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols,
+                                 cmask, H, Ht, stride_ws, stride_wt,
                                  HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
             a2 = tl.where(cmask[None, :], zs * scale, NEG_INF)
             b2 = tl.where(cmask[None, :], zt * scale, NEG_INF)
@@ -209,8 +213,8 @@ def _stats_kernel(
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             cmask = cols < v_hi
-            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
-                                 H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols,
+                                 cmask, H, Ht, stride_ws, stride_wt,
                                  HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
             lps2 = tl.where(cmask[None, :], zs * scale - lse2_a[:, None], NEG_INF)
             lpt2 = tl.where(cmask[None, :], zt * scale - lse2_b[:, None], NEG_INF)
@@ -223,12 +227,13 @@ def _stats_kernel(
 
 
 @triton.jit
-def _accumulate(dz, x_ptr, x_idx, x_mask, stride_x, w_ptr, w_idx, w_mask, stride_w, dx_ptr, dw_ptr, db_ptr, K,
+def _accumulate(dz, x_ptr, x_idx, x_off, x_mask, w_ptr, w_idx, w_mask, stride_w, dx_ptr, dw_ptr, db_ptr, K,
                 NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT: tl.constexpr,
                 PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     # dz [BLOCK_N, BLOCK_V] (zero outside the tile): dx[x_idx] += dz @ w[w_idx], dw[w_idx] += dzᵀ @ x[x_idx],
-    # db[w_idx] += sum_rows dz; dx, dw are contiguous ACC buffers with row stride K
+    # db[w_idx] += sum_rows dz; dx, dw are contiguous ACC buffers with row stride K; row x_idx of x
+    # starts x_off elements into x
     if NEED_B:
         tl.atomic_add(db_ptr + w_idx, tl.sum(dz, axis=0), mask=w_mask)
     if NEED_X or NEED_W:
@@ -244,7 +249,7 @@ def _accumulate(dz, x_ptr, x_idx, x_mask, stride_x, w_ptr, w_idx, w_mask, stride
                 tl.atomic_add(dx_ptr + x_idx[:, None] * K + ks[None, :], part,
                               mask=x_mask[:, None] & kmask[None, :])
             if NEED_W:
-                x = _cast(tl.load(x_ptr + x_idx[:, None] * stride_x + ks[None, :],
+                x = _cast(tl.load(x_ptr + x_off[:, None] + ks[None, :],
                                   mask=x_mask[:, None] & kmask[None, :], other=0.0), DOT)
                 part = _dot(tl.trans(dzc), x, tl.zeros([BLOCK_V, BLOCK_K], ACC), DOT, PREC)
                 tl.atomic_add(dw_ptr + w_off * K + ks[None, :], part, mask=w_mask[:, None] & kmask[None, :])
@@ -252,9 +257,9 @@ def _accumulate(dz, x_ptr, x_idx, x_mask, stride_x, w_ptr, w_idx, w_mask, stride
 
 @triton.jit
 def _grad_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, labels_ptr, params_ptr, row_ptr,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, row_ptr,
     dhs_ptr, dws_ptr, dbs_ptr, dht_ptr, dwt_ptr, dbt_ptr, dzt_ptr,
-    n, V, H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt, stride_dzt,
+    n, V, H, Ht, stride_ws, stride_wt, stride_dzt,
     KIND: tl.constexpr, CE: tl.constexpr, CE_SEP: tl.constexpr,
     HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
     NEED_HS: tl.constexpr, NEED_WS: tl.constexpr, NEED_BS: tl.constexpr,
@@ -269,7 +274,9 @@ def _grad_kernel(
     pid_v = tl.program_id(1)
     r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = r < n
-    rows = tl.load(rows_ptr + r, mask=rmask, other=0)
+    rows = tl.load(rows_ptr + r, mask=rmask, other=0)  # int64 row indices of the kept rows (gradient rows)
+    off_s = tl.load(offs_ptr + r, mask=rmask, other=0)
+    off_t = tl.load(offs_ptr + n + r, mask=rmask, other=0)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < V
     scale = tl.load(params_ptr + P_SCALE)
@@ -283,8 +290,8 @@ def _grad_kernel(
     Kt = tl.load(row_ptr + 5 * n + r, mask=rmask, other=0.0)
     g_kd = tl.load(row_ptr + 6 * n + r, mask=rmask, other=0.0)
 
-    zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows, rmask, cols, cmask,
-                         H, Ht, stride_hs, stride_ws, stride_ht, stride_wt, stride_zt,
+    zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols, cmask,
+                         H, Ht, stride_ws, stride_wt,
                          HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     tile = rmask[:, None] & cmask[None, :]
     lps2 = tl.where(cmask[None, :], zs * scale - lse2_a[:, None], NEG_INF)
@@ -309,7 +316,7 @@ def _grad_kernel(
             onehot = (cols[None, :] == label[:, None]).to(ACC)
             dzs += g_ce[:, None] * (pc - onehot)
         dzs = tl.where(tile, dzs, 0.0)
-        _accumulate(dzs, hs_ptr, rows, rmask, stride_hs, ws_ptr, cols, cmask, stride_ws, dhs_ptr, dws_ptr, dbs_ptr,
+        _accumulate(dzs, hs_ptr, rows, off_s, rmask, ws_ptr, cols, cmask, stride_ws, dhs_ptr, dws_ptr, dbs_ptr,
                     H, NEED_HS, NEED_WS, NEED_BS, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     if NEED_T:
         dzt = tl.where(tile, dt * g_kd[:, None], 0.0)
@@ -317,7 +324,7 @@ def _grad_kernel(
             tl.store(dzt_ptr + rows[:, None] * stride_dzt + cols[None, :], dzt.to(dzt_ptr.dtype.element_ty),
                      mask=tile)
         else:
-            _accumulate(dzt, ht_ptr, rows, rmask, stride_ht, wt_ptr, cols, cmask, stride_wt, dht_ptr, dwt_ptr,
+            _accumulate(dzt, ht_ptr, rows, off_t, rmask, wt_ptr, cols, cmask, stride_wt, dht_ptr, dwt_ptr,
                         dbt_ptr, Ht, NEED_HT, NEED_WT, NEED_BT, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
 
 
@@ -370,28 +377,41 @@ def _safe(m):
     return torch.where(m == -math.inf, torch.zeros_like(m), m)
 
 
+def _offsets(layout, rows):
+    """Element offsets of ``rows`` in rows of ``layout`` = (N, stride(0), stride(1), L) (kdkernels.ops.rows)."""
+    _, outer, stride, L = layout
+    return (rows // L) * outer + (rows % L) * stride
+
+
 def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
                             ignore_index, ce_weight, kd_weight, need, splits=None):
     """The contract of :func:`kdkernels.ops.fused_linear_kl.tiled_forward` (same arguments and
     outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``. ``splits`` forces the number of
     vocabulary splits of the statistics pass (tests)."""
     from kdkernels.ops.fused_linear_kl import _acc_dtype, _finish, bad_labels
+    from kdkernels.triton.softmax_kl import _layout
 
     hs, Ws, ht, Wt, t_logits = (_contig_last(x) for x in (hs, Ws, ht, Wt, t_logits))
     bs = None if bs is None else bs.contiguous()
     bt = None if bt is None else bt.contiguous()
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
     dev = hs.device
-    N, H, V = hs.shape[0], hs.shape[1], Ws.shape[0]
-    Ht = 0 if ht is None else ht.shape[1]
+    # hs, ht, t_logits: [N, D] or [B, L, D] rows (kdkernels.ops.rows), read through their strides
+    lay_s = _layout(hs)
+    teacher_rows = t_logits if t_logits is not None else ht
+    lay_t = _layout(teacher_rows)
+    N, H, V = lay_s[0], hs.shape[-1], Ws.shape[0]
+    Ht = 0 if ht is None else ht.shape[-1]
     sources = (hs, Ws, bs, ht, Wt, bt, t_logits)
     loss = torch.zeros(N, dtype=acc, device=dev)
     outs = [loss] + [None] * 7
-    # d(teacher logits) is stored tile by tile (zero rows for ignored rows); the others accumulate
-    acc_grads = [torch.zeros(x.shape, dtype=acc, device=dev) if (x is not None and need[i] and i < 6) else None
+    # d(teacher logits) is stored tile by tile (zero rows for ignored rows); the others accumulate;
+    # the row tensors' gradients are [N, D]
+    flat = lambda i, x: (N, x.shape[-1]) if i in (0, 3) else x.shape  # noqa: E731
+    acc_grads = [torch.zeros(flat(i, x), dtype=acc, device=dev) if (x is not None and need[i] and i < 6) else None
                  for i, x in enumerate(sources)]
     if need[6]:
-        acc_grads[6] = torch.zeros(t_logits.shape, dtype=t_logits.dtype, device=dev)
+        acc_grads[6] = torch.zeros((N, V), dtype=t_logits.dtype, device=dev)
     keep = (labels != ignore_index).nonzero().squeeze(1) if labels is not None else torch.arange(N, device=dev)
     n = keep.numel()
     if n == 0:
@@ -417,11 +437,14 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         # in fp32 (exact), with products accumulated in fp32 as bf16 tensor-core MMAs do
         dot_s, dot_t = ("fp32" if d == "bf16" else d for d in (dot_s, dot_t))
     placeholder = params
+    # the element offsets of the kept rows in the student's and the teacher's row tensors, whatever
+    # their layout ([N, D], or a strided [B, L, D] view such as hidden[:, :-1]): no division in the kernels
+    offs = torch.stack([_offsets(lay_s, keep), _offsets(lay_t, keep)]).contiguous()
     ptrs = (hs, Ws, bs if bs is not None else placeholder,
             ht if ht is not None else placeholder, Wt if Wt is not None else placeholder,
-            bt if bt is not None else placeholder, t_logits if teacher_logits else placeholder, keep, lab_k, params)
-    strides = (hs.stride(0), Ws.stride(0), ht.stride(0) if ht is not None else 0,
-               Wt.stride(0) if Wt is not None else 0, t_logits.stride(0) if teacher_logits else 0)
+            bt if bt is not None else placeholder, t_logits if teacher_logits else placeholder, keep, offs, lab_k,
+            params)
+    strides = (Ws.stride(0), Wt.stride(0) if Wt is not None else 0)
     common = dict(KIND=kind, CE=ce, CE_SEP=ce_sep, HAS_BS=bs is not None, TEACHER_LOGITS=teacher_logits,
                   HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, PREC=prec, BLOCK_N=BN, BLOCK_V=BV,
                   BLOCK_K=BK, num_warps=cfg["num_warps"])
@@ -489,7 +512,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile cases (tests/test_aot.py)
 # --------------------------------------------------------------------------------------------
-_SCALARS = ("n", "V", "H", "Ht", "stride_hs", "stride_ws", "stride_ht", "stride_wt", "stride_zt")
+_SCALARS = ("n", "V", "H", "Ht", "stride_ws", "stride_wt")
 
 
 def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=None, phase=0, prec="tf32x3"):
@@ -498,7 +521,7 @@ def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=N
     acc = "fp64" if dt == torch.float64 else "fp32"
     name = _TL_NAME[dt]
     sig = {p: "*" + name for p in ("hs_ptr", "ws_ptr", "bs_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "zt_ptr")}
-    sig.update({"rows_ptr": "*i64", "labels_ptr": "*i64", "params_ptr": "*" + acc})
+    sig.update({"rows_ptr": "*i64", "offs_ptr": "*i64", "labels_ptr": "*i64", "params_ptr": "*" + acc})
     if kernel == "stats":
         sig.update({"lse_ptr": "*" + acc, "out_ptr": "*" + acc})
     else:

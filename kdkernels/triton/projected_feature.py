@@ -78,8 +78,8 @@ def _hint_kernel(
             dp = tl.where(tile, dl * g[:, None], 0.0)
             if NEED_T:
                 tl.store(dt_ptr + rows[:, None] * Dt + cols[None, :], -dp, mask=tile)
-            _accumulate(dp, x_ptr, rows, rmask, stride_x, w_ptr, cols, cmask, stride_w, dx_ptr, dw_ptr, db_ptr, Ds,
-                        NEED_X, NEED_W, NEED_B, DOT, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+            _accumulate(dp, x_ptr, rows, rows.to(tl.int64) * stride_x, rmask, w_ptr, cols, cmask, stride_w, dx_ptr,
+                        dw_ptr, db_ptr, Ds, NEED_X, NEED_W, NEED_B, DOT, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     elif PHASE == 0:
         tl.atomic_add(stats_ptr + r, tl.sum(p * p, axis=1), mask=rmask)
         tl.atomic_add(stats_ptr + n + r, tl.sum(p * t, axis=1), mask=rmask)
@@ -92,8 +92,8 @@ def _hint_kernel(
             ce = tl.load(coef_ptr + 2 * n + r, mask=rmask, other=0.0)[:, None]
             cf = tl.load(coef_ptr + 3 * n + r, mask=rmask, other=0.0)[:, None]
             tl.store(dt_ptr + rows[:, None] * Dt + cols[None, :], ce * p + cf * t, mask=tile)
-        _accumulate(dp, x_ptr, rows, rmask, stride_x, w_ptr, cols, cmask, stride_w, dx_ptr, dw_ptr, db_ptr, Ds,
-                    NEED_X, NEED_W, NEED_B, DOT, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+        _accumulate(dp, x_ptr, rows, rows.to(tl.int64) * stride_x, rmask, w_ptr, cols, cmask, stride_w, dx_ptr,
+                    dw_ptr, db_ptr, Ds, NEED_X, NEED_W, NEED_B, DOT, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
 
 
 def projected_feature_forward(X, W, b, T, keep, grad_scale, *, kind, beta, need):

@@ -241,8 +241,8 @@ def _grad_kernel(
     dz = tl.where(keep, dz, 0.0)
     slot = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + slot, tl.sum(tl.sum(dz * zs, axis=1), axis=0))
-    _accumulate(dz, x_ptr, rows, rmask, stride_x, y_ptr, cols, cmask, stride_y, dx_ptr, dy_ptr, dx_ptr, D,
-                NEED_X, NEED_Y, False, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    _accumulate(dz, x_ptr, rows, rows.to(tl.int64) * stride_x, rmask, y_ptr, cols, cmask, stride_y, dx_ptr, dy_ptr,
+                dx_ptr, D, NEED_X, NEED_Y, False, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
 
 
 @triton.jit
@@ -272,8 +272,8 @@ def _sigmoid_kernel(
         slot = 2 * (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1))
         tl.store(part_ptr + slot, tl.sum(tl.sum(ds, axis=1), axis=0))
         tl.store(part_ptr + slot + 1, tl.sum(tl.sum(ds * (s - bias), axis=1), axis=0))
-        _accumulate(ds * scale, x_ptr, rows, rmask, stride_x, y_ptr, cols, cmask, stride_y, dx_ptr, dy_ptr, dx_ptr,
-                    D, NEED_X, NEED_Y, False, DOT, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+        _accumulate(ds * scale, x_ptr, rows, rows.to(tl.int64) * stride_x, rmask, y_ptr, cols, cmask, stride_y,
+                    dx_ptr, dy_ptr, dx_ptr, D, NEED_X, NEED_Y, False, DOT, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb, ACC: tl
 @triton.jit
 def _softmax_kl_kernel(
     s_ptr, t_ptr, labels_ptr, grad_scale_ptr, loss_ptr, gs_ptr, gt_ptr,
-    stride_s, stride_t, stride_gs, stride_gt,
+    stride_s0, stride_s, inner_s, stride_t0, stride_t, inner_t, stride_gs, stride_gt,
     V, ignore_index,
     inv_T, inv_T_lo, beta, beta_lo, ce_weight, ce_weight_lo, kd_weight, kd_weight_lo,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, SAME_T: tl.constexpr,
@@ -173,8 +173,9 @@ def _softmax_kl_kernel(
     ACC = loss_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * stride_s
-    t_row = t_ptr + row * stride_t
+    # row r of [B, L, V] rows (L = inner): (r // L) stride(0) + (r % L) stride(1) (kdkernels.ops.rows)
+    s_row = s_ptr + (row // inner_s) * stride_s0 + (row % inner_s) * stride_s
+    t_row = t_ptr + (row // inner_t) * stride_t0 + (row % inner_t) * stride_t
     gs_row = gs_ptr + row * stride_gs
     gt_row = gt_ptr + row * stride_gt
     cols = tl.arange(0, BLOCK)
@@ -444,21 +445,31 @@ def _hi_lo(x):
     return hi, x - hi
 
 
+def _layout(x):
+    """(rows, stride(0), stride(1), L) of [N, V] or [B, L, V] rows, in the kernel's argument order."""
+    if x.dim() == 2:
+        return x.shape[0], 0, x.stride(0), max(1, x.shape[0])
+    assert x.dim() == 3
+    return x.shape[0] * x.shape[1], x.stride(0), x.stride(1), max(1, x.shape[1])
+
+
 def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: float, kind: int, beta: float,
                        ignore_index: int, ce_weight: float, kd_weight: float,
                        need_grad_student: bool, need_grad_teacher: bool):
-    """student, teacher: 2-D [N, V] tensors (last dim contiguous, same device, possibly different float dtypes).
-    labels: None or int64 [N]. grad_scale: 0-dim or 1-element float32 tensor on the same device.
-    Returns (loss_rows [N] float32 (float64 for fp64 inputs), grad_student [N,V] in student.dtype or None,
-             grad_teacher [N,V] in teacher.dtype or None)."""
-    assert student.dim() == 2 and student.shape == teacher.shape
+    """student, teacher: [N, V] or [B, L, V] rows (kdkernels.ops.rows: the leading strides are free,
+    the last dim contiguous; the two may be laid out differently), same device, possibly different
+    float dtypes. labels: None or int64 [N]. grad_scale: 0-dim or 1-element float32 tensor on the
+    same device. Returns (loss_rows [N] float32 (float64 for fp64 inputs), grad_student [N,V] in
+    student.dtype or None, grad_teacher [N,V] in teacher.dtype or None), the gradients contiguous."""
+    lay_s, lay_t = _layout(student), _layout(teacher)
+    assert lay_s[0] == lay_t[0] and student.shape[-1] == teacher.shape[-1]
     assert student.stride(-1) == 1 and teacher.stride(-1) == 1
     assert kind in (KIND_FORWARD, KIND_REVERSE, KIND_JSD)
     assert kind != KIND_JSD or 0.0 < beta < 1.0
     assert temperature > 0
     assert ce_weight <= 0 or labels is not None
     assert grad_scale.numel() == 1
-    N, V = student.shape
+    N, V = lay_s[0], student.shape[-1]
     assert V >= 1 and V <= 2**31 - 2**17, "V must fit int32 column offsets"
     fp64 = torch.float64 in (student.dtype, teacher.dtype)
     device = student.device
@@ -479,7 +490,7 @@ def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: flo
         grad_scale, loss,
         grad_s if grad_s is not None else student,
         grad_t if grad_t is not None else teacher,
-        student.stride(0), teacher.stride(0),
+        *lay_s[1:], *lay_t[1:],
         grad_s.stride(0) if grad_s is not None else 0,
         grad_t.stride(0) if grad_t is not None else 0,
         V, int(ignore_index),
@@ -512,7 +523,7 @@ def _signature(student_dtype, teacher_dtype, has_labels, grad_s, grad_t, flags, 
     }
     sig = {k: v + ":16" for k, v in sig.items()}
     sig.update({
-        "stride_s": i, "stride_t": i,
+        "stride_s0": i, "stride_s": i, "inner_s": "i32", "stride_t0": i, "stride_t": i, "inner_t": "i32",
         "stride_gs": i if grad_s else "i32:16",  # 0 when the gradient is not requested
         "stride_gt": i if grad_t else "i32:16",
         "V": i, "ignore_index": "i32",

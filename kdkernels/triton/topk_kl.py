@@ -40,14 +40,14 @@ P_SCALE, P_INV_T = tl.constexpr(0), tl.constexpr(1)
 @triton.jit
 def _topk_kl_kernel(
     s_ptr, v_ptr, i_ptr, labels_ptr, params_ptr, grad_scale_ptr, loss_ptr, gs_ptr,
-    stride_s, stride_v, stride_i, stride_gs, V, k, ignore_index,
+    stride_s0, stride_s, inner_s, stride_v, stride_i, stride_gs, V, k, ignore_index,
     UNIFORM: tl.constexpr, HAS_LABELS: tl.constexpr, GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     ACC = loss_ptr.dtype.element_ty
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * stride_s
+    s_row = s_ptr + (row // inner_s) * stride_s0 + (row % inner_s) * stride_s  # [B, L, V] rows, L = inner_s
     v_row = v_ptr + row * stride_v
     i_row = i_ptr + row * stride_i
     gs_row = gs_ptr + row * stride_gs
@@ -150,14 +150,17 @@ def launch_config(V: int, k: int, dtype) -> dict:
 
 def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_logits: bool, uniform_tail: bool,
                     temperature: float, ignore_index: int, need_grad: bool):
-    """student [N, V] (last dim contiguous), values / indices [N, k], labels int64 [N] or None,
+    """student [N, V] or [B, L, V] rows (last dim contiguous), values / indices [N, k], labels int64 [N] or None,
     grad_scale a 1-element tensor. Returns (loss rows [N] fp32 (fp64 for fp64 students),
     gradient [N, V] in the student's dtype or None), as the C++ kernel does."""
     import math
 
-    assert student.dim() == 2 and student.stride(-1) == 1
+    from kdkernels.triton.softmax_kl import _layout
+
+    assert student.stride(-1) == 1
     assert not (values_are_logits and uniform_tail)
-    N, V = student.shape
+    lay = _layout(student)  # [N, V] or [B, L, V] rows (kdkernels.ops.rows)
+    N, V = lay[0], student.shape[-1]
     k = values.shape[1]
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     dev = student.device
@@ -173,7 +176,7 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
     _topk_kl_kernel[(N,)](
         student, values, indices, labels if labels is not None else indices, params, grad_scale, loss,
         grad if grad is not None else student,
-        student.stride(0), values.stride(0), indices.stride(0), grad.stride(0) if grad is not None else 0,
+        *lay[1:], values.stride(0), indices.stride(0), grad.stride(0) if grad is not None else 0,
         V, k, int(ignore_index),
         UNIFORM=bool(uniform_tail), HAS_LABELS=labels is not None, GRAD=bool(need_grad),
         BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
@@ -196,8 +199,8 @@ def aot_cases() -> list:
                        "params_ptr": "*" + acc, "grad_scale_ptr": "*fp32", "loss_ptr": "*" + acc,
                        "gs_ptr": "*" + name}
                 sig = {key: val + ":16" for key, val in sig.items()}
-                sig.update({key: "i32" for key in ("stride_s", "stride_v", "stride_i", "stride_gs", "V", "k",
-                                                   "ignore_index")})
+                sig.update({key: "i32" for key in ("stride_s0", "stride_s", "inner_s", "stride_v", "stride_i",
+                                                   "stride_gs", "V", "k", "ignore_index")})
                 cfg = launch_config(V, k, dt)
                 flags = {"UNIFORM": uniform, "HAS_LABELS": True, "GRAD": True, "BLOCK_V": cfg["BLOCK_V"],
                          "BLOCK_K": cfg["BLOCK_K"]}

@@ -188,10 +188,17 @@ inline void run_cluster(int64_t first_block, int blocks, int threads, int64_t sm
   if (!c.error.empty()) throw std::runtime_error("emu: " + c.error);
 }
 
-// Launch of kernel(params) over `grid` blocks of `threads`, in clusters of `cluster` blocks.
+// blockIdx.y of the blocks being run (the grid's rows of x blocks run one after the other).
+inline int64_t& current_y() {
+  static int64_t y = 0;
+  return y;
+}
+
+// Launch of kernel(params) over a grid of `grid` x `grid_y` blocks of `threads`, in clusters of
+// `cluster` blocks along x.
 template <class Params>
 void launch(void (*kernel)(Params), const Params& params, int64_t grid, int threads, int cluster, int64_t smem,
-            uint64_t seed = 1) {
+            uint64_t seed = 1, int64_t grid_y = 1) {
   if (cluster < 1 || grid % cluster != 0) throw std::runtime_error("emu: grid must be a multiple of the cluster");
   struct Call {
     void (*kernel)(Params);
@@ -201,7 +208,13 @@ void launch(void (*kernel)(Params), const Params& params, int64_t grid, int thre
     auto* c = static_cast<Call*>(p);
     c->kernel(*c->params);
   };
-  for (int64_t first = 0; first < grid; first += cluster) run_cluster(first, cluster, threads, smem, body, &call, seed + first);
+  for (int64_t y = 0; y < grid_y; ++y) {
+    current_y() = y;
+    for (int64_t first = 0; first < grid; first += cluster) {
+      run_cluster(first, cluster, threads, smem, body, &call, seed + y * grid + first);
+    }
+  }
+  current_y() = 0;
 }
 
 inline void fail(const std::string& what) {
@@ -215,6 +228,7 @@ namespace kdk::dev {
 inline int thread_idx() { return emu::me().tid; }
 inline int block_dim() { return emu::active()->threads; }
 inline int64_t block_idx() { return emu::active()->first_block + emu::me().block; }
+inline int64_t block_idx_y() { return emu::current_y(); }
 inline void sync_threads() { emu::arrive_and_wait(emu::active()->block_barriers[emu::me().block]); }
 
 template <class X> inline X shfl_xor_impl(X v, int lane_mask) {

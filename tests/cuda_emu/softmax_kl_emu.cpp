@@ -35,8 +35,8 @@ forward_emu(const at::Tensor& student, const at::Tensor& teacher, const std::opt
     *plan_out = plan;
     return dispatch_softmax_kl(a, plan, [&](void (*kernel)(Params), const Params& params) -> std::string {
       try {
-        kdk::emu::launch(kernel, params, a.N * plan.cluster, plan.threads, plan.cluster, plan.smem,
-                         static_cast<uint64_t>(seed));
+        kdk::emu::launch(kernel, params, a.inner * plan.cluster, plan.threads, plan.cluster, plan.smem,
+                         static_cast<uint64_t>(seed), a.N / a.inner);
       } catch (const std::exception& e) {
         return e.what();
       }
@@ -58,6 +58,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t> plan(int64_t V, int64_t 
   a.student = a.teacher = a.grad_student = const_cast<unsigned char*>(base);
   a.N = 1;
   a.V = a.stride_s = a.stride_t = V;
+  a.inner = 1;
   a.student_dtype = static_cast<int>(s_dtype);
   a.teacher_dtype = static_cast<int>(t_dtype);
   a.kind = static_cast<int>(kind);
