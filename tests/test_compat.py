@@ -191,6 +191,23 @@ def test_torchtune_all_ignored_and_padded_vocabulary():
         ktt.SymmetricKLLoss(sym_kd_ratio=1.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_torchtune_loss_is_float32(dtype, seed):
+    """torchtune computes its softmaxes with dtype=torch.float32: its losses are float32 for every
+    logits dtype (float64 included), and so are the drop-ins'."""
+    s, t, labels, _, _ = _inputs(2, 4, 101, False)
+    s, t = s.detach().to(dtype).requires_grad_(), t.detach().to(dtype)
+    for mine, ref in [(ktt.ForwardKLLoss(), tt_forward), (ktt.ReverseKLLoss(), tt_reverse)]:
+        out = mine(s, t, labels)
+        g, = torch.autograd.grad(out, s)
+        assert out.dtype == torch.float32 and g.dtype == dtype
+        s64 = s.detach().double().requires_grad_()
+        r = ref(s64, t.double(), labels)
+        assert_close(out, r, dtype if dtype != torch.float64 else torch.float32, f"{type(mine).__name__}")
+        assert_close(g, torch.autograd.grad(r, s64)[0], dtype if dtype != torch.float64 else torch.float32, "grad")
+    assert ktt.ForwardKLLoss()(s, t, torch.full_like(labels, -100)).dtype == torch.float32
+
+
 @pytest.mark.parametrize("loss", ["forward", "reverse", "symmetric"])
 def test_torchtune_chunked_output_losses(loss, seed):
     B, T, V, chunks = 2, 8, 129, 4

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdkernels import functional as KF
+from kdkernels.ops.rows import rows3, take_rows
 
 __all__ = ["ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "ForwardKLWithChunkedOutputLoss",
            "ReverseKLWithChunkedOutputLoss", "SymmetricKLWithChunkedOutputLoss"]
@@ -39,13 +40,14 @@ _ENTROPY_ROWS = 256  # rows per chunk of the teacher-entropy computation
 
 
 def _teacher_entropy_sum(teacher_logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """sum over valid rows of H(softmax(teacher)), in float32, chunked over rows (no [N, V] float32)."""
-    t = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    """sum over valid rows of H(softmax(teacher)), in float32, chunked over rows (no [N, V] float32;
+    the rows gathered from the strided logits, a chunk of a sequence is not copied whole)."""
+    t = rows3(teacher_logits)
     keep = valid.reshape(-1).nonzero().squeeze(1)
     total = torch.zeros((), dtype=torch.float32, device=t.device)
     with torch.no_grad():
         for i in range(0, keep.numel(), _ENTROPY_ROWS):
-            lt = F.log_softmax(t.index_select(0, keep[i:i + _ENTROPY_ROWS]).float(), dim=-1)
+            lt = F.log_softmax(take_rows(t, keep[i:i + _ENTROPY_ROWS]).float(), dim=-1)
             total += -(torch.where(lt > -float("inf"), lt.exp() * lt, torch.zeros_like(lt))).sum()
     return total
 
@@ -53,18 +55,21 @@ def _teacher_entropy_sum(teacher_logits: torch.Tensor, valid: torch.Tensor) -> t
 def _summed(kind: str, student_logits, teacher_logits, labels, ignore_index):
     """(sum over valid positions of the loss, number of valid positions)."""
     V = student_logits.shape[-1]
-    s = student_logits.reshape(-1, V)
-    t = teacher_logits.reshape(-1, V)
-    lab = labels.reshape(-1)
+    lab = labels.reshape(student_logits.shape[:-1])
     valid = lab != ignore_index
     if teacher_logits.requires_grad and kind == "forward" and torch.is_grad_enabled():
+        s, t = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
+        valid = valid.reshape(-1)
         # torchtune's teacher gradient is the soft cross-entropy's: compute it its way
         tp = F.softmax(t, dim=-1, dtype=torch.float32)
         x = torch.masked_fill(tp * F.log_softmax(s, dim=-1, dtype=torch.float32), torch.isinf(s), 0).sum(-1)
         return -(x * valid).sum(), valid.sum()
-    total = KF.softmax_kl(s, t, kind=kind, labels=lab, ignore_index=ignore_index, reduction="sum")
+    # the logits as given (a chunk of the sequence is a strided view: read in place, not copied);
+    # torchtune computes in float32 whatever the logits' dtype, so its loss is float32
+    total = KF.softmax_kl(student_logits, teacher_logits, kind=kind, labels=lab, ignore_index=ignore_index,
+                          reduction="sum").to(torch.float32)
     if kind == "forward":
-        total = total + _teacher_entropy_sum(t, valid)
+        total = total + _teacher_entropy_sum(teacher_logits, valid)
     return total, valid.sum()
 
 

@@ -190,6 +190,15 @@ def _softmax_dS(S, lse_r, w_r, lse_c, w_c, cpu):
     return total
 
 
+def _leave_out_positives(S, ri: slice, ci: slice, labels: Tensor) -> None:
+    """Set the positive entries (i, labels[i]) of the tile S[ri, ci] to a finite value so negative
+    that as negatives they contribute exactly 0: softplus = 0, sigmoid = 0, dS (S - bias) = 0."""
+    lab = labels[ri]
+    inside = ((lab >= ci.start) & (lab < ci.stop)).nonzero().squeeze(1)
+    if inside.numel():
+        S[inside, lab[inside] - ci.start] = -torch.finfo(S.dtype).max / 4
+
+
 def _sigmoid_negatives(S, rows, g, bias, cpu):
     """Every entry of the tile a negative pair: rows += sum softplus(S); with g, S is overwritten with
     dS = g sigmoid(S); returns (sum dS, sum dS (S - bias))."""
@@ -243,31 +252,33 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
             db[ci].addmm_(dS.t(), A[ri], alpha=scale_f)
 
     pos = (As * B[labels]).sum(1)  # S at the positive pairs, without the bias
-    if sigmoid and backend == "triton":
-        rows, sum_d, sum_ds = _triton().sigmoid_tiles(a, b, scale=scale_f, bias=bias_f, g=g if any_grad else None,
-                                                     dx=da, dy=db)
-        if d_bias is not None:
-            d_bias.add_(sum_d)
-        if d_ls is not None:
-            d_ls.add_(sum_ds)
-        rows -= pos + bias_f
-        wp = -g
-    elif sigmoid:
-        # every pair as a negative in the tiles, then the positives corrected: for z = +1 instead of -1,
-        # softplus(-S) - softplus(S) = -S and the gradient changes by -g
-        rows = torch.zeros(na, dtype=acc, device=dev)
-        for ri in rt:
-            for ci in ct:
-                S = tile(ri, ci)
-                sum_d, sum_ds = _sigmoid_negatives(S, rows[ri], g[ri] if any_grad else None, bias_f, cpu)
-                if any_grad:
-                    if d_bias is not None:
-                        d_bias.add_(sum_d)
-                    if d_ls is not None:
-                        d_ls.add_(sum_ds)
-                    matmul_grads(ri, ci, S)
-        rows -= pos + bias_f
-        wp = -g
+    if sigmoid:
+        # the negatives in the tiles, the positives (i, labels[i]) left out of them and added here
+        # exactly: loss softplus(-S), dS = -g sigmoid(-S). (Taking them as negatives and correcting
+        # by -S and -g cancels: a trained positive has S >> 0, softplus(S) ~ S and sigmoid(S) ~ 1.)
+        if backend == "triton":
+            rows, sum_d, sum_ds = _triton().sigmoid_tiles(a, b, labels, scale=scale_f, bias=bias_f,
+                                                         g=g if any_grad else None, dx=da, dy=db)
+            if d_bias is not None:
+                d_bias.add_(sum_d)
+            if d_ls is not None:
+                d_ls.add_(sum_ds)
+        else:
+            rows = torch.zeros(na, dtype=acc, device=dev)
+            for ri in rt:
+                for ci in ct:
+                    S = tile(ri, ci)
+                    _leave_out_positives(S, ri, ci, labels)
+                    sum_d, sum_ds = _sigmoid_negatives(S, rows[ri], g[ri] if any_grad else None, bias_f, cpu)
+                    if any_grad:
+                        if d_bias is not None:
+                            d_bias.add_(sum_d)
+                        if d_ls is not None:
+                            d_ls.add_(sum_ds)
+                        matmul_grads(ri, ci, S)
+        sp = pos + bias_f
+        rows += torch.nn.functional.softplus(-sp)
+        wp = -g * torch.sigmoid(-sp)
     else:
         if backend == "triton":
             TS = _triton()

@@ -25,8 +25,9 @@ Kernels
     ``Σ dS ∘ (x·y)`` (the log-scale gradient) to its own slot, and adds ``dS y`` into ``d x`` and
     ``dSᵀ x`` into ``d y`` with atomic adds into fp32 (fp64) buffers (for a self-similarity both go
     to ``d x``).
-``_sigmoid_kernel`` (SigLIP), grid ``(row blocks, column tiles)``: one pass; every pair is taken as
-    a negative (the positives are corrected on the host, O(N D)); the per-row losses ``Σ softplus(S)``
+``_sigmoid_kernel`` (SigLIP), grid ``(row blocks, column tiles)``: one pass; every pair but the
+    positives is taken as a negative (the positives are added on the host, O(N D): never as a
+    correction of a negative, which would cancel); the per-row losses ``Σ softplus(S)``
     are added atomically; with gradients, ``dS = g σ(S)`` goes into ``d x``, ``d y`` as above and the
     tile's ``Σ dS``, ``Σ dS ∘ (S - bias)`` (bias and log-scale gradients) to its slots.
 
@@ -247,14 +248,17 @@ def _grad_kernel(
 
 @triton.jit
 def _sigmoid_kernel(
-    x_ptr, y_ptr, params_ptr, g_ptr, loss_ptr, dx_ptr, dy_ptr, part_ptr,
+    x_ptr, y_ptr, labels_ptr, params_ptr, g_ptr, loss_ptr, dx_ptr, dy_ptr, part_ptr,
     n, m, D, stride_x, stride_y,
     NEED_GRAD: tl.constexpr, NEED_X: tl.constexpr, NEED_Y: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # params: [scale, bias]; every pair a negative: loss_r += sum_j softplus(S_rj), dS = g_r sigmoid(S)
+    # params: [scale, bias]; every pair but the positive (r, labels[r]) a negative:
+    # loss_r += sum_j softplus(S_rj), dS = g_r sigmoid(S); the positives are added on the host
     ACC = loss_ptr.dtype.element_ty
     r, rmask, rows, c, cmask, cols, keep = _tile_indices(n, m, 0, False, BLOCK_N, BLOCK_V)
+    label = tl.load(labels_ptr + r, mask=rmask, other=-1)
+    keep = keep & (cols[None, :] != label[:, None])
     scale = tl.load(params_ptr + P_CS)
     bias = tl.load(params_ptr + P_CT)
     zs = _logits_tile(x_ptr, y_ptr, x_ptr, rows, rmask, cols, cmask, D, stride_x, stride_y,
@@ -425,10 +429,11 @@ def pair_grads(x, y, tx=None, ty=None, *, cs, ct=0.0, mode=MODE_LSE, kind=0, bet
     return part.sum()
 
 
-def sigmoid_tiles(x, y, *, scale, bias, g=None, dx=None, dy=None):
-    """SigLIP with every pair a negative: per-row ``Σ_j softplus(scale x_i·y_j + bias)``; with ``g``
+def sigmoid_tiles(x, y, labels, *, scale, bias, g=None, dx=None, dy=None):
+    """SigLIP's negatives: per-row ``Σ_{j ≠ labels[i]} softplus(scale x_i·y_j + bias)``; with ``g``
     (per-row weights), adds ``scale dS y`` into ``dx`` and ``scale dSᵀ x`` into ``dy`` for
-    ``dS = g σ(S)`` and returns (rows, Σ dS, Σ dS ∘ (S - bias)); else (rows, 0, 0)."""
+    ``dS = g σ(S)`` and returns (rows, Σ dS, Σ dS ∘ (S - bias)); else (rows, 0, 0). The positive
+    pairs (i, labels[i]) are left out (the caller adds them exactly)."""
     x, y = _contig_last(x), _contig_last(y)
     acc, cfg, dot_s, _, prec = _setup(x, y, None, None)
     dev = x.device
@@ -443,7 +448,8 @@ def sigmoid_tiles(x, y, *, scale, bias, g=None, dx=None, dy=None):
         return rows, part.sum(), part.sum()
     dummy = part
     _sigmoid_kernel[grid](
-        x, y, params, g.to(acc).contiguous() if need else dummy, rows, dx if dx is not None else dummy,
+        x, y, labels.contiguous(), params, g.to(acc).contiguous() if need else dummy, rows,
+        dx if dx is not None else dummy,
         dy if dy is not None else dummy, part, n, m, x.shape[1], x.stride(0), y.stride(0),
         NEED_GRAD=need, NEED_X=dx is not None, NEED_Y=dy is not None, DOT=dot_s, PREC=prec,
         BLOCK_N=BN, BLOCK_V=BV, BLOCK_K=BK, num_warps=cfg["num_warps"])
@@ -470,6 +476,8 @@ def aot_case(kernel, dt, prec="tf32x3", **flags):
     acc = "fp64" if dt == torch.float64 else "fp32"
     name = _TL_NAME[dt]
     sig = {p: f"*{name}:16" for p in _PTRS[kernel]}
+    if kernel == "sigmoid":
+        sig["labels_ptr"] = "*i64:16"
     sig.update({p: f"*{acc}:16" for p in _ACC_PTRS[kernel]})
     sig.update({k: "i32" for k in _INTS[kernel]})
     cfg = launch_config(dt if dt in (torch.float32, torch.float64) else torch.bfloat16, precision=prec,
