@@ -198,6 +198,11 @@ def test_causal_shift_rows_through_their_strides(emu):
     got = run(emu, s, t.reshape(-1, V), labels, kind=0)
     want = run(emu, s.reshape(-1, V), t.reshape(-1, V), labels, kind=0)
     assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+    # both two-level with different L (the grid follows one of them: the other is made one-level)
+    t9 = torch.randn(L, B + 1, V)[:, :-1]  # [9, 3, V] rows, strided
+    got = run(emu, s, t9, labels, kind=1, ce=0.2, kd=0.8)
+    want = run(emu, s.reshape(-1, V), t9.reshape(-1, V), labels, kind=1, ce=0.2, kd=0.8)
+    assert all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
 
 
 def test_loss_only_and_student_only(emu):
