@@ -166,7 +166,8 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
 
     Args:
         student_logits, teacher_logits: ``[..., V]`` float32, bfloat16, float16 or float64 logits of
-            the same shape (the dtypes may differ). Leading dimensions are flattened to rows.
+            the same shape (the dtypes may differ). Leading dimensions are flattened to rows, read
+            through their strides: a view such as ``logits[:, :-1]`` (the causal shift) is not copied.
             ``-inf`` entries (padded vocabulary) are legal; a NaN makes its row's loss NaN.
         temperature: ``T > 0``; no ``T**2`` factor is applied here (see :func:`distill_loss`).
         labels: optional integer ``[...]`` (the leading shape); rows whose label is ``ignore_index``
