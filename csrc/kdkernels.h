@@ -61,6 +61,13 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
     double beta, int64_t ignore_index, double ce_weight, double kd_weight, const std::vector<bool>& need,
     int64_t v_tile, int64_t tile_elements);
 
+// The pointwise generalized JSD of log-probabilities (Liger's LigerJSD) on the CPU; see csrc/cpu/logprob_jsd.cpp.
+// input, target: rows (RowLayout) of the student's and teacher's log-probabilities; keep: [N] flags or none.
+// Returns (loss_rows [N] fp32|fp64, d loss / d input [N, V] times scale, or undefined).
+std::tuple<at::Tensor, at::Tensor> logprob_jsd_forward_cpu(const at::Tensor& input, const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& keep, double beta,
+                                                           double scale, bool need_grad);
+
 // Forward KL to a top-k teacher on the CPU; see csrc/cpu/topk_kl.cpp. Returns (loss_rows, grad_student or
 // undefined), the gradient pre-multiplied by grad_scale.
 std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student, const at::Tensor& values,

@@ -62,6 +62,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("uniform_tail"), py::arg("temperature"), py::arg("ignore_index"), py::arg("need_grad"),
         "Forward KL to a top-k teacher on the CPU: (loss_rows, grad_student|None).",
         py::call_guard<py::gil_scoped_release>());
+  m.def("logprob_jsd_forward_cpu", &kdk::logprob_jsd_forward_cpu, py::arg("input"), py::arg("target"),
+        py::arg("keep"), py::arg("beta"), py::arg("scale"), py::arg("need_grad"),
+        "Pointwise generalized JSD of log-probabilities on the CPU: (loss_rows, grad_input|None).",
+        py::call_guard<py::gil_scoped_release>());
   // the similarity losses' per-tile sweeps (in place; see csrc/cpu/similarity.cpp)
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("sim_rows_lse", &kdk::sim_rows_lse, py::arg("S"), py::arg("m"), py::arg("z"), nogil);

@@ -6,7 +6,9 @@ numbers given*, element by element: nothing is renormalized, so the gradient is 
 not a ``log_softmax`` comes before the loss. The loss is summed over row chunks of at most
 ``CHUNK_ELEMS`` elements in float32 (float64 for float64 inputs) and the input gradient is written
 in the forward pass, in the input's dtype, so the only full-size allocation is that gradient;
-backward only scales it by ``grad_output``.
+backward only scales it by ``grad_output`` (and hands it over as it is when that is 1). On CPU
+tensors ``ChunkedLogProbJSD`` runs the C++ kernel csrc/cpu/logprob_jsd.cpp instead (one sweep of
+each row, rows read through their strides).
 
 ``ChunkedKLDiv`` (``x`` = input log-probabilities, ``t`` = target, ``log_target`` as in torch):
     loss = sum t (log t - x)            d/dx = -t
@@ -31,11 +33,21 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kdkernels import _ext
+from kdkernels.ops.rows import rows3
+
 CHUNK_ELEMS = 1 << 20
 
 
 def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _scaled(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """The saved gradient times grad_output; the saved gradient itself when that is 1 (loss.backward())."""
+    from kdkernels.ops.softmax_kl import _is_one
+
+    return grad if _is_one(grad_output) else grad * grad_output.to(grad.dtype)
 
 
 def _times(p: Tensor, d: Tensor) -> Tensor:
@@ -75,16 +87,24 @@ class ChunkedKLDiv(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None, None
-        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+        return _scaled(grad, grad_output), None, None, None, None, None
 
 
 class ChunkedLogProbJSD(torch.autograd.Function):
     """``sum over kept rows of JSD_beta(X, Y) * scale`` (see the module docstring), in ``X``'s dtype;
-    the gradient goes to ``X`` only (the teacher ``Y`` is a constant, as in Liger)."""
+    the gradient goes to ``X`` only (the teacher ``Y`` is a constant, as in Liger). CPU tensors run
+    the C++ kernel (csrc/cpu/logprob_jsd.cpp: one sweep of each row, rows read through their
+    strides) when the extension is built; other devices the row chunks of PyTorch operations below."""
 
     @staticmethod
-    def forward(ctx, log_q: Tensor, log_p: Tensor, keep: Optional[Tensor], beta: float, scale: float):
+    def forward(ctx, log_q: Tensor, log_p: Tensor, keep: Optional[Tensor], beta: float, scale: Tensor):
         V = log_q.shape[-1]
+        if log_q.device.type == "cpu" and _ext.available() and \
+                (log_q.dtype == torch.float64) == (log_p.dtype == torch.float64):
+            rows, grad = _ext._C.logprob_jsd_forward_cpu(rows3(log_q), rows3(log_p), keep, float(beta),
+                                                          float(scale), log_q.requires_grad)
+            ctx.save_for_backward(grad.view(log_q.shape) if grad is not None else None)
+            return (rows.sum() * scale.to(rows.dtype)).to(log_q.dtype)
         x2, y2 = log_q.reshape(-1, V), log_p.reshape(-1, V)
         kp = None if keep is None else keep.reshape(-1)
         rows = max(1, CHUNK_ELEMS // max(1, V))
@@ -122,4 +142,4 @@ class ChunkedLogProbJSD(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None
-        return grad * grad_output.to(grad.dtype), None, None, None, None
+        return _scaled(grad, grad_output), None, None, None, None
