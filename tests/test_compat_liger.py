@@ -340,3 +340,33 @@ def test_liger_bad_vocab():
     with pytest.raises(ValueError, match="larger than the teacher"):
         klc.LigerFusedLinearJSDLoss()(torch.randn(2, 4), torch.randn(10, 4), torch.randn(2, 4), torch.randn(9, 4),
                                       torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_liger_jsd_pytorch_chunks_match_the_kernel(beta, dtype, monkeypatch, seed):
+    """The row chunks of PyTorch operations (what runs on devices without the C++ kernel, here
+    forced with chunks of 3 rows) give the definition's values and gradients too, padding included."""
+    from kdkernels.ops import kl_div
+
+    X = _log_probs((10, 301), dtype)
+    Y = _log_probs((10, 301), dtype, perturb=False)
+    X[:, 290:] = -math.inf  # a padded vocabulary: zero probabilities on both sides
+    Y[:, 290:] = -math.inf
+    X.requires_grad_()
+    labels = torch.randint(0, 301, (10,))
+    labels[[2, 7]] = -100
+    kernel = kl.LigerJSD(beta=beta)(X, Y, labels)
+    g_kernel, = torch.autograd.grad(kernel, X)
+    monkeypatch.setattr(kl_div._ext, "available", lambda: False)
+    monkeypatch.setattr(kl_div, "CHUNK_ELEMS", 3 * 301)
+    chunks = kl.LigerJSD(beta=beta)(X, Y, labels)
+    g_chunks, = torch.autograd.grad(chunks, X)
+    X64 = X.detach()[:, :290].double().requires_grad_()  # the padding contributes 0, gets 0
+    ref = jsd_definition(X64, Y[:, :290].double(), beta, labels)
+    rg = torch.zeros(10, 301, dtype=torch.float64)
+    rg[:, :290], = torch.autograd.grad(ref, X64)
+    for out, g, what in ((kernel, g_kernel, "kernel"), (chunks, g_chunks, "chunks")):
+        assert out.dtype == dtype
+        assert_close(out, ref, dtype, f"{what} loss seed={seed}")
+        assert_close(g, rg, dtype, f"{what} grad seed={seed}")
