@@ -49,7 +49,8 @@ def available_backends(device: str | torch.device = "cpu", has_cuda_kernel: bool
     if dev.type == "cpu":
         if _ext.available():
             out.append("cpu")
-        if triton_import_error() is None and triton_interpreted():
+        # the interpreter flag first: picking a CPU backend does not import triton
+        if triton_interpreted() and triton_import_error() is None:
             out.append("triton")
     elif dev.type == "cuda":
         if triton_import_error() is None:
