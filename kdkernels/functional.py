@@ -427,7 +427,6 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     _check_logits("student_logits", student_logits)
     temperature, backend = _validate_topk(student_logits, teacher_topk_values, teacher_topk_indices, values, tail,
                                           temperature, labels, ignore_index, reduction, backend, "topk_kl")
-    V = student_logits.shape[-1]
     k = teacher_topk_values.shape[-1]
     lead = student_logits.shape[:-1]
 
@@ -467,7 +466,6 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     O(rows · k) statistics and tiles of a fixed size, independent of V.
     """
     lead, V = _check_student_linear(student_hidden, student_weight)
-    H = student_hidden.shape[-1]
     _check_bias("student_bias", student_bias, V)
     if student_hidden.device != student_weight.device or (student_bias is not None
                                                           and student_bias.device != student_weight.device):

@@ -112,16 +112,6 @@ void run(const at::Tensor& X, const at::Tensor& Y, const bool* keep, const Jsd<a
   });
 }
 
-template <typename F>
-void dispatch(at::ScalarType st, const char* name, F&& fn) {
-  switch (st) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    case at::kDouble: return fn(double{});
-    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16, float16 or float64, got ", st);
-  }
-}
 
 }  // namespace
 
@@ -146,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor> logprob_jsd_forward_cpu(const at::Tensor& inp
   if (N == 0 || V == 0) return {loss.zero_(), grad};
   const bool* kp = keep_c.defined() ? keep_c.data_ptr<bool>() : nullptr;
   const int mode = beta == 0 ? 0 : beta == 1 ? 1 : 2;
-  dispatch(input.scalar_type(), "input", [&](auto x_tag) {
-    dispatch(target.scalar_type(), "target", [&](auto y_tag) {
+  dispatch_float(input.scalar_type(), "input", [&](auto x_tag) {
+    dispatch_float(target.scalar_type(), "target", [&](auto y_tag) {
       using TX = decltype(x_tag);
       using TY = decltype(y_tag);
       if constexpr (std::is_same_v<TX, double> == std::is_same_v<TY, double>) {

@@ -280,16 +280,6 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
   });
 }
 
-template <typename F>
-void dispatch_float(at::ScalarType st, const char* name, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kDouble: return f(double{});
-    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16, float16 or float64, got ", st);
-  }
-}
 
 }  // namespace
 

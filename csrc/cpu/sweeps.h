@@ -24,6 +24,19 @@ namespace cpu {
 
 using at::vec::Vectorized;
 
+// fn(T{}) for the floating dtype st (float32, bfloat16, float16, float64); a TypeError naming
+// `name` for any other.
+template <typename F>
+void dispatch_float(at::ScalarType st, const char* name, F&& fn) {
+  switch (st) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kDouble: return fn(double{});
+    default: TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16, float16 or float64, got ", st);
+  }
+}
+
 // ---- loads and stores of one vector of logits / gradients in the accumulation type ---------
 // VecIO<acc_t, T>::load(p) reads Vectorized<acc_t>::size() elements of type T; store writes them
 // back in T (bfloat16: round to nearest even, NaN kept). Partial vectors go through Tail below.

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from kdkernels._backend import without_autocast
-from kdkernels.ops.rows import take_rows
+from kdkernels.ops.rows import row_count, take_rows
 
 V_TILE = 2048  # vocabulary columns per tile
 TILE_ELEMENTS = 1 << 19  # R * Vt per logits tile: 2 MiB of fp32 (a pass holds about ten such temporaries)
@@ -63,18 +63,6 @@ def _xlogy_ratio(p: Tensor, diff: Tensor) -> Tensor:
     return torch.where(p > 0, p * diff, torch.zeros_like(p))
 
 
-def rows_of(x: Optional[Tensor]) -> int:
-    """The number of rows of ``[N, D]`` or ``[B, L, D]`` rows (:mod:`kdkernels.ops.rows`)."""
-    return 0 if x is None else x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
-
-
-def take(x: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
-    """Rows ``rows`` of ``[N, D]`` or ``[B, L, D]`` rows, gathered from the strided tensor: ``[len(rows), D]``."""
-    if x is None:
-        return None
-    return x.index_select(0, rows) if x.dim() == 2 else take_rows(x, rows)
-
-
 class _Tiles:
     """The logits tiles of one vocabulary slice for a block of rows. ``t_logits`` stays the
     caller's (strided) tensor: each tile gathers its [rows, columns] block from it, so that teacher
@@ -97,7 +85,7 @@ class _Tiles:
         hs = self.hs[rows].to(self.acc)
         zs = torch.addmm(bs, hs, ws.t()) if bs is not None else hs @ ws.t()
         if self.tl is not None:
-            zt = take(self.tl[..., v0:v1], self.keep[rows]).to(self.acc)
+            zt = take_rows(self.tl[..., v0:v1], self.keep[rows]).to(self.acc)
         else:
             ht = self.ht[rows].to(self.acc)
             zt = torch.addmm(bt, ht, wt.t()) if bt is not None else ht @ wt.t()
@@ -122,7 +110,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     """
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
     v_tile = V_TILE if v_tile is None else v_tile
-    N, V = rows_of(hs), Ws.shape[0]
+    N, V = row_count(hs), Ws.shape[0]
     dev = hs.device
     loss = torch.zeros(N, dtype=acc, device=dev)
     outs: List[Optional[Tensor]] = [loss] + [None] * 7
@@ -141,7 +129,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     n = keep.numel()
     if n == 0 or (V == 0 and merge is None):  # an empty slice still takes part in the merge
         return _finish(outs, acc_grads, sources)
-    hs_k, ht_k = take(hs, keep), take(ht, keep)
+    hs_k, ht_k = take_rows(hs, keep), take_rows(ht, keep)
     lab_k = None if labels is None else labels.index_select(0, keep)
     g = grad_scale.to(acc).reshape(-1)
     g_k = g if g.numel() == 1 else g.index_select(0, keep)
@@ -344,7 +332,7 @@ def fused_linear_kl_op(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optiona
 def _(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, temperature, kind, beta, ignore_index, ce_weight,
       kd_weight, reduction, need, backend):
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
-    loss = hs.new_empty((rows_of(hs),) if reduction == 0 else (), dtype=acc)
+    loss = hs.new_empty((row_count(hs),) if reduction == 0 else (), dtype=acc)
     srcs = (hs, Ws, bs, ht, Wt, bt, t_logits)
     return [loss] + [torch.empty_like(x) if (x is not None and need[i] and reduction) else hs.new_empty(0)
                      for i, x in enumerate(srcs)]

@@ -28,6 +28,7 @@ from torch import Tensor
 from kdkernels._backend import without_autocast
 
 from kdkernels.ops import fused_linear_kl as FL
+from kdkernels.ops.rows import row_count, take_rows
 
 
 def _teacher(values: Tensor, V: int, acc, *, uniform_tail: bool, temperature: float):
@@ -61,7 +62,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
     ``values`` are log-probabilities or logits: both enter as ``b_k = values / T``; only the
     uniform tail (log-probabilities) reads them as probabilities."""
     acc = FL._acc_dtype(hs, Ws)
-    N, V = FL.rows_of(hs), Ws.shape[0]  # hs: [N, H] or [B, L, H] rows (kdkernels.ops.rows)
+    N, V = row_count(hs), Ws.shape[0]  # hs: [N, H] or [B, L, H] rows (kdkernels.ops.rows)
     k = values.shape[1]
     dev = hs.device
     loss = torch.zeros(N, dtype=acc, device=dev)
@@ -74,7 +75,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
     outs = [loss, None, None, None]
     if n == 0:
         return FL.shaped(FL._finish(outs, acc_grads, sources), sources)
-    h = FL.take(hs, keep).to(acc)
+    h = take_rows(hs, keep).to(acc)
     idx = indices.index_select(0, keep).long()
     inv_t = 1.0 / temperature
     b_acc = None if bs is None else bs.to(acc)

@@ -13,12 +13,11 @@ not contiguous, is copied.
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
-import torch
 from torch import Tensor
 
-__all__ = ["rows3", "row_layout", "take_rows"]
+__all__ = ["rows3", "row_count", "take_rows"]
 
 
 def _groups(x: Tensor) -> List[Tuple[int, int]]:
@@ -53,13 +52,17 @@ def rows3(x: Tensor) -> Tensor:
     return x.reshape(1, n, D)
 
 
-def row_layout(x3: Tensor) -> Tuple[int, int, int]:
-    """(L, stride(0), stride(1)) of ``[B, L, D]`` rows: row r starts at (r // L) stride(0) + (r % L) stride(1)."""
-    return max(1, x3.shape[1]), x3.stride(0), x3.stride(1)
+def row_count(x: Optional[Tensor]) -> int:
+    """The number of rows of ``[N, D]`` or ``[B, L, D]`` rows (0 for None)."""
+    return 0 if x is None else x.shape[0] if x.dim() == 2 else x.shape[0] * x.shape[1]
 
 
-def take_rows(x3: Tensor, rows: Tensor) -> Tensor:
-    """The ``[len(rows), D]`` rows ``rows`` (indices into the ``B * L`` rows) of ``[B, L, D]`` rows,
-    gathered straight from the strided tensor (no copy of the rows that are not taken)."""
-    L = max(1, x3.shape[1])
-    return x3[rows // L, rows % L]
+def take_rows(x: Optional[Tensor], rows: Tensor) -> Optional[Tensor]:
+    """The ``[len(rows), D]`` rows ``rows`` (indices into the N rows) of ``[N, D]`` or ``[B, L, D]``
+    rows, gathered straight from the strided tensor (no copy of the rows that are not taken)."""
+    if x is None:
+        return None
+    if x.dim() == 2:
+        return x.index_select(0, rows)
+    L = max(1, x.shape[1])
+    return x[rows // L, rows % L]

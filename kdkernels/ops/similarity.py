@@ -193,10 +193,12 @@ def _softmax_dS(S, lse_r, w_r, lse_c, w_c, cpu):
 def _leave_out_positives(S, ri: slice, ci: slice, labels: Tensor) -> None:
     """Set the positive entries (i, labels[i]) of the tile S[ri, ci] to a finite value so negative
     that as negatives they contribute exactly 0: softplus = 0, sigmoid = 0, dS (S - bias) = 0."""
-    lab = labels[ri]
-    inside = ((lab >= ci.start) & (lab < ci.stop)).nonzero().squeeze(1)
-    if inside.numel():
-        S[inside, lab[inside] - ci.start] = -torch.finfo(S.dtype).max / 4
+    col = labels[ri] - ci.start
+    inside = (col >= 0) & (col < S.shape[1])
+    col = col.clamp(0, S.shape[1] - 1)
+    r = torch.arange(S.shape[0], device=S.device)
+    # no host sync: every row writes its (clamped) column, the rows whose positive is elsewhere keep theirs
+    S[r, col] = torch.where(inside, torch.full_like(S[r, col], -torch.finfo(S.dtype).max / 4), S[r, col])
 
 
 def _sigmoid_negatives(S, rows, g, bias, cpu):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kdkernels import _ext
+from kdkernels.ops.rows import row_count
 
 KIND_IDS = {"forward": 0, "reverse": 1, "jsd": 2}
 REDUCTION_IDS = {"none": 0, "sum": 1, "mean": 2, "batchmean": 2}  # the op sums rows times grad_scale
@@ -85,8 +86,7 @@ def softmax_kl_op(student: Tensor, teacher: Tensor, labels: Optional[Tensor], gr
 def _(student, teacher, labels, grad_scale, temperature, kind, beta, ignore_index, ce_weight, kd_weight,
       reduction, need_grad_student, need_grad_teacher, backend):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    rows = student.shape[0] if student.dim() == 2 else student.shape[0] * student.shape[1]
-    loss = student.new_empty((rows,) if reduction == 0 else (), dtype=acc)
+    loss = student.new_empty((row_count(student),) if reduction == 0 else (), dtype=acc)
     grad_s = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad_student \
         else student.new_empty(0)
     grad_t = torch.empty_like(teacher, memory_format=torch.contiguous_format) if need_grad_teacher \

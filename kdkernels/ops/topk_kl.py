@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from kdkernels import _ext, reference
+from kdkernels.ops.rows import row_count
 from kdkernels.ops.softmax_kl import _is_one
 
 
@@ -63,8 +64,7 @@ def topk_kl_op(student: Tensor, values: Tensor, indices: Tensor, labels: Optiona
 def _(student, values, indices, labels, grad_scale, values_are_logits, uniform_tail, temperature, ignore_index,
       reduction, need_grad, backend):
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    rows = student.shape[0] if student.dim() == 2 else student.shape[0] * student.shape[1]
-    loss = student.new_empty((rows,) if reduction == 0 else (), dtype=acc)
+    loss = student.new_empty((row_count(student),) if reduction == 0 else (), dtype=acc)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad else student.new_empty(0)
     return loss, grad
 
