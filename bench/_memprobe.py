@@ -31,31 +31,10 @@ from __future__ import annotations
 import gc
 import json
 import os
-import resource
 import sys
 
 from bench.common import DTYPES, MIB, load_family
-
-
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _maxrss_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from kdkernels._core.memory import maxrss_kib, reset_peak_rss, status_kib
 
 
 def main(argv: list) -> int:
@@ -78,14 +57,14 @@ def main(argv: list) -> int:
     gc.collect()
 
     inputs = family.make_inputs(shape, dtype, "cpu")
-    rss_after_inputs = _status_kib("VmRSS")
-    maxrss_before = _maxrss_kib()
-    reset = _reset_peak_rss()
-    base_kib = _status_kib("VmRSS") if reset else maxrss_before
+    rss_after_inputs = status_kib("VmRSS")
+    maxrss_before = maxrss_kib()
+    reset = reset_peak_rss()
+    base_kib = status_kib("VmRSS") if reset else maxrss_before
 
     loss = provider.step(inputs)
 
-    peak_kib = _status_kib("VmHWM") if reset else _maxrss_kib()
+    peak_kib = status_kib("VmHWM") if reset else maxrss_kib()
     result = {
         "family": family_name, "case": shape_label, "dtype": dtype_name, "provider": provider_name,
         "method": ("VmHWM after clear_refs" if reset else "ru_maxrss")
@@ -94,7 +73,7 @@ def main(argv: list) -> int:
         "baseline_mib": base_kib / 1024,
         "rss_after_inputs_mib": rss_after_inputs / 1024,
         "ru_maxrss_before_mib": maxrss_before / 1024,
-        "ru_maxrss_after_mib": _maxrss_kib() / 1024,
+        "ru_maxrss_after_mib": maxrss_kib() / 1024,
         "inputs_mib": sum(x.numel() * x.element_size() for x in inputs.values()) / MIB,
         "loss": float(loss.detach()),
     }

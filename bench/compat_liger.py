@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 
 from bench.common import Family, Provider, peer_provider
-from bench.fused_linear_kl import make_inputs as _fl_inputs
-from bench.fused_linear_kl import min_bytes
+from bench.fused_linear_kl import make_inputs as _fl_inputs, min_bytes
 
 SHAPES = [(1024, 512, 32768)]
 QUICK_SHAPES = [(256, 256, 8192)]

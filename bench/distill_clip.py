@@ -57,10 +57,10 @@ def _wrap(loss_module):
 
 
 def kdkernels_loss(backend):
-    from kdkernels.functional import _clip_distill
+    from kdkernels import clip_distill
 
     def loss(img, txt, log_scale, t_img, t_txt, t_scale):  # kdkernels.compat.open_clip.DistillClipLoss's op
-        contrastive, distill = _clip_distill(img, txt, t_img, t_txt, log_scale, float(t_scale), backend=backend)
+        contrastive, distill = clip_distill(img, txt, t_img, t_txt, log_scale, float(t_scale), backend=backend)
         return contrastive + distill
 
     return loss

@@ -49,7 +49,7 @@ def kdkernels_loss(backend):
     import kdkernels
 
     def loss(hs, Ws, ht, Wt):
-        return kdkernels.fused_linear_kl(hs, Ws, ht, Wt, kind="forward", backend=backend)
+        return kdkernels.fused_linear_kl(hs, Ws, ht, Wt, divergence="forward", backend=backend)
 
     return loss
 

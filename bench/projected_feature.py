@@ -45,7 +45,7 @@ def kdkernels_loss(backend):
     import kdkernels
 
     def loss(x, w, b, t):
-        return kdkernels.projected_feature_loss(x, w, t, bias=b, kind="mse", backend=backend)
+        return kdkernels.projected_feature_loss(x, w, t, bias=b, metric="mse", backend=backend)
 
     return loss
 

@@ -44,7 +44,7 @@ def kdkernels_loss(backend):
     import kdkernels
 
     def loss(s, t):
-        return kdkernels.softmax_kl(s, t, temperature=TEMPERATURE, kind="forward", reduction="mean",
+        return kdkernels.softmax_kl(s, t, temperature=TEMPERATURE, divergence="forward", reduction="mean",
                                     backend=backend)
 
     return loss

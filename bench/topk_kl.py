@@ -57,7 +57,7 @@ def kdkernels_loss(backend):
     import kdkernels
 
     def loss(s, values, indices):
-        return kdkernels.topk_kl(s, values, indices, values="logprobs", tail=TAIL, temperature=1.0,
+        return kdkernels.topk_kl(s, values, indices, topk_format="logprobs", tail=TAIL, temperature=1.0,
                                  backend=backend)
 
     return loss

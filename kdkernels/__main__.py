@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000, help="V, vocabulary size (default 32000)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--kind", choices=["forward", "reverse", "jsd"], default="forward")
+    p.add_argument("--divergence", choices=["forward", "reverse", "jsd"], default="forward")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=5)
@@ -52,13 +52,13 @@ def main(argv=None) -> int:
           f"build {kdkernels.build_info()} | backends {kdkernels.available_backends(dev)}")
     s = (torch.randn(a.rows, a.vocab, device=dev) * 2).to(dt).requires_grad_()
     t = (s.detach().float() + torch.randn(a.rows, a.vocab, device=dev)).to(dt)
-    print(f"student/teacher logits [{a.rows}, {a.vocab}] {a.dtype}, kind={a.kind}, T={T}")
+    print(f"student/teacher logits [{a.rows}, {a.vocab}] {a.dtype}, divergence={a.divergence}, T={T}")
 
     # 1. value and gradient against the float64 reference
-    loss = kdkernels.softmax_kl(s, t, temperature=T, kind=a.kind, backend=a.backend)
+    loss = kdkernels.softmax_kl(s, t, temperature=T, divergence=a.divergence, backend=a.backend)
     (g,) = torch.autograd.grad(loss, s)
     s64 = s.detach().double().requires_grad_()
-    ref = reference.softmax_kl(s64, t.double(), temperature=T, kind=a.kind)
+    ref = reference.softmax_kl(s64, t.double(), temperature=T, divergence=a.divergence)
     (g64,) = torch.autograd.grad(ref, s64)
     rel_g = ((g.double() - g64).norm() / g64.norm()).item()
     print(f"loss {loss.item():.6f}  float64 reference {ref.item():.6f}  |rel err| "
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     xt = torch.randn(3, 7, dtype=torch.float64, device=dev, requires_grad=True)
     labels = torch.tensor([2, -100, 6], device=dev)
     ok = torch.autograd.gradcheck(
-        lambda x, y: kdkernels.distill_loss(x, y, labels, temperature=T, alpha=0.3, kind=a.kind,
+        lambda x, y: kdkernels.distill_loss(x, y, labels, temperature=T, alpha=0.3, divergence=a.divergence,
                                             reduction="none", backend=a.backend), (xs, xt))
     print(f"gradcheck (float64, student and teacher, with CE mix and an ignored row): {'passed' if ok else 'FAILED'}")
 
@@ -81,10 +81,10 @@ def main(argv=None) -> int:
         s.grad = None
 
     def fused():
-        kdkernels.softmax_kl(s, t, temperature=T, kind=a.kind, backend=a.backend).backward()
+        kdkernels.softmax_kl(s, t, temperature=T, divergence=a.divergence, backend=a.backend).backward()
         s.grad = None
 
-    if a.kind == "forward":
+    if a.divergence == "forward":
         te, tf = _median_ms(eager, a.repeats), _median_ms(fused, a.repeats)
         print(f"forward+backward median of {a.repeats}: eager {te:.1f} ms, kdkernels {tf:.1f} ms "
               f"({te / tf:.1f}x); kdkernels allocates only the {s.numel() * s.element_size() / 2**20:.0f} MiB gradient")

@@ -7,7 +7,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdkernels import functional as KF
+from kdkernels.contrastive import info_nce
+from kdkernels.fused_linear import fused_linear_kl
+from kdkernels.fused_linear_topk import fused_linear_topk_kl
+from kdkernels.kl_div import kl_div_sum
+from kdkernels.projected_feature import projected_feature_loss
+from kdkernels.relational import similarity_kd
+from kdkernels.softmax_divergence import distill_loss, softmax_kl
+from kdkernels.topk_teacher import topk_kl
 
 __all__ = ["SoftmaxKL", "DistillationLoss", "FusedLinearDistillationLoss", "TopkKLLoss", "FusedLinearTopkKLLoss",
            "InfoNCELoss", "ClipLoss", "SimilarityKDLoss", "HintLoss", "KLDivLoss"]
@@ -16,38 +23,38 @@ __all__ = ["SoftmaxKL", "DistillationLoss", "FusedLinearDistillationLoss", "Topk
 class SoftmaxKL(torch.nn.Module):
     """Module form of :func:`kdkernels.softmax_kl`: ``loss = SoftmaxKL(T)(student_logits, teacher_logits)``."""
 
-    def __init__(self, temperature: float = 1.0, kind: str = "forward", beta: float = 0.5,
+    def __init__(self, temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature, self.kind, self.beta = temperature, kind, beta
+        self.temperature, self.divergence, self.beta = temperature, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return KF.softmax_kl(student_logits, teacher_logits, temperature=self.temperature, kind=self.kind,
+        return softmax_kl(student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence,
                              beta=self.beta, labels=labels, ignore_index=self.ignore_index,
                              reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, kind={self.kind!r}, beta={self.beta}, "
+        return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class DistillationLoss(torch.nn.Module):
     """Module form of :func:`kdkernels.distill_loss` (Hinton: ``alpha`` CE + ``(1 - alpha) T^2`` KD)."""
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, kind: str = "forward", beta: float = 0.5,
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature, self.alpha, self.kind, self.beta = temperature, alpha, kind, beta
+        self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
-        return KF.distill_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
-                               alpha=self.alpha, kind=self.kind, beta=self.beta, ignore_index=self.ignore_index,
+        return distill_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
+                               alpha=self.alpha, divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
                                reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, beta={self.beta}, "
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
@@ -60,44 +67,44 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                        labels=labels)
     """
 
-    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, kind: str = "forward", beta: float = 0.5,
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward", beta: float = 0.5,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature, self.alpha, self.kind, self.beta = temperature, alpha, kind, beta
+        self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None, *, teacher_logits: Optional[Tensor] = None,
                 student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None) -> Tensor:
-        return KF.fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
+        return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                   teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
-                                  temperature=self.temperature, kind=self.kind, beta=self.beta, alpha=self.alpha,
+                                  temperature=self.temperature, divergence=self.divergence, beta=self.beta, alpha=self.alpha,
                                   labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
                                   backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, beta={self.beta}, "
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, beta={self.beta}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class TopkKLLoss(torch.nn.Module):
     """Module form of :func:`kdkernels.topk_kl` (a teacher stored as its top-k entries per row)."""
 
-    def __init__(self, values: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
+    def __init__(self, topk_format: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
                  ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.values, self.tail, self.temperature = values, tail, temperature
+        self.topk_format, self.tail, self.temperature = topk_format, tail, temperature
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
 
     def forward(self, student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor,
                 labels: Optional[Tensor] = None) -> Tensor:
-        return KF.topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, values=self.values,
+        return topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, topk_format=self.topk_format,
                           tail=self.tail, temperature=self.temperature, labels=labels,
                           ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"values={self.values!r}, tail={self.tail!r}, temperature={self.temperature}, "
+        return (f"topk_format={self.topk_format!r}, tail={self.tail!r}, temperature={self.temperature}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
@@ -108,8 +115,8 @@ class FusedLinearTopkKLLoss(TopkKLLoss):
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_topk_values: Tensor,
                 teacher_topk_indices: Tensor, labels: Optional[Tensor] = None,
                 student_bias: Optional[Tensor] = None) -> Tensor:
-        return KF.fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices,
-                                       student_bias=student_bias, values=self.values, tail=self.tail,
+        return fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices,
+                                       student_bias=student_bias, topk_format=self.topk_format, tail=self.tail,
                                        temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
                                        reduction=self.reduction, backend=self.backend)
 
@@ -118,31 +125,31 @@ class InfoNCELoss(torch.nn.Module):
     """Module form of :func:`kdkernels.info_nce` with a fixed temperature (or a fixed
     ``logit_scale`` given per call): ``InfoNCELoss(temperature=0.1)(a, b)``."""
 
-    def __init__(self, temperature: Optional[float] = None, symmetric: bool = True, kind: str = "softmax",
+    def __init__(self, temperature: Optional[float] = None, symmetric: bool = True, variant: str = "softmax",
                  reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature, self.symmetric, self.kind = temperature, symmetric, kind
+        self.temperature, self.symmetric, self.variant = temperature, symmetric, variant
         self.reduction, self.backend = reduction, backend
 
     def forward(self, a: Tensor, b: Tensor, labels: Optional[Tensor] = None, logit_scale: Optional[Tensor] = None,
                 logit_bias: Optional[Tensor] = None) -> Tensor:
-        return KF.info_nce(a, b, temperature=self.temperature if logit_scale is None else None,
+        return info_nce(a, b, temperature=self.temperature if logit_scale is None else None,
                            logit_scale=logit_scale, logit_bias=logit_bias, labels=labels, symmetric=self.symmetric,
-                           kind=self.kind, reduction=self.reduction, backend=self.backend)
+                           variant=self.variant, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, symmetric={self.symmetric}, kind={self.kind!r}, "
+        return (f"temperature={self.temperature}, symmetric={self.symmetric}, variant={self.variant!r}, "
                 f"reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class ClipLoss(InfoNCELoss):
     """CLIP's symmetric contrastive loss: ``ClipLoss()(image_features, text_features, logit_scale)``
     with ``logit_scale`` the learnable log of the scale (CLIP's parameter, before ``.exp()``);
-    ``kind="sigmoid"`` takes ``logit_bias`` too (SigLIP). Features are used as given (CLIP
+    ``variant="sigmoid"`` takes ``logit_bias`` too (SigLIP). Features are used as given (CLIP
     normalizes them in the model)."""
 
-    def __init__(self, kind: str = "softmax", reduction: str = "mean", backend: str = "auto"):
-        super().__init__(None, True, kind, reduction, backend)
+    def __init__(self, variant: str = "softmax", reduction: str = "mean", backend: str = "auto"):
+        super().__init__(None, True, variant, reduction, backend)
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor,
                 logit_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None) -> Tensor:
@@ -152,22 +159,22 @@ class ClipLoss(InfoNCELoss):
 class SimilarityKDLoss(torch.nn.Module):
     """Module form of :func:`kdkernels.similarity_kd` (relational distillation of similarity rows)."""
 
-    def __init__(self, temperature: float = 1.0, student_temperature: Optional[float] = None, kind: str = "forward",
+    def __init__(self, temperature: float = 1.0, student_temperature: Optional[float] = None, divergence: str = "forward",
                  beta: float = 0.5, normalize: bool = True, symmetric: bool = True, reduction: str = "mean",
                  backend: str = "auto"):
         super().__init__()
-        self.temperature, self.student_temperature, self.kind, self.beta = temperature, student_temperature, kind, beta
+        self.temperature, self.student_temperature, self.divergence, self.beta = temperature, student_temperature, divergence, beta
         self.normalize, self.symmetric, self.reduction, self.backend = normalize, symmetric, reduction, backend
 
     def forward(self, student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tensor] = None,
                 teacher_b: Optional[Tensor] = None) -> Tensor:
-        return KF.similarity_kd(student_a, teacher_a, student_b, teacher_b, temperature=self.temperature,
-                                student_temperature=self.student_temperature, kind=self.kind, beta=self.beta,
+        return similarity_kd(student_a, teacher_a, student_b, teacher_b, temperature=self.temperature,
+                                student_temperature=self.student_temperature, divergence=self.divergence, beta=self.beta,
                                 normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
                                 backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, student_temperature={self.student_temperature}, kind={self.kind!r}, "
+        return (f"temperature={self.temperature}, student_temperature={self.student_temperature}, divergence={self.divergence!r}, "
                 f"normalize={self.normalize}, symmetric={self.symmetric}, reduction={self.reduction!r}")
 
 
@@ -182,7 +189,7 @@ class HintLoss(torch.nn.Module):
     get a gradient only if they require one (detach them to keep the teacher frozen).
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, *, kind: str = "mse", bias: bool = True,
+    def __init__(self, student_dim: int, teacher_dim: int, *, metric: str = "mse", bias: bool = True,
                  init: str = "xavier", beta: float = 1.0, reduction: str = "mean", backend: str = "auto",
                  device=None, dtype=None):
         super().__init__()
@@ -193,7 +200,7 @@ class HintLoss(torch.nn.Module):
         kw = dict(device=device, dtype=dtype)
         self.weight = torch.nn.Parameter(torch.empty(int(teacher_dim), int(student_dim), **kw))
         self.bias = torch.nn.Parameter(torch.zeros(int(teacher_dim), **kw)) if bias else None
-        self.kind, self.init, self.beta, self.reduction, self.backend = kind, init, beta, reduction, backend
+        self.metric, self.init, self.beta, self.reduction, self.backend = metric, init, beta, reduction, backend
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -208,11 +215,11 @@ class HintLoss(torch.nn.Module):
                 self.bias.zero_()
 
     def forward(self, student_feat: Tensor, teacher_feat: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        return KF.projected_feature_loss(student_feat, self.weight, teacher_feat, bias=self.bias, kind=self.kind,
+        return projected_feature_loss(student_feat, self.weight, teacher_feat, bias=self.bias, metric=self.metric,
                                          beta=self.beta, mask=mask, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"student_dim={self.weight.shape[1]}, teacher_dim={self.weight.shape[0]}, kind={self.kind!r}, "
+        return (f"student_dim={self.weight.shape[1]}, teacher_dim={self.weight.shape[0]}, metric={self.metric!r}, "
                 f"bias={self.bias is not None}, init={self.init!r}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
 
@@ -223,7 +230,7 @@ class KLDivLoss(torch.nn.KLDivLoss):
 
     For the reductions ``"sum"``, ``"mean"`` and ``"batchmean"`` the loss is accumulated over row
     chunks and the input gradient is written in the forward pass, so no pointwise loss tensor or
-    float32 copy of the inputs is materialized (see :mod:`kdkernels.ops.kl_div`). ``"none"``,
+    float32 copy of the inputs is materialized (see :mod:`kdkernels.kl_div`). ``"none"``,
     broadcasting shapes and a target that requires grad use ``torch.nn.functional.kl_div``. The
     loss has torch's dtype, ``torch.promote_types(input.dtype, target.dtype)``, and is accumulated in
     float32 (float64 for float64 inputs); the input gradient has the input's dtype.
@@ -234,8 +241,6 @@ class KLDivLoss(torch.nn.KLDivLoss):
     """
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        from kdkernels.ops.kl_div import ChunkedKLDiv
-
         if (self.reduction == "none" or input.shape != target.shape or target.requires_grad
                 or not input.dtype.is_floating_point or input.dim() == 0):
             return torch.nn.functional.kl_div(input, target, reduction=self.reduction, log_target=self.log_target)
@@ -249,5 +254,5 @@ class KLDivLoss(torch.nn.KLDivLoss):
             raise ValueError(f"reduction must be 'none', 'batchmean', 'sum' or 'mean', got {self.reduction!r}")
         # the loss in torch's dtype: input and target promoted (a bf16 input and a float32 target
         # give float32), accumulated in float32 (float64 for float64 inputs) whatever the dtypes
-        return ChunkedKLDiv.apply(input, target, self.log_target, scale, None,
-                                  torch.promote_types(input.dtype, target.dtype))
+        return kl_div_sum(input, target, scale=scale, log_target=self.log_target,
+                          out_dtype=torch.promote_types(input.dtype, target.dtype))

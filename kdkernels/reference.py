@@ -1,13 +1,13 @@
 """Plain-PyTorch reference for every kdkernels loss.
 
-This module is the test oracle (call it on float64 inputs) and the last-resort backend
-(``backend="torch"``). It is written for clarity, not for memory: it materializes the
-softmaxes that the fused kernels never do. Autograd supplies its gradients.
+This module is the test oracle (call it on float64 inputs); no loss calls it (``backend="torch"``
+is each family's memory-bounded PyTorch path). It is written for clarity, not for memory: it
+materializes the softmaxes that the fused kernels never do. Autograd supplies its gradients.
 
-Conventions shared with the kernels (see ``kdkernels.softmax_kl``):
+Conventions shared with the kernels (see :mod:`kdkernels.softmax_divergence`):
 
 * ``p = softmax(logits / T)`` for student (``p_s``) and teacher (``p_t``);
-* ``kind="forward"``: ``KL(p_t || p_s)``; ``"reverse"``: ``KL(p_s || p_t)``;
+* ``divergence="forward"``: ``KL(p_t || p_s)``; ``"reverse"``: ``KL(p_s || p_t)``;
   ``"jsd"``: ``beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)`` with
   ``m = beta * p_t + (1 - beta) * p_s``; at ``beta == 0`` and ``beta == 1``, where that
   expression is identically zero, ``"jsd"`` is forward and reverse KL respectively;
@@ -29,7 +29,7 @@ __all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_r
            "fused_linear_kl", "topk_teacher_log_probs", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd",
            "clip_distill", "projected_feature_loss"]
 
-KINDS = ("forward", "reverse", "jsd")
+DIVERGENCES = ("forward", "reverse", "jsd")
 
 
 def _plogp_ratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -38,23 +38,23 @@ def _plogp_ratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> tor
     return (p * diff).sum(-1)
 
 
-def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, kind: str, beta: float) -> torch.Tensor:
+def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
     """The per-row divergence between two log-distributions ``[..., V]``."""
     ps, pt = log_ps.exp(), log_pt.exp()
-    if kind == "jsd" and beta == 0.0:
-        kind = "forward"
-    elif kind == "jsd" and beta == 1.0:
-        kind = "reverse"
-    if kind == "forward":
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "forward"
+    elif divergence == "jsd" and beta == 1.0:
+        divergence = "reverse"
+    if divergence == "forward":
         return _plogp_ratio(pt, log_pt, log_ps)
-    if kind == "reverse":
+    if divergence == "reverse":
         return _plogp_ratio(ps, log_ps, log_pt)
-    if kind == "jsd":
+    if divergence == "jsd":
         m = beta * pt + (1.0 - beta) * ps
         pos = m > 0  # where m = 0 both terms vanish; keep log's backward away from 1/0
         log_m = torch.where(pos, torch.where(pos, m, torch.ones_like(m)).log(), torch.full_like(m, -math.inf))
         return beta * _plogp_ratio(pt, log_pt, log_m) + (1.0 - beta) * _plogp_ratio(ps, log_ps, log_m)
-    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
 
 
 def softmax_kl_rows(
@@ -63,7 +63,7 @@ def softmax_kl_rows(
     labels: Optional[torch.Tensor] = None,
     *,
     temperature: float = 1.0,
-    kind: str = "forward",
+    divergence: str = "forward",
     beta: float = 0.5,
     ignore_index: int = -100,
     ce_weight: float = 0.0,
@@ -79,7 +79,7 @@ def softmax_kl_rows(
     t = teacher_logits.to(dtype)
     log_ps = torch.log_softmax(s / temperature, dim=-1)
     log_pt = torch.log_softmax(t / temperature, dim=-1)
-    rows = kd_weight * kl_rows(log_ps, log_pt, kind, beta) if kd_weight != 0.0 else s.new_zeros(s.shape[:-1])
+    rows = kd_weight * kl_rows(log_ps, log_pt, divergence, beta) if kd_weight != 0.0 else s.new_zeros(s.shape[:-1])
     if labels is not None:
         valid = labels != ignore_index
         if ce_weight != 0.0:
@@ -118,19 +118,19 @@ def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index
     return total / max(n, 1)
 
 
-def softmax_kl(student_logits, teacher_logits, *, temperature=1.0, kind="forward", beta=0.5,
+def softmax_kl(student_logits, teacher_logits, *, temperature=1.0, divergence="forward", beta=0.5,
                labels=None, ignore_index=-100, reduction="mean"):
     """Reference for :func:`kdkernels.softmax_kl`."""
-    rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, kind=kind,
+    rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
                            beta=beta, ignore_index=ignore_index)
     return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
 
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.0,
-                 kind="forward", beta=0.5, ignore_index=-100, reduction="mean"):
+                 divergence="forward", beta=0.5, ignore_index=-100, reduction="mean"):
     """Reference for :func:`kdkernels.distill_loss`:
     ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)``."""
-    rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, kind=kind,
+    rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
                            beta=beta, ignore_index=ignore_index, ce_weight=alpha,
                            kd_weight=(1.0 - alpha) * temperature * temperature)
     return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
@@ -149,25 +149,25 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 def fused_linear_kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
-                    teacher_logits=None, student_bias=None, teacher_bias=None, temperature=1.0, kind="forward",
+                    teacher_logits=None, student_bias=None, teacher_bias=None, temperature=1.0, divergence="forward",
                     beta=0.5, alpha=0.0, labels=None, ignore_index=-100, reduction="mean"):
     """Reference for :func:`kdkernels.fused_linear_kl`: materializes both ``[N, V]`` logits, then
     ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)`` as in :func:`distill_loss`."""
     s = linear_logits(student_hidden, student_weight, student_bias)
     t = teacher_logits if teacher_logits is not None else linear_logits(teacher_hidden, teacher_weight, teacher_bias)
-    return distill_loss(s, t, labels, temperature=temperature, alpha=alpha, kind=kind, beta=beta,
+    return distill_loss(s, t, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
                         ignore_index=ignore_index, reduction=reduction)
 
 
-def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, *, values_kind: str = "logprobs",
+def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, *, topk_format: str = "logprobs",
                            tail: str = "ignore", temperature: float = 1.0) -> torch.Tensor:
     """The full ``[..., V]`` teacher log-distribution at ``temperature`` that a top-k teacher stands for.
 
-    ``values_kind="logprobs"``: ``values`` are log p over the full vocabulary (temperature 1) at
+    ``topk_format="logprobs"``: ``values`` are log p over the full vocabulary (temperature 1) at
     ``indices``; the missing mass ``r = 1 - sum exp(values)`` is dropped (``tail="ignore"``: the
     top-k renormalized) or spread evenly over the other ``V - k`` entries (``"uniform"``). At
     temperature T every probability is raised to ``1/T`` and renormalized.
-    ``values_kind="logits"``: ``values`` are logits; the distribution is their softmax at T over
+    ``topk_format="logits"``: ``values`` are logits; the distribution is their softmax at T over
     the top-k (``tail`` must be ``"ignore"``: the logits say nothing about the missing mass).
     """
     dtype = torch.promote_types(values.dtype, torch.float32)
@@ -185,12 +185,12 @@ def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, 
     return torch.where(bad, torch.full_like(out, math.nan), out)
 
 
-def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, values="logprobs", tail="ignore",
+def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, topk_format="logprobs", tail="ignore",
             temperature=1.0, labels=None, ignore_index=-100, reduction="mean"):
     """Reference for :func:`kdkernels.topk_kl`: forward ``KL(p_t || p_s)`` with the teacher
     distribution of :func:`topk_teacher_log_probs` (materialized)."""
     V = student_logits.shape[-1]
-    log_pt = topk_teacher_log_probs(teacher_topk_values, teacher_topk_indices, V, values_kind=values, tail=tail,
+    log_pt = topk_teacher_log_probs(teacher_topk_values, teacher_topk_indices, V, topk_format=topk_format, tail=tail,
                                     temperature=temperature)
     dtype = torch.promote_types(student_logits.dtype, log_pt.dtype)
     log_ps = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
@@ -201,11 +201,11 @@ def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, values
 
 
 def fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices, *,
-                         student_bias=None, values="logprobs", tail="ignore", temperature=1.0, labels=None,
+                         student_bias=None, topk_format="logprobs", tail="ignore", temperature=1.0, labels=None,
                          ignore_index=-100, reduction="mean"):
     """Reference for :func:`kdkernels.fused_linear_topk_kl`: :func:`topk_kl` on the materialized logits."""
     return topk_kl(linear_logits(student_hidden, student_weight, student_bias), teacher_topk_values,
-                   teacher_topk_indices, values=values, tail=tail, temperature=temperature, labels=labels,
+                   teacher_topk_indices, topk_format=topk_format, tail=tail, temperature=temperature, labels=labels,
                    ignore_index=ignore_index, reduction=reduction)
 
 
@@ -220,13 +220,13 @@ def similarity_scale(temperature=None, logit_scale=None):
 
 
 def info_nce(a, b, *, temperature=None, logit_scale=None, logit_bias=None, labels=None, symmetric=True,
-             kind="softmax", reduction="mean"):
+             variant="softmax", reduction="mean"):
     """Reference for :func:`kdkernels.info_nce`, on the materialized ``S = scale a bᵀ (+ bias)``.
 
-    ``kind="softmax"``: row i of ``a`` matches row ``labels[i]`` of ``b`` (default i); its loss is
+    ``variant="softmax"``: row i of ``a`` matches row ``labels[i]`` of ``b`` (default i); its loss is
     the cross-entropy of row i of S with target ``labels[i]``, averaged with (``symmetric``) the
     cross-entropy of column ``labels[i]`` with target i (CLIP's image→text and text→image losses).
-    ``kind="sigmoid"`` (SigLIP): ``sum_j -log σ(z_ij S_ij)`` with ``z_ij = +1`` for the matching
+    ``variant="sigmoid"`` (SigLIP): ``sum_j -log σ(z_ij S_ij)`` with ``z_ij = +1`` for the matching
     pair and ``-1`` otherwise. Per-row values ``[N_a]``, then ``reduction`` over rows.
     """
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
@@ -237,7 +237,7 @@ def info_nce(a, b, *, temperature=None, logit_scale=None, logit_bias=None, label
     n = a.shape[0]
     lab = torch.arange(n, device=a.device) if labels is None else labels.long()
     rows_idx = torch.arange(n, device=a.device)
-    if kind == "sigmoid":
+    if variant == "sigmoid":
         if logit_bias is not None:
             S = S + logit_bias.to(dtype)
         z = -torch.ones_like(S)
@@ -254,7 +254,7 @@ def info_nce(a, b, *, temperature=None, logit_scale=None, logit_bias=None, label
 
 
 def similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, temperature=1.0, student_temperature=None,
-                  kind="forward", beta=0.5, normalize=True, symmetric=True, reduction="mean"):
+                  divergence="forward", beta=0.5, normalize=True, symmetric=True, reduction="mean"):
     """Reference for :func:`kdkernels.similarity_kd`: the teacher's and the student's similarity
     matrices (``a aᵀ`` without its diagonal when ``*_b`` is None, else ``a bᵀ``), rows turned into
     distributions by softmaxes at their temperatures, ``D(teacher row, student row)`` per row;
@@ -274,9 +274,9 @@ def similarity_kd(student_a, teacher_a, student_b=None, teacher_b=None, *, tempe
             return rows if reduction == "none" else rows.sum()
         eye = torch.eye(n, dtype=torch.bool, device=Ss.device)
         Ss, St = Ss.masked_fill(eye, -math.inf), St.masked_fill(eye, -math.inf)
-    rows = kl_rows(torch.log_softmax(Ss, 1), torch.log_softmax(St, 1), kind, beta)
+    rows = kl_rows(torch.log_softmax(Ss, 1), torch.log_softmax(St, 1), divergence, beta)
     if symmetric and not self_sim:
-        cols = kl_rows(torch.log_softmax(Ss, 0).t(), torch.log_softmax(St, 0).t(), kind, beta)
+        cols = kl_rows(torch.log_softmax(Ss, 0).t(), torch.log_softmax(St, 0).t(), divergence, beta)
         rows = 0.5 * (rows + cols)
     if reduction == "none":
         return rows
@@ -295,7 +295,7 @@ def clip_distill(image, text, t_image, t_text, log_scale, t_scale):
     return contrastive, 0.5 * (xent(T, S) + xent(T.t(), S.t()))
 
 
-def projected_feature_loss(student_feat, weight, teacher_feat, *, bias=None, kind="mse", beta=1.0, mask=None,
+def projected_feature_loss(student_feat, weight, teacher_feat, *, bias=None, metric="mse", beta=1.0, mask=None,
                            reduction="mean"):
     """Reference for :func:`kdkernels.projected_feature_loss`: the projection ``P = student_feat
     weightᵀ + bias`` materialized, per-row ``mean_j`` of the element-wise loss (or ``1 - cos``),
@@ -304,16 +304,16 @@ def projected_feature_loss(student_feat, weight, teacher_feat, *, bias=None, kin
     dtype = torch.promote_types(dtype, weight.dtype)
     P = F.linear(student_feat.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     T = teacher_feat.to(dtype)
-    if kind == "mse":
+    if metric == "mse":
         rows = F.mse_loss(P, T, reduction="none").mean(-1)
-    elif kind == "l1":
+    elif metric == "l1":
         rows = F.l1_loss(P, T, reduction="none").mean(-1)
-    elif kind == "smooth_l1":
+    elif metric == "smooth_l1":
         rows = F.smooth_l1_loss(P, T, reduction="none", beta=beta).mean(-1)
-    elif kind == "cosine":
+    elif metric == "cosine":
         rows = 1.0 - F.cosine_similarity(P, T, dim=-1, eps=1e-8)
     else:
-        raise ValueError(f"unknown kind {kind!r}")
+        raise ValueError(f"unknown metric {metric!r}")
     if mask is not None:
         keep = mask != 0
         rows = torch.where(keep, rows, torch.zeros_like(rows))

@@ -38,7 +38,7 @@ def fused_backends(device: str):
     """The fused backends every test must cover on ``device``: on the CPU the C++ kernel, and the
     Triton kernel under the interpreter (set above when there is no GPU); on CUDA the Triton kernel
     and, in a build with KDK_CUDA, the CUDA C++ kernels (tests/test_cuda_emu.py runs those on the CPU)."""
-    from kdkernels._backend import cuda_kernels_built, triton_interpreted
+    from kdkernels._core.backends import cuda_kernels_built, triton_interpreted
 
     if device == "cpu":
         return ["cpu"] + (["triton"] if triton_ok() and triton_interpreted() else [])
@@ -86,18 +86,7 @@ def seed():
 # peak counter reset through /proc/self/clear_refs). ``run_memory_probe`` appends a probe body
 # to it and runs it with every allocation of 64 KiB or more in its own mapping, so that freed
 # tensors go back to the OS at once and the peak follows the live tensors.
-PEAK_RSS_PRELUDE = textwrap.dedent("""
-    def _kib(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-
-    def peak_extra(step):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = _kib("VmRSS")
-        step()
-        return (_kib("VmHWM") - base) * 1024
-""")
+PEAK_RSS_PRELUDE = "from kdkernels._core.memory import peak_extra_bytes as peak_extra\n"
 
 HAS_PEAK_RSS_RESET = os.path.exists("/proc/self/clear_refs")
 

@@ -117,8 +117,9 @@ def test_cuda_binding_compiles(tmp_path):
     """python/bindings.cpp with KDK_WITH_CUDA (the binding of csrc/cuda) compiles against torch's
     headers. A CPU build of torch ships c10/cuda without its generated cuda_cmake_macros.h, which
     holds only build-configuration macros: an empty one stands in for it here."""
-    from torch.utils import cpp_extension
     import sysconfig
+
+    from torch.utils import cpp_extension
 
     stub = tmp_path / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)

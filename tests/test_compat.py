@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close
 
 from kdkernels.compat import trl as ktrl
-from conftest import assert_close
 
 
 def trl_definition(s, t, labels=None, beta=0.5, temperature=1.0, reduction="batchmean", num_items_in_batch=None):

@@ -16,8 +16,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import RTOL, assert_close
+
 from kdkernels import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def run(emu, s, t, labels=None, *, kind=0, beta=0.5, T=1.0, ce=0.0, kd=1.0, grad
 def reference_of(s, t, labels, *, kind, beta, T, ce, kd, gscale):
     s64 = s.detach().double().requires_grad_()
     t64 = t.detach().double().requires_grad_()
-    rows = reference.softmax_kl_rows(s64, t64, labels, temperature=T, kind=KINDS[kind], beta=beta,
+    rows = reference.softmax_kl_rows(s64, t64, labels, temperature=T, divergence=KINDS[kind], beta=beta,
                                      ignore_index=-100, ce_weight=ce, kd_weight=kd)
     g = float(torch.tensor(gscale, dtype=torch.float32))  # the kernel reads grad_scale as float32
     gs, gt = torch.autograd.grad(rows.sum() * g, [s64, t64], allow_unused=True)
@@ -296,7 +296,7 @@ def test_emulation_reports_deadlock(emu):
 # ---------------------------------------------------------------- the real kernels on a GPU
 
 def _cuda_build():
-    from kdkernels import _backend
+    from kdkernels._core import backends as _backend
 
     return torch.cuda.is_available() and _backend.cuda_kernels_built()
 

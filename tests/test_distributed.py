@@ -36,11 +36,11 @@ def _worker(rank, world, init_file, out_dir):
         lo = sum(split[:rank])
         s_loc = s[:, lo:lo + split[rank]].clone().requires_grad_()
         t_loc = t[:, lo:lo + split[rank]].clone().requires_grad_()
-        out = vocab_parallel_kl(s_loc, t_loc, temperature=T, kind=kind, beta=beta, labels=labels,
+        out = vocab_parallel_kl(s_loc, t_loc, temperature=T, divergence=kind, beta=beta, labels=labels,
                                 reduction=reduction)
         gs, gt = torch.autograd.grad(out, [s_loc, t_loc], go if out.dim() else None)
         s2, t2 = s.double().requires_grad_(), t.double().requires_grad_()
-        ref = kdkernels.reference.softmax_kl(s2, t2, temperature=T, kind=kind, beta=beta, labels=labels,
+        ref = kdkernels.reference.softmax_kl(s2, t2, temperature=T, divergence=kind, beta=beta, labels=labels,
                                              reduction=reduction)
         rgs, rgt = torch.autograd.grad(ref, [s2, t2], go.double() if ref.dim() else None)
         # ||out - ref|| / max(||ref||, 0.1 sqrt(rows)): the comparator of tests/conftest.py
@@ -107,7 +107,7 @@ def _fl_worker(rank, world, init_file, out_dir):
             loc.update(zt=zt[:, lo:hi].float().requires_grad_(tgrad))
         out = vocab_parallel_fused_linear_kl(loc["hs"], loc["Ws"], loc.get("ht"), loc.get("Wt"),
                                              teacher_logits=loc.get("zt"), student_bias=loc["bs"], temperature=T,
-                                             kind=kind, beta=beta, labels=labels, reduction=reduction)
+                                             divergence=kind, beta=beta, labels=labels, reduction=reduction)
         names = [k for k, v in loc.items() if v.requires_grad]
         grads = torch.autograd.grad(out, [loc[k] for k in names], go.float() if out.dim() else None)
         full = {"hs": hs, "Ws": Ws, "bs": bs, "ht": ht, "Wt": Wt, "zt": zt}
@@ -116,7 +116,7 @@ def _fl_worker(rank, world, init_file, out_dir):
         ref = kdkernels.reference.fused_linear_kl(get("hs"), get("Ws"), get("ht") if teacher == "hidden" else None,
                                                   get("Wt") if teacher == "hidden" else None,
                                                   teacher_logits=get("zt") if teacher == "logits" else None,
-                                                  student_bias=get("bs"), temperature=T, kind=kind, beta=beta,
+                                                  student_bias=get("bs"), temperature=T, divergence=kind, beta=beta,
                                                   labels=labels, reduction=reduction)
         rgrads = torch.autograd.grad(ref, [ref_in[k] for k in names], go if ref.dim() else None)
         sl = {"Ws": slice(lo, hi), "bs": slice(lo, hi), "Wt": slice(lo, hi)}
@@ -147,10 +147,10 @@ def test_vocab_parallel_fused_linear_kl_two_processes_match_the_unsharded_loss()
 SIM_CASES = [  # (loss, options, local rows per rank): "mean" with equal local batches, "sum" with unequal ones
     ("info_nce", dict(temperature=0.1), (5, 5)),
     ("info_nce", dict(logit_scale=True, symmetric=False, reduction="sum"), (4, 7)),
-    ("info_nce", dict(logit_scale=True, logit_bias=True, kind="sigmoid", reduction="sum"), (6, 3)),
+    ("info_nce", dict(logit_scale=True, logit_bias=True, variant="sigmoid", reduction="sum"), (6, 3)),
     ("similarity_kd", dict(temperature=0.2, student_temperature=0.5), (5, 5)),           # self-similarity
-    ("similarity_kd", dict(temperature=0.3, kind="jsd", beta=0.3, cross=True, reduction="sum"), (4, 6)),
-    ("similarity_kd", dict(temperature=0.3, kind="reverse", cross=True, symmetric=False, normalize=False), (4, 4)),
+    ("similarity_kd", dict(temperature=0.3, divergence="jsd", beta=0.3, cross=True, reduction="sum"), (4, 6)),
+    ("similarity_kd", dict(temperature=0.3, divergence="reverse", cross=True, symmetric=False, normalize=False), (4, 4)),
 ]
 
 

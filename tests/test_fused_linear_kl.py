@@ -3,12 +3,12 @@ the logits; the tiled implementation never does (checked by a memory test in a s
 
 import pytest
 import torch
+from conftest import HAS_PEAK_RSS_RESET, assert_close, fused_backends, run_memory_probe, vocab_sum_scale
 
 import kdkernels
+import kdkernels.fused_linear as FL
 from kdkernels import reference
-from kdkernels.ops import fused_linear_kl as FL
-from conftest import HAS_PEAK_RSS_RESET, RTOL, assert_close, fused_backends, run_memory_probe, vocab_sum_scale
-from kdkernels._backend import triton_interpreted
+from kdkernels._core.backends import triton_interpreted
 
 KINDS = ["forward", "reverse", "jsd"]
 # the C++ kernel, the Triton kernel (under the interpreter when there is no GPU), the PyTorch tiles
@@ -69,7 +69,7 @@ def test_matches_reference(V, H, kind, backend, seed):
     labels[1] = -100
     T = [1.0, 2.0][seed % 2]
     alpha = [0.0, 0.3][(seed >> 1) % 2]
-    compare(hs, Ws, bs, t, torch.float32, labels=labels, temperature=T, kind=kind, beta=0.3, alpha=alpha,
+    compare(hs, Ws, bs, t, torch.float32, labels=labels, temperature=T, divergence=kind, beta=0.3, alpha=alpha,
             reduction="mean", backend=backend, what=f"{backend} seed={seed} T={T} alpha={alpha}")
 
 
@@ -81,7 +81,7 @@ def test_one_word_vocabulary_gradients_vanish(kind, backend, seed):
     comparator's floor (1e-6 for one vocabulary row) cannot tell from an error: bound it absolutely."""
     hs, Ws, bs, t = make(5, 1000, 1007, 1, torch.float32)
     out = kdkernels.fused_linear_kl(hs, Ws, t["teacher_hidden"], t["teacher_weight"], student_bias=bs,
-                                    teacher_bias=t["teacher_bias"], kind=kind, temperature=[1.0, 2.0][seed % 2],
+                                    teacher_bias=t["teacher_bias"], divergence=kind, temperature=[1.0, 2.0][seed % 2],
                                     backend=backend)
     grads = torch.autograd.grad(out, [hs, Ws, bs])
     assert abs(out.item()) < 1e-5
@@ -96,7 +96,7 @@ def test_dtypes(dtype, kind, backend, seed, monkeypatch):
     monkeypatch.setattr(FL, "V_TILE", 256)  # several tiles, the last one partial
     hs, Ws, bs, t = make(6, 48, 40, 1000, dtype)
     labels = torch.randint(0, 1000, (6,))
-    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, kind=kind, beta=0.6, alpha=0.25, backend=backend,
+    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, divergence=kind, beta=0.6, alpha=0.25, backend=backend,
             what=f"{backend} seed={seed}")
 
 
@@ -117,7 +117,7 @@ def test_teacher_gradients_tiles_and_reductions(teacher, reduction, kind, backen
     labels = torch.randint(0, V, (N,))
     labels[[2, 5]] = -100
     compare(hs, Ws, bs, t, torch.bfloat16 if teacher == "bf16-logits" else torch.float32, labels=labels,
-            temperature=[1.0, 0.7][seed % 2], kind=kind, beta=0.4, alpha=[0.0, 0.5][(seed >> 1) % 2],
+            temperature=[1.0, 0.7][seed % 2], divergence=kind, beta=0.4, alpha=[0.0, 0.5][(seed >> 1) % 2],
             reduction=reduction, backend=backend, what=f"{backend} seed={seed}")
 
 
@@ -168,12 +168,12 @@ def test_autocast(backend, hidden_dtype, seed):
     labels[:2] = -100
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = kdkernels.fused_linear_kl(hs, Ws, ht, Wt, student_bias=bs, temperature=2.0, alpha=0.3, labels=labels,
-                                        kind="jsd", backend=backend)
+                                        divergence="jsd", backend=backend)
     g = torch.autograd.grad(out, [hs, Ws, bs])
     assert out.dtype == torch.float32 and [x.dtype for x in g] == [hidden_dtype, torch.float32, torch.float32]
     r = [x.detach().bfloat16().double().requires_grad_() for x in (hs, Ws, bs)]
     ref = reference.fused_linear_kl(r[0], r[1], ht.bfloat16().double(), Wt.bfloat16().double(), student_bias=r[2],
-                                    temperature=2.0, alpha=0.3, labels=labels, kind="jsd")
+                                    temperature=2.0, alpha=0.3, labels=labels, divergence="jsd")
     rg = torch.autograd.grad(ref, r)
     assert_close(out, ref, torch.float32, f"loss seed={seed}")  # fp32 accumulation of the bf16 operands
     for a, b, name in zip(g, rg, ("hidden", "weight", "bias")):
@@ -234,7 +234,7 @@ def _bad_cases():
         ("labels shape", lambda: f(hs, W, ht, Wt, labels=torch.zeros(5, dtype=torch.long)), ValueError, "labels"),
         ("labels range", lambda: f(hs, W, ht, Wt, labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
         ("temperature", lambda: f(hs, W, ht, Wt, temperature=0.0), ValueError, "temperature"),
-        ("backend", lambda: f(hs, W, ht, Wt, backend="cuda"), ValueError, "no CUDA C++ fused-linear kernel"),
+        ("backend", lambda: f(hs, W, ht, Wt, backend="cuda"), ValueError, "fused_linear_kl has no CUDA C++ kernel"),
         ("backend name", lambda: f(hs, W, ht, Wt, backend="gpu"), ValueError, "backend must be one of"),
         ("V=0", lambda: f(hs, torch.randn(0, 8), ht, torch.randn(0, 6)), ValueError, "V = 0"),
     ]
@@ -319,14 +319,14 @@ def test_causal_shift_views_are_read_in_place(backend, teacher, seed):
         t_kw = dict(teacher_logits=full[:, :-1])
     with LargeOutputs(B * (L - 1) * min(H, Ht) // 2) as big:
         out = kdkernels.fused_linear_kl(hs_full[:, :-1], Ws, **t_kw, temperature=2.0, alpha=0.4, labels=labels[:, 1:],
-                                        kind="reverse", backend=backend)
+                                        divergence="reverse", backend=backend)
     assert big.seen == [], f"copies before the kernel: {big.seen}"
     g = torch.autograd.grad(out, [hs_full, Ws, full])
     r = [x.detach().double().requires_grad_() for x in (hs_full, Ws, full)]
     rt = dict(teacher_hidden=r[2][:, :-1], teacher_weight=Wt.double()) if teacher == "hidden" else \
         dict(teacher_logits=r[2][:, :-1])
     ref = reference.fused_linear_kl(r[0][:, :-1], r[1], **rt, temperature=2.0, alpha=0.4, labels=labels[:, 1:],
-                                    kind="reverse")
+                                    divergence="reverse")
     rg = torch.autograd.grad(ref, r)
     assert_close(out, ref, torch.float32, f"loss seed={seed}")
     for a, b, name in zip(g, rg, ("hidden", "weight", "teacher")):

@@ -4,11 +4,11 @@ test showing that no [N, V] tensor is formed."""
 
 import pytest
 import torch
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, vocab_sum_scale
 
 import kdkernels
+import kdkernels.fused_linear as FL
 from kdkernels import reference
-from kdkernels.ops import fused_linear_kl as FL
-from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, vocab_sum_scale
 
 MODES = [("logprobs", "ignore"), ("logprobs", "uniform"), ("logits", "ignore")]
 
@@ -49,7 +49,7 @@ def test_matches_reference(V, H, k, values, tail, seed):
     labels = torch.randint(0, V, (N,))
     labels[1] = -100
     T = [1.0, 2.0][seed % 2]
-    out = compare(hs, Ws, bs, vals, idx, torch.float32, values=values, tail=tail, temperature=T, labels=labels,
+    out = compare(hs, Ws, bs, vals, idx, torch.float32, topk_format=values, tail=tail, temperature=T, labels=labels,
                   reduction="none", what=f"seed={seed} T={T}")
     assert out[1].item() == 0.0
 
@@ -99,8 +99,8 @@ def test_bad_input():
         f(hs, Ws, vals[:2], idx[:2])
     with pytest.raises(ValueError, match=r"teacher_topk_indices must be in \[0, 50\)"):
         f(hs, Ws, vals, idx + 50)
-    with pytest.raises(ValueError, match="tail='uniform' needs values='logprobs'"):
-        f(hs, Ws, vals, idx, values="logits", tail="uniform")
+    with pytest.raises(ValueError, match="tail='uniform' needs topk_format='logprobs'"):
+        f(hs, Ws, vals, idx, topk_format="logits", tail="uniform")
     with pytest.raises(ValueError, match="backend='cpu'"):
         f(hs, Ws, vals, idx, backend="cpu")
 

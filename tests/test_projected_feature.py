@@ -5,12 +5,12 @@ input; the projected tensor is not kept (peak memory in a subprocess)."""
 
 import pytest
 import torch
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, triton_ok
 
 import kdkernels
+import kdkernels.projected_feature as PF
 from kdkernels import reference
-from kdkernels._backend import triton_interpreted
-from kdkernels.ops import projected_feature as PF
-from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, triton_ok
+from kdkernels._core.backends import triton_interpreted
 
 KINDS = ["mse", "l1", "smooth_l1", "cosine"]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -31,7 +31,7 @@ def check(x, W, b, t, dtype, what, **kw):
     L1's gradient is sign(y - t): where the projection y is within rounding of the teacher the sign
     is a coin toss in any precision (a CI run flipped one at float32), so the teacher is moved
     3e-2 away from y wherever it lies within 1e-2 of it (the kink itself is tested by none)."""
-    if kw.get("kind") == "l1" or (kw.get("kind") == "smooth_l1" and kw.get("beta", 1.0) == 0.0):
+    if kw.get("metric") == "l1" or (kw.get("metric") == "smooth_l1" and kw.get("beta", 1.0) == 0.0):
         with torch.no_grad():
             y = x.double() @ W.double().t() + (0.0 if b is None else b.double())
             d = t.double() - y
@@ -65,7 +65,7 @@ def test_matches_reference(backend, kind, N, Ds, Dt, seed):
         pytest.skip("interpreted Triton: 4099 x 768 tiles cost tens of seconds; N = 4099 runs at Dt = 64")
     x, W, b, t = inputs((N,), Ds, Dt, torch.float32)
     mask = (torch.rand(N) > 0.25) if N > 1 else None
-    check(x, W, b, t, torch.float32, f"seed={seed}", kind=kind, beta=0.5, mask=mask, backend=backend)
+    check(x, W, b, t, torch.float32, f"seed={seed}", metric=kind, beta=0.5, mask=mask, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,7 +78,7 @@ def test_dtypes_reductions_masks(backend, kind, dtype, reduction, seed, monkeypa
     monkeypatch.setattr(PF, "COL_TILE", 100)
     x, W, b, t = inputs((3, 37), 20, 300, dtype)
     mask = torch.rand(3, 37) > 0.3
-    check(x, W, b, t, dtype, f"seed={seed}", kind=kind, mask=mask, reduction=reduction, backend=backend)
+    check(x, W, b, t, dtype, f"seed={seed}", metric=kind, mask=mask, reduction=reduction, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -86,22 +86,22 @@ def test_edge_cases(backend):
     """No bias, a frozen teacher, float and all-False masks, beta = 0 (smooth-L1 is L1), a zero
     teacher row (cosine's eps), mixed dtypes."""
     x, W, _, t = inputs((2, 9), 8, 12, torch.float32, bias=False, teacher_grad=False)
-    check(x, W, None, t, torch.float32, "no bias, frozen teacher", kind="mse", backend=backend)
+    check(x, W, None, t, torch.float32, "no bias, frozen teacher", metric="mse", backend=backend)
     mask = (torch.arange(18).reshape(2, 9) % 3 != 0).float()
-    check(x, W, None, t, torch.float32, "float mask", kind="l1", mask=mask, backend=backend)
+    check(x, W, None, t, torch.float32, "float mask", metric="l1", mask=mask, backend=backend)
     out = kdkernels.projected_feature_loss(x, W, t, mask=torch.zeros(2, 9, dtype=torch.bool), backend=backend)
     assert out.item() == 0.0
     out.backward()
     assert x.grad.abs().max() == 0 and W.grad.abs().max() == 0
-    a = kdkernels.projected_feature_loss(x, W, t, kind="smooth_l1", beta=0.0, backend=backend)
-    c = kdkernels.projected_feature_loss(x, W, t, kind="l1", backend=backend)
+    a = kdkernels.projected_feature_loss(x, W, t, metric="smooth_l1", beta=0.0, backend=backend)
+    c = kdkernels.projected_feature_loss(x, W, t, metric="l1", backend=backend)
     assert torch.allclose(a, c, rtol=1e-6)
     x2, W2, b2, t2 = inputs((6,), 8, 12, torch.float64)
     with torch.no_grad():
         t2[2] = 0.0
-    check(x2, W2, b2, t2, torch.float64, "zero teacher row", kind="cosine", backend=backend)
+    check(x2, W2, b2, t2, torch.float64, "zero teacher row", metric="cosine", backend=backend)
     x3, W3, b3, t3 = inputs((6,), 8, 12, torch.bfloat16)
-    check(x3, W3.detach().float().requires_grad_(), b3, t3, torch.bfloat16, "mixed dtypes", kind="mse",
+    check(x3, W3.detach().float().requires_grad_(), b3, t3, torch.bfloat16, "mixed dtypes", metric="mse",
           backend=backend)
 
 
@@ -113,7 +113,7 @@ def test_module_and_hooks():
     feats = {}
     student[1].register_forward_hook(lambda m, i, o: feats.__setitem__("s", o))
     teacher[1].register_forward_hook(lambda m, i, o: feats.__setitem__("t", o))
-    hint = kdkernels.nn.HintLoss(32, 64, kind="mse")
+    hint = kdkernels.nn.HintLoss(32, 64, metric="mse")
     x = torch.randn(8, 16)
     with torch.no_grad():
         t_logits = teacher(x)
@@ -142,8 +142,8 @@ def _bad():
         ("rows", lambda: f(x, W, torch.randn(4, 12)), ValueError, "same leading shape"),
         ("bias", lambda: f(x, W, t, bias=torch.randn(11)), ValueError, "bias must be [Dt] = [12]"),
         ("mask", lambda: f(x, W, t, mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask must have the leading"),
-        ("kind", lambda: f(x, W, t, kind="huber"), ValueError, "kind must be one of"),
-        ("beta", lambda: f(x, W, t, kind="smooth_l1", beta=-1.0), ValueError, "beta must be in"),
+        ("metric", lambda: f(x, W, t, metric="huber"), ValueError, "metric must be one of"),
+        ("beta", lambda: f(x, W, t, metric="smooth_l1", beta=-1.0), ValueError, "beta must be in"),
         ("reduction", lambda: f(x, W, t, reduction="batchmean"), ValueError, "reduction must be"),
         ("int", lambda: f(x.long(), W, t), TypeError, "student_feat must be float32"),
         ("backend", lambda: f(x, W, t, backend="cuda"), ValueError, "backend='cuda'"),
@@ -199,11 +199,11 @@ def test_autocast(backend, kind, seed):
     W, b = (torch.randn(40, 24) * 0.2).requires_grad_(), torch.randn(40, requires_grad=True)
     t = torch.randn(30, 40)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = kdkernels.projected_feature_loss(x, W, t, bias=b, kind=kind, backend=backend)
+        out = kdkernels.projected_feature_loss(x, W, t, bias=b, metric=kind, backend=backend)
     g = torch.autograd.grad(out, [x, W, b])
     assert out.dtype == torch.float32 and all(y.dtype == torch.float32 for y in g)
     r = [y.detach().bfloat16().double().requires_grad_() for y in (x, W, b)]
-    ref = reference.projected_feature_loss(r[0], r[1], t.double(), bias=r[2], kind=kind)
+    ref = reference.projected_feature_loss(r[0], r[1], t.double(), bias=r[2], metric=kind)
     rg = torch.autograd.grad(ref, r)
     assert_close(out, ref, torch.float32, f"loss seed={seed}")
     for a, c, name in zip(g, rg, ("x", "W", "b")):

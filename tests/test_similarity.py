@@ -6,12 +6,12 @@ tiles and 3 column splits, so N = 257 and 4096 cross tiles there); a memory test
 
 import pytest
 import torch
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, triton_ok
 
 import kdkernels
+import kdkernels.contrastive as SIM
 from kdkernels import reference
-from kdkernels._backend import triton_interpreted
-from kdkernels.ops import similarity as SIM
-from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe, triton_ok
+from kdkernels._core.backends import triton_interpreted
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # the C++ sweeps per tile, the Triton kernels (under the interpreter when there is no GPU), and the
@@ -61,7 +61,7 @@ def test_info_nce_matches_reference(backend, N, D, kind, seed):
     a, b = emb(N, D, torch.float32), emb(N, D, torch.float32)
     # N = 1, softmax: every exact gradient is 0 and fp32 leaves O(eps |S|): keep the scale at 1 there
     ls = torch.tensor(0.0 if N == 1 else 2.3, requires_grad=True)
-    kw = dict(logit_scale=ls, kind=kind, backend=backend)
+    kw = dict(logit_scale=ls, variant=kind, backend=backend)
     if kind == "sigmoid":
         kw["logit_bias"] = torch.tensor(-3.0, requires_grad=True)
     grads_vs_reference(kdkernels.info_nce, reference.info_nce, [a, b], torch.float32, f"seed={seed}", **kw)
@@ -78,7 +78,7 @@ def test_info_nce_dtypes_labels_tiles(backend, dtype, kind, symmetric, reduction
     a, b = emb(30, 16, dtype), emb(41, 16, dtype)
     labels = torch.randint(0, 41, (30,))
     labels[3] = labels[4]
-    kw = dict(temperature=0.1, labels=labels, symmetric=symmetric, kind=kind, reduction=reduction, backend=backend)
+    kw = dict(temperature=0.1, labels=labels, symmetric=symmetric, variant=kind, reduction=reduction, backend=backend)
     grads_vs_reference(kdkernels.info_nce, reference.info_nce, [a, b], dtype, f"seed={seed}", **kw)
 
 
@@ -107,7 +107,7 @@ def test_similarity_kd_matches_reference(backend, N, Ds, Dt, cross, kind, seed):
     sa, ta = emb(N, Ds, torch.float32, scale=k), emb(N, Dt, torch.float32, grad=False, scale=1.2)
     sb = emb(N, Ds, torch.float32, scale=k) if cross else None
     tb = emb(N, Dt, torch.float32, grad=False) if cross else None
-    kw = dict(temperature=0.2, student_temperature=0.5, kind=kind, beta=0.3, normalize=bool(seed % 2),
+    kw = dict(temperature=0.2, student_temperature=0.5, divergence=kind, beta=0.3, normalize=bool(seed % 2),
               backend=backend)
     grads_vs_reference(kdkernels.similarity_kd, reference.similarity_kd, [sa, ta, sb, tb], torch.float32,
                        f"seed={seed}", **kw)
@@ -123,7 +123,7 @@ def test_similarity_kd_dtypes_tiles(backend, dtype, cross, symmetric, reduction,
     n = 23
     sa, ta = emb(n, 12, dtype), emb(n, 20, dtype, grad=False)
     sb, tb = (emb(n, 12, dtype), emb(n, 20, dtype, grad=False)) if cross else (None, None)
-    kw = dict(temperature=0.3, kind="jsd", beta=0.4, symmetric=symmetric, reduction=reduction, backend=backend)
+    kw = dict(temperature=0.3, divergence="jsd", beta=0.4, symmetric=symmetric, reduction=reduction, backend=backend)
     grads_vs_reference(kdkernels.similarity_kd, reference.similarity_kd, [sa, ta, sb, tb], dtype,
                        f"seed={seed}", **kw)
 
@@ -139,8 +139,6 @@ def test_similarity_kd_identical_models_give_zero():
 def test_clip_distill_matches_reference(backend, N, dtype, seed, monkeypatch):
     """open_clip's DistillClipLoss fused (both losses from the same tiles): each loss with its own
     upstream gradient, against the float64 reference; 7 x 11 tiles, teacher width != student's."""
-    from kdkernels import functional as KF
-
     monkeypatch.setattr(SIM, "ROW_TILE", 7)
     monkeypatch.setattr(SIM, "COL_TILE", 11)
     img, txt = emb(N, 16, dtype), emb(N, 16, dtype)
@@ -148,7 +146,7 @@ def test_clip_distill_matches_reference(backend, N, dtype, seed, monkeypatch):
     # N = 1: the exact losses and gradients are 0 and fp32 leaves O(eps |S|): keep the scale at 1 there
     ls = torch.tensor(0.0 if N == 1 else 2.6, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
                       requires_grad=True)
-    out = KF._clip_distill(img, txt, t_img, t_txt, ls, 30.0, backend=backend)
+    out = kdkernels.clip_distill(img, txt, t_img, t_txt, ls, 30.0, backend=backend)
     go = torch.rand(2, dtype=torch.float64) + 0.5
     grads = torch.autograd.grad(out[0] * go[0] + out[1] * go[1], [img, txt, ls])
     r = [x.detach().double().requires_grad_() for x in (img, txt, ls)]
@@ -163,12 +161,10 @@ def test_clip_distill_matches_reference(backend, N, dtype, seed, monkeypatch):
 
 def test_clip_distill_only_the_contrastive_loss_used():
     """A loss left out of the graph passes no gradient (None upstream), the other is unchanged."""
-    from kdkernels import functional as KF
-
     img, txt = emb(20, 8, torch.float64), emb(20, 8, torch.float64)
     t_img, t_txt = emb(20, 8, torch.float64, grad=False), emb(20, 8, torch.float64, grad=False)
     ls = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
-    contrastive, _ = KF._clip_distill(img, txt, t_img, t_txt, ls, 10.0)
+    contrastive, _ = kdkernels.clip_distill(img, txt, t_img, t_txt, ls, 10.0)
     got = torch.autograd.grad(contrastive, [img, txt, ls])
     want = torch.autograd.grad(kdkernels.info_nce(img, txt, logit_scale=ls), [img, txt, ls])
     for g, w in zip(got, want):
@@ -197,10 +193,10 @@ def _bad():
         ("labels range", lambda: f(a, b, temperature=0.1, labels=torch.tensor([0, 1, 2, 4])), ValueError,
          "labels must be in [0, N_b = 4)"),
         ("few b", lambda: f(a, b[:3], temperature=0.1), ValueError, "b needs at least N_a = 4 rows"),
-        ("kind", lambda: f(a, b, temperature=0.1, kind="hinge"), ValueError, "kind must be"),
+        ("variant", lambda: f(a, b, temperature=0.1, variant="hinge"), ValueError, "variant must be"),
         ("backend", lambda: f(a, b, temperature=0.1, backend="gpu"), ValueError, "backend must be one of"),
         ("backend cuda", lambda: f(a, b, temperature=0.1, backend="cuda"), ValueError, "no CUDA C++ kernel"),
-        ("DistillClipLoss rows", lambda: kdkernels.functional._clip_distill(a, b[:3], a, b, torch.tensor(1.0), 10.0),
+        ("DistillClipLoss rows", lambda: kdkernels.clip_distill(a, b[:3], a, b, torch.tensor(1.0), 10.0),
          ValueError, "must have the same rows"),
         ("kd rows", lambda: g(a, torch.randn(5, 8)), ValueError, "same rows"),
         ("kd half b", lambda: g(a, a, b, None), ValueError, "give both student_b and teacher_b"),
@@ -227,7 +223,7 @@ MEMORY_PROBE = """
         if which == "clip":
             kdkernels.info_nce(a[:n], b[:n], logit_scale=ls).backward()
         elif which == "distill_clip":
-            c, d = kdkernels.functional._clip_distill(a[:n], b[:n], ta[:n], tb[:n], ls, 50.0)
+            c, d = kdkernels.clip_distill(a[:n], b[:n], ta[:n], tb[:n], ls, 50.0)
             (c + d).backward()
         else:
             kdkernels.similarity_kd(a[:n], ta[:n], b[:n], tb[:n], temperature=0.1).backward()

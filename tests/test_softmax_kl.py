@@ -10,10 +10,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES, HAS_PEAK_RSS_RESET, assert_close, backend_device_params
 
 import kdkernels
-from kdkernels import _debug, reference
-from conftest import DEVICES, HAS_PEAK_RSS_RESET, assert_close, backend_device_params, loosest
+from kdkernels import reference
+from kdkernels._core import debug as _debug
 
 KINDS = ["forward", "reverse", "jsd"]
 HALF = [torch.float32, torch.bfloat16, torch.float16]
@@ -61,11 +62,11 @@ def test_matches_reference(backend, device, V, dtype, kind, seed):
     go = torch.rand(N, device=device) + 0.5  # grad_output != 1, different per row
 
     def kdk(s_, t_, lab, b):
-        return kdkernels.softmax_kl(s_, t_, temperature=T, kind=kind, beta=beta, labels=lab, reduction="none",
+        return kdkernels.softmax_kl(s_, t_, temperature=T, divergence=kind, beta=beta, labels=lab, reduction="none",
                                     backend=b)
 
     def ref(s_, t_, lab):
-        return reference.softmax_kl(s_, t_, temperature=T, kind=kind, beta=beta, labels=lab, reduction="none")
+        return reference.softmax_kl(s_, t_, temperature=T, divergence=kind, beta=beta, labels=lab, reduction="none")
 
     (out, gs, gt), (r, rgs, rgt) = run_both(kdk, ref, s, t, labels, go, backend=backend)
     assert out.dtype == torch.float32
@@ -203,11 +204,11 @@ def test_distill_loss(backend, device, kind, dtype, T, alpha, V, seed):
     go = torch.rand(N, device=device) + 0.5
 
     def kdk(s_, t_, lab, b):
-        return kdkernels.distill_loss(s_, t_, lab, temperature=T, alpha=alpha, kind=kind, ignore_index=-7,
+        return kdkernels.distill_loss(s_, t_, lab, temperature=T, alpha=alpha, divergence=kind, ignore_index=-7,
                                       reduction="none", backend=b)
 
     def ref(s_, t_, lab):
-        return reference.distill_loss(s_, t_, lab, temperature=T, alpha=alpha, kind=kind, ignore_index=-7,
+        return reference.distill_loss(s_, t_, lab, temperature=T, alpha=alpha, divergence=kind, ignore_index=-7,
                                       reduction="none")
 
     (out, gs, gt), (r, rgs, rgt) = run_both(kdk, ref, s, t, labels, go, backend=backend)
@@ -219,13 +220,13 @@ def test_distill_loss(backend, device, kind, dtype, T, alpha, V, seed):
 @pytest.mark.parametrize("backend,device", backend_device_params())
 def test_jsd_beta_endpoints(backend, device, seed):
     s, t = make_logits(4, 300, torch.float32, device)
-    fwd = kdkernels.softmax_kl(s, t, kind="forward", reduction="none", backend=backend)
-    rev = kdkernels.softmax_kl(s, t, kind="reverse", reduction="none", backend=backend)
-    torch.testing.assert_close(kdkernels.softmax_kl(s, t, kind="jsd", beta=0.0, reduction="none", backend=backend), fwd)
-    torch.testing.assert_close(kdkernels.softmax_kl(s, t, kind="jsd", beta=1.0, reduction="none", backend=backend), rev)
+    fwd = kdkernels.softmax_kl(s, t, divergence="forward", reduction="none", backend=backend)
+    rev = kdkernels.softmax_kl(s, t, divergence="reverse", reduction="none", backend=backend)
+    torch.testing.assert_close(kdkernels.softmax_kl(s, t, divergence="jsd", beta=0.0, reduction="none", backend=backend), fwd)
+    torch.testing.assert_close(kdkernels.softmax_kl(s, t, divergence="jsd", beta=1.0, reduction="none", backend=backend), rev)
     # symmetric JSD is symmetric and bounded by log 2
-    j1 = kdkernels.softmax_kl(s, t, kind="jsd", beta=0.5, reduction="none", backend=backend)
-    j2 = kdkernels.softmax_kl(t, s, kind="jsd", beta=0.5, reduction="none", backend=backend)
+    j1 = kdkernels.softmax_kl(s, t, divergence="jsd", beta=0.5, reduction="none", backend=backend)
+    j2 = kdkernels.softmax_kl(t, s, divergence="jsd", beta=0.5, reduction="none", backend=backend)
     torch.testing.assert_close(j1, j2, rtol=1e-5, atol=1e-6)
     assert (j1 <= math.log(2) + 1e-6).all() and (j1 >= 0).all()
 
@@ -239,7 +240,7 @@ def test_gradcheck_float64(backend, device, kind):
     labels = torch.tensor([1, -100, 4], device=device)
 
     def f(s_, t_):
-        return kdkernels.distill_loss(s_, t_, labels, temperature=1.7, alpha=0.4, kind=kind, beta=0.35,
+        return kdkernels.distill_loss(s_, t_, labels, temperature=1.7, alpha=0.4, divergence=kind, beta=0.35,
                                       reduction="none", backend=backend)
 
     assert torch.autograd.gradcheck(f, (s, t), eps=1e-6, atol=1e-7)
@@ -283,10 +284,10 @@ def test_neg_inf_padding(backend, device, kind, V, teacher_grad):
     go = torch.ones(4, device=device)
 
     def kdk(s_, t_, lab, b):
-        return kdkernels.softmax_kl(s_, t_, temperature=1.3, kind=kind, reduction="none", backend=b)
+        return kdkernels.softmax_kl(s_, t_, temperature=1.3, divergence=kind, reduction="none", backend=b)
 
     def ref(s_, t_, lab):
-        return reference.softmax_kl(s_, t_, temperature=1.3, kind=kind, reduction="none")
+        return reference.softmax_kl(s_, t_, temperature=1.3, divergence=kind, reduction="none")
 
     (out, gs, gt), (r, rgs, rgt) = run_both(kdk, ref, s, t, None, go, backend=backend, teacher_grad=teacher_grad)
     assert torch.isfinite(out).all() and torch.isfinite(gs).all()
@@ -373,8 +374,8 @@ def test_backward_twice_with_retain_graph(backend, device):
 def test_modules(device):
     s, t = make_logits(4, 40, torch.float32, device)
     labels = torch.randint(0, 40, (4,), device=device)
-    m = kdkernels.nn.SoftmaxKL(temperature=2.0, kind="reverse")
-    torch.testing.assert_close(m(s, t), kdkernels.softmax_kl(s, t, temperature=2.0, kind="reverse"))
+    m = kdkernels.nn.SoftmaxKL(temperature=2.0, divergence="reverse")
+    torch.testing.assert_close(m(s, t), kdkernels.softmax_kl(s, t, temperature=2.0, divergence="reverse"))
     d = kdkernels.nn.DistillationLoss(temperature=2.0, alpha=0.3)
     torch.testing.assert_close(d(s, t, labels), kdkernels.distill_loss(s, t, labels, temperature=2.0, alpha=0.3))
     assert "temperature=2.0" in repr(d)
@@ -438,11 +439,11 @@ def _bad_cases():
         ("temperature <0", lambda: f(s, t, temperature=-1.0), ValueError, "temperature"),
         ("temperature nan", lambda: f(s, t, temperature=float("nan")), ValueError, "temperature"),
         ("temperature str", lambda: f(s, t, temperature="2"), TypeError, "temperature"),
-        ("beta >1", lambda: f(s, t, kind="jsd", beta=1.5), ValueError, "beta"),
-        ("beta <0", lambda: f(s, t, kind="jsd", beta=-0.1), ValueError, "beta"),
+        ("beta >1", lambda: f(s, t, divergence="jsd", beta=1.5), ValueError, "beta"),
+        ("beta <0", lambda: f(s, t, divergence="jsd", beta=-0.1), ValueError, "beta"),
         ("alpha", lambda: d(s, t, lab, alpha=1.2), ValueError, "alpha"),
         ("alpha without labels", lambda: d(s, t, alpha=0.5), ValueError, "labels"),
-        ("kind", lambda: f(s, t, kind="kl"), ValueError, "kind"),
+        ("divergence", lambda: f(s, t, divergence="kl"), ValueError, "divergence"),
         ("reduction", lambda: f(s, t, reduction="avg"), ValueError, "reduction"),
         ("backend", lambda: f(s, t, backend="mps"), ValueError, "backend"),
         ("cuda backend", lambda: f(s, t, backend="cuda"), ValueError, "backend='cuda'"),
@@ -482,7 +483,7 @@ def test_empty_batch():
 # ------------------------------------------------------------------------------------ memory
 
 MEMORY_PROBE = textwrap.dedent("""
-    import resource, sys, torch
+    import sys, torch
     import torch.nn.functional as F
     import kdkernels
     torch.set_num_threads(1)
@@ -495,19 +496,8 @@ MEMORY_PROBE = textwrap.dedent("""
         return kdkernels.softmax_kl(s, t, temperature=2.0, backend="cpu")
     fn = fused if which == "fused" else eager
     fn(tiny_s, torch.randn(2, 8)).backward()  # load code paths before the baseline
-    def status_kib(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
-    try:  # reset the peak-RSS counter, so that an earlier transient peak cannot hide this one
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = status_kib("VmRSS")
-        peak_of = lambda: status_kib("VmHWM")
-    except OSError:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_of = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(s, t).backward()
-    print((peak_of() - base) * 1024)
+    from kdkernels._core.memory import peak_extra_bytes  # the peak-RSS counter reset first
+    print(peak_extra_bytes(lambda: fn(s, t).backward()))
 """)
 
 
@@ -595,13 +585,13 @@ def test_causal_shift_views_are_read_in_place(backend, device, teacher_shift, se
     t = t_full[:, :-1] if teacher_shift == "same" else t_full[:, 1:]
     assert not s.is_contiguous()
     with _debug.poison_outputs(), LargeOutputs(B * (L - 1) * V // 2) as big:
-        out = kdkernels.distill_loss(s, t, labels[:, 1:], temperature=2.0, alpha=0.3, kind="jsd", beta=0.4,
+        out = kdkernels.distill_loss(s, t, labels[:, 1:], temperature=2.0, alpha=0.3, divergence="jsd", beta=0.4,
                                      reduction="batchmean", backend=backend)
     assert big.seen == [], f"copies before the kernel: {big.seen}"
     gs, gt = torch.autograd.grad(out * 0.8, [s_full, t_full])
     s64, t64 = s_full.detach().double().requires_grad_(), t_full.detach().double().requires_grad_()
     tv = t64[:, :-1] if teacher_shift == "same" else t64[:, 1:]
-    ref = reference.distill_loss(s64[:, :-1], tv, labels[:, 1:], temperature=2.0, alpha=0.3, kind="jsd", beta=0.4,
+    ref = reference.distill_loss(s64[:, :-1], tv, labels[:, 1:], temperature=2.0, alpha=0.3, divergence="jsd", beta=0.4,
                                  reduction="batchmean")
     rgs, rgt = torch.autograd.grad(ref * 0.8, [s64, t64])
     assert_close(out, ref, torch.float32, f"loss seed={seed}")

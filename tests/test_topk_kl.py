@@ -5,10 +5,11 @@ import re
 
 import pytest
 import torch
+from conftest import assert_close, fused_backends, loosest
 
 import kdkernels
-from kdkernels import _debug, reference
-from conftest import assert_close, fused_backends, loosest
+from kdkernels import reference
+from kdkernels._core import debug as _debug
 
 # the C++ kernel, the Triton kernel (under the interpreter when there is no GPU), the reference
 BACKENDS = [b for b in fused_backends("cpu") if b != "cpu" or kdkernels.build_info()["extension"]] + ["torch"]
@@ -26,11 +27,11 @@ def check(s, vals, idx, *, backend, values, tail, T, labels=None, reduction="non
     go = torch.rand(s.shape[0]) + 0.5
     s1 = s.clone().requires_grad_()
     with _debug.poison_outputs():
-        out = kdkernels.topk_kl(s1, vals, idx, values=values, tail=tail, temperature=T, labels=labels,
+        out = kdkernels.topk_kl(s1, vals, idx, topk_format=values, tail=tail, temperature=T, labels=labels,
                                 reduction=reduction, backend=backend)
         (g,) = torch.autograd.grad(out, [s1], go if out.dim() else None)
     s2 = s.double().requires_grad_()
-    ref = reference.topk_kl(s2, vals.double(), idx, values=values, tail=tail, temperature=T, labels=labels,
+    ref = reference.topk_kl(s2, vals.double(), idx, topk_format=values, tail=tail, temperature=T, labels=labels,
                             reduction=reduction)
     (rg,) = torch.autograd.grad(ref, [s2], go.double() if ref.dim() else None)
     dt = loosest(s.dtype, vals.dtype if vals.dtype != torch.float64 else torch.float32)
@@ -127,11 +128,11 @@ def _bad_cases():
         ("k > V", lambda: f(s, torch.randn(4, 11), torch.zeros(4, 11, dtype=torch.long)), ValueError, "k"),
         ("index range", lambda: f(s, vals, idx + 10), ValueError, "teacher_topk_indices must be in"),
         ("float index", lambda: f(s, vals, idx.float()), TypeError, "integer"),
-        ("values kind", lambda: f(s, vals, idx, values="probs"), ValueError, "values must be"),
+        ("values kind", lambda: f(s, vals, idx, topk_format="probs"), ValueError, "topk_format must be"),
         ("tail", lambda: f(s, vals, idx, tail="spread"), ValueError, "tail must be"),
-        ("logits + uniform", lambda: f(s, vals, idx, values="logits", tail="uniform"), ValueError, "uniform"),
+        ("logits + uniform", lambda: f(s, vals, idx, topk_format="logits", tail="uniform"), ValueError, "uniform"),
         ("temperature", lambda: f(s, vals, idx, temperature=0), ValueError, "temperature"),
-        ("backend", lambda: f(s, vals, idx, backend="cuda"), ValueError, "no CUDA C++ top-k kernel"),
+        ("backend", lambda: f(s, vals, idx, backend="cuda"), ValueError, "topk_kl has no CUDA C++ kernel"),
     ]
 
 

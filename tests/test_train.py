@@ -480,7 +480,7 @@ def test_sentence_pairs_split():
 def test_lm_step_peak_memory():
     """The lm report's memory numbers: at 256 tokens x 16384 vocabulary every eager [tokens, V]
     float32 tensor is 16 MiB; the fused step forms none of them."""
-    from kdkernels.train.memory import step_peak_mib
+    from kdkernels.train.lm import step_peak_mib
 
     spec = dict(vocab=16384, teacher_dim=32, teacher_layers=1, student_dim=16, student_layers=1, context=64,
                 batch_size=4, temperature=2.0, alpha=0.5)

@@ -14,9 +14,9 @@ them).
   open_clip's soft cross-entropy ``-Σ softmax(S_teacher) log softmax(S_student)`` averaged over
   rows and over columns (forward KL of :func:`kdkernels.similarity_kd` plus the teacher's entropy).
   Both terms come from one pass over the tiles of ``S`` and of the teacher's similarities: they
-  share ``S`` and its log-sum-exps (``kdkernels.ops.similarity.clip_distill_forward``).
+  share ``S`` and its log-sum-exps (:func:`kdkernels.clip_distill`).
 * ``SigLipLoss``: ``-Σ log σ(z ∘ (S + logit_bias)) / N``: :func:`kdkernels.info_nce` with
-  ``kind="sigmoid"``.
+  ``variant="sigmoid"``.
 
 Only a single process (``world_size=1``) is supported: with ``world_size > 1`` open_clip gathers
 the features of every rank, which this module does not do.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from kdkernels import functional as KF
+from kdkernels.contrastive import clip_distill, info_nce
 
 __all__ = ["ClipLoss", "DistillClipLoss", "SigLipLoss"]
 
@@ -54,7 +54,7 @@ class ClipLoss(torch.nn.Module):
         self.rank, self.world_size, self.use_horovod = rank, world_size, use_horovod
 
     def _contrastive(self, image_features, text_features, logit_scale, logit_bias=None):
-        loss = KF.info_nce(image_features, text_features, logit_scale=_log_scale(logit_scale, image_features))
+        loss = info_nce(image_features, text_features, logit_scale=_log_scale(logit_scale, image_features))
         if isinstance(logit_bias, torch.Tensor) and logit_bias.requires_grad:
             loss = loss + 0.0 * logit_bias.sum()  # the bias cancels in the softmaxes: a zero gradient
         return loss
@@ -71,7 +71,7 @@ class DistillClipLoss(ClipLoss):
     def forward(self, image_features, text_features, logit_scale, dist_image_features, dist_text_features,
                 dist_logit_scale, output_dict: bool = False):
         # both losses from one pass over the tiles of the student's similarities (and the teacher's)
-        contrastive, distill = KF._clip_distill(image_features, text_features, dist_image_features,
+        contrastive, distill = clip_distill(image_features, text_features, dist_image_features,
                                                 dist_text_features, _log_scale(logit_scale, image_features),
                                                 float(dist_logit_scale))
         if output_dict:
@@ -91,6 +91,6 @@ class SigLipLoss(torch.nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         bias = logit_bias if isinstance(logit_bias, torch.Tensor) else \
             torch.tensor(float(logit_bias), device=image_features.device)
-        loss = KF.info_nce(image_features, text_features, logit_scale=_log_scale(logit_scale, image_features),
-                           logit_bias=bias.reshape(()), kind="sigmoid")
+        loss = info_nce(image_features, text_features, logit_scale=_log_scale(logit_scale, image_features),
+                           logit_bias=bias.reshape(()), variant="sigmoid")
         return {"contrastive_loss": loss} if output_dict else loss

@@ -30,8 +30,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from kdkernels import functional as KF
-from kdkernels.ops.rows import rows3, take_rows
+from kdkernels._core.rows import rows3, take_rows
+from kdkernels.softmax_divergence import softmax_kl
 
 __all__ = ["ForwardKLLoss", "ReverseKLLoss", "SymmetricKLLoss", "ForwardKLWithChunkedOutputLoss",
            "ReverseKLWithChunkedOutputLoss", "SymmetricKLWithChunkedOutputLoss"]
@@ -66,7 +66,7 @@ def _summed(kind: str, student_logits, teacher_logits, labels, ignore_index):
         return -(x * valid).sum(), valid.sum()
     # the logits as given (a chunk of the sequence is a strided view: read in place, not copied);
     # torchtune computes in float32 whatever the logits' dtype, so its loss is float32
-    total = KF.softmax_kl(student_logits, teacher_logits, kind=kind, labels=lab, ignore_index=ignore_index,
+    total = softmax_kl(student_logits, teacher_logits, divergence=kind, labels=lab, ignore_index=ignore_index,
                           reduction="sum").to(torch.float32)
     if kind == "forward":
         total = total + _teacher_entropy_sum(teacher_logits, valid)

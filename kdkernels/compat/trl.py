@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdkernels import functional as KF
+from kdkernels.softmax_divergence import softmax_kl
 
 __all__ = ["generalized_jsd_loss"]
 
@@ -57,7 +57,7 @@ def generalized_jsd_loss(student_logits, teacher_logits, labels=None, beta=0.5, 
     # TRL computes in the logits' dtype, so its loss has their promoted dtype (bf16 for bf16 logits);
     # the sum here accumulates in float32 and is rounded to that dtype once, at the end
     out_dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    total = KF.softmax_kl(student_logits, teacher_logits, temperature=temperature, kind="jsd", beta=float(beta),
+    total = softmax_kl(student_logits, teacher_logits, temperature=temperature, divergence="jsd", beta=float(beta),
                           labels=labels, ignore_index=-100, reduction="sum")
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdkernels import functional as KF
+from kdkernels.contrastive import info_nce as _info_nce
+from kdkernels.relational import similarity_kd_masked
 
 
 def _require_group(op: str) -> None:
@@ -60,7 +61,7 @@ def _reduce(rows: Tensor, reduction: str) -> Tensor:
 
 
 def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit_scale: Optional[Tensor] = None,
-             logit_bias: Optional[Tensor] = None, symmetric: bool = True, kind: str = "softmax",
+             logit_bias: Optional[Tensor] = None, symmetric: bool = True, variant: str = "softmax",
              reduction: str = "mean", backend: str = "auto", group=None) -> Tensor:
     """:func:`kdkernels.info_nce` over the global batch: row i of this rank's ``a`` matches row i
     of its ``b``; every other row of ``b`` on every rank is a negative. Returns the reduction over
@@ -73,17 +74,17 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
     sizes, offset = _sizes(a.shape[0], a.device, group)
     a_all, b_all = _gather(a, group, sizes), _gather(b, group, sizes)
     labels = torch.arange(a.shape[0], device=a.device) + offset
-    kw = dict(temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias, kind=kind,
+    kw = dict(temperature=temperature, logit_scale=logit_scale, logit_bias=logit_bias, variant=variant,
               reduction="none", backend=backend)
-    rows = KF.info_nce(a, b_all, labels=labels, symmetric=False, **kw)
-    if kind == "softmax" and symmetric:
-        rows = 0.5 * (rows + KF.info_nce(b, a_all, labels=labels, symmetric=False, **kw))
+    rows = _info_nce(a, b_all, labels=labels, symmetric=False, **kw)
+    if variant == "softmax" and symmetric:
+        rows = 0.5 * (rows + _info_nce(b, a_all, labels=labels, symmetric=False, **kw))
     return _reduce(rows, reduction)
 
 
 def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tensor] = None,
                   teacher_b: Optional[Tensor] = None, *, temperature: float = 1.0,
-                  student_temperature: Optional[float] = None, kind: str = "forward", beta: float = 0.5,
+                  student_temperature: Optional[float] = None, divergence: str = "forward", beta: float = 0.5,
                   normalize: bool = True, symmetric: bool = True, reduction: str = "mean", backend: str = "auto",
                   group=None) -> Tensor:
     """:func:`kdkernels.similarity_kd` over the global batch: this rank's rows of the similarity
@@ -99,17 +100,17 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
         with torch.no_grad():
             teacher_a, teacher_b = norm(teacher_a), norm(teacher_b)
     sizes, offset = _sizes(student_a.shape[0], student_a.device, group)
-    kw = dict(temperature=temperature, student_temperature=student_temperature, kind=kind, beta=beta,
+    kw = dict(temperature=temperature, student_temperature=student_temperature, divergence=divergence, beta=beta,
               normalize=False, symmetric=False, reduction="none", backend=backend)
     with torch.no_grad():
         ta_all = _gather(teacher_a.detach(), group, sizes)
         tb_all = None if teacher_b is None else _gather(teacher_b.detach(), group, sizes)
     sa_all = _gather(student_a, group, sizes)
     if student_b is None:
-        rows = KF._similarity_kd(student_a, teacher_a, sa_all, ta_all, mask_offset=offset, **kw)
+        rows = similarity_kd_masked(student_a, teacher_a, sa_all, ta_all, mask_offset=offset, **kw)
     else:
         sb_all = _gather(student_b, group, sizes)
-        rows = KF._similarity_kd(student_a, teacher_a, sb_all, tb_all, **kw)
+        rows = similarity_kd_masked(student_a, teacher_a, sb_all, tb_all, **kw)
         if symmetric:
-            rows = 0.5 * (rows + KF._similarity_kd(student_b, teacher_b, sa_all, ta_all, **kw))
+            rows = 0.5 * (rows + similarity_kd_masked(student_b, teacher_b, sa_all, ta_all, **kw))
     return _reduce(rows, reduction)

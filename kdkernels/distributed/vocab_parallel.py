@@ -18,23 +18,16 @@ work runs in PyTorch operations on the rank's slice (float32 accumulation).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kdkernels import functional as KF
-from kdkernels._backend import autocast_operands, without_autocast
-
-
-def _safe(m: Tensor) -> Tensor:
-    return torch.where(m == -math.inf, torch.zeros_like(m), m)
-
-
-def _plogr(p: Tensor, diff: Tensor) -> Tensor:
-    return torch.where(p > 0, p * diff, torch.zeros_like(p))
+from kdkernels._core.autocast import autocast_operands, without_autocast
+from kdkernels._core.numerics import REDUCTION_IDS, batch_size, grad_scale, log_mix, p_times, safe_max
+from kdkernels.fused_linear import tiled_forward, validate_fused_linear
+from kdkernels.softmax_divergence import divergence_id, validate
 
 
 class _VocabParallelKL(torch.autograd.Function):
@@ -44,7 +37,7 @@ class _VocabParallelKL(torch.autograd.Function):
         a, b = s.to(acc) / temperature, t.to(acc) / temperature
         m = torch.stack([a.max(-1).values, b.max(-1).values])
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        ma, mb = _safe(m[0]), _safe(m[1])
+        ma, mb = safe_max(m[0]), safe_max(m[1])
         ea, eb = torch.exp(a - ma[:, None]), torch.exp(b - mb[:, None])
         z = torch.stack([ea.sum(-1), eb.sum(-1)])
         dist.all_reduce(z, group=group)
@@ -52,12 +45,12 @@ class _VocabParallelKL(torch.autograd.Function):
         lps, lpt = a - lse_a[:, None], b - lse_b[:, None]
         ps, pt = lps.exp(), lpt.exp()
         if kind == 0:
-            part = _plogr(pt, lpt - lps).sum(-1, keepdim=True)
+            part = p_times(pt, lpt - lps).sum(-1, keepdim=True)
         elif kind == 1:
-            part = _plogr(ps, lps - lpt).sum(-1, keepdim=True)
+            part = p_times(ps, lps - lpt).sum(-1, keepdim=True)
         else:
-            lm = torch.where(lps == lpt, lps, torch.logaddexp(lpt + math.log(beta), lps + math.log1p(-beta)))
-            part = torch.stack([_plogr(ps, lps - lm).sum(-1), _plogr(pt, lpt - lm).sum(-1)], -1)
+            lm = log_mix(lps, lpt, beta)
+            part = torch.stack([p_times(ps, lps - lm).sum(-1), p_times(pt, lpt - lm).sum(-1)], -1)
         dist.all_reduce(part, group=group)
         if kind == 2:
             Ks, Kt = part[:, 0], part[:, 1]
@@ -69,12 +62,12 @@ class _VocabParallelKL(torch.autograd.Function):
         g = grad_scale.to(acc) / temperature * valid.to(acc)
         if want_s or want_t:
             if kind == 0:
-                ds, dt = ps - pt, _plogr(pt, lpt - lps - D[:, None])
+                ds, dt = ps - pt, p_times(pt, lpt - lps - D[:, None])
             elif kind == 1:
-                ds, dt = _plogr(ps, lps - lpt - D[:, None]), pt - ps
+                ds, dt = p_times(ps, lps - lpt - D[:, None]), pt - ps
             else:
-                ds = (1.0 - beta) * _plogr(ps, lps - lm - Ks[:, None])
-                dt = beta * _plogr(pt, lpt - lm - Kt[:, None])
+                ds = (1.0 - beta) * p_times(ps, lps - lm - Ks[:, None])
+                dt = beta * p_times(pt, lpt - lm - Kt[:, None])
             gs = (ds * g[:, None]).to(s.dtype) if want_s else None
             gt = (dt * g[:, None]).to(t.dtype) if want_t else None
         ctx.save_for_backward(gs, gt)
@@ -89,7 +82,7 @@ class _VocabParallelKL(torch.autograd.Function):
 
 
 def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-                      kind: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
+                      divergence: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
                       ignore_index: int = -100, reduction: str = "mean", group=None) -> Tensor:
     """:func:`kdkernels.softmax_kl` for logits whose vocabulary is split across the ranks of
     ``group``: each rank passes its ``[..., V_rank]`` slices (any split, the same rows on every
@@ -101,7 +94,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kl needs an initialized torch.distributed process group")
     # labels only mask rows here (their range is the global vocabulary, which no rank sees whole)
-    temperature, beta, _ = KF._validate(student_logits, teacher_logits, None, temperature, kind, beta,
+    temperature, beta, _ = validate(student_logits, teacher_logits, None, temperature, divergence, beta,
                                         ignore_index, reduction, "auto")
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -109,7 +102,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
         if labels.shape != student_logits.shape[:-1] or labels.device != student_logits.device:
             raise ValueError(f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])} and "
                              f"device, got {tuple(labels.shape)} on {labels.device}")
-    kind_id = KF._kind_id(kind, beta)
+    kind_id = divergence_id(divergence, beta)
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)
@@ -118,7 +111,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
         else labels.reshape(-1) != ignore_index
     red = reduction
     lab = None if labels is None else labels.reshape(-1)
-    scale = KF._grad_scale(N, lab, ignore_index, red, torch.float64, s.device, KF._batch_size(student_logits.shape))
+    scale = grad_scale(N, lab, ignore_index, red, torch.float64, s.device, batch_size(student_logits.shape))
     grad_on = torch.is_grad_enabled()
     rows = _VocabParallelKL.apply(s, t, valid, temperature, kind_id, beta, group,
                                   torch.ones((), device=s.device), grad_on and student_logits.requires_grad,
@@ -133,7 +126,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
 # ------------------------------------------------------------------------------ from hidden states and weight shards
 
 class _AllReduceStats:
-    """The ``merge`` of :func:`kdkernels.ops.fused_linear_kl.tiled_forward` across ``group``: the
+    """The ``merge`` of :func:`kdkernels.fused_linear.tiled_forward` across ``group``: the
     online statistics of every rank's slice rescaled to the global maxima and summed."""
 
     def __init__(self, group):
@@ -143,7 +136,7 @@ class _AllReduceStats:
         m = torch.stack([ma, mb])
         gm = m.clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=self.group)
-        f = torch.exp(m - _safe(gm))  # 0 where this slice saw nothing (m = -inf)
+        f = torch.exp(m - safe_max(gm))  # 0 where this slice saw nothing (m = -inf)
         w = w * f[1] if kind == 0 else (w * f[0] if kind == 1 else w)
         z = torch.stack([za * f[0], zb * f[1], w])
         dist.all_reduce(z, group=self.group)
@@ -181,8 +174,6 @@ class _VocabParallelFusedLinearKL(torch.autograd.Function):
 def _run(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, kw, need, group):
     """The tile loop on this rank's slice with the statistics merged across ranks; the hidden
     states' gradients summed across ranks (each rank's slice contributes to them)."""
-    from kdkernels.ops.fused_linear_kl import tiled_forward
-
     outs = tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, need=need,
                          merge=_AllReduceStats(group), **kw)
     for i in (1, 4):  # d student_hidden, d teacher_hidden
@@ -195,7 +186,7 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
                                    teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
                                    *, teacher_logits: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
                                    teacher_bias: Optional[Tensor] = None, temperature: float = 1.0,
-                                   kind: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
+                                   divergence: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
                                    ignore_index: int = -100, reduction: str = "mean", group=None) -> Tensor:
     """:func:`kdkernels.fused_linear_kl` for an lm_head whose vocabulary is split across the ranks
     of ``group`` (column-parallel): each rank passes the full hidden states (the same on every
@@ -211,9 +202,9 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_fused_linear_kl needs an initialized torch.distributed process group")
-    temperature, beta, _ = KF._validate_fused_linear(
+    temperature, beta, _ = validate_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
-        None, temperature, kind, beta, 0.0, ignore_index, reduction, "torch", allow_empty_vocab=True)
+        None, temperature, divergence, beta, 0.0, ignore_index, reduction, "torch", allow_empty_vocab=True)
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError("labels must be an integer tensor or None")
@@ -229,13 +220,13 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     red = reduction
     fp64 = any(x is not None and x.dtype == torch.float64 for x in (hs, student_weight, ht, teacher_weight, tl))
-    grad_scale = KF._grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32,
-                                hs.device, KF._batch_size((*lead, student_weight.shape[0])))
+    scale = grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32, hs.device,
+                       batch_size((*lead, student_weight.shape[0])))
     grad_on = torch.is_grad_enabled()
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in srcs)
-    kw = dict(temperature=temperature, kind=KF._kind_id(kind, beta), beta=beta, ignore_index=ignore_index,
+    kw = dict(temperature=temperature, kind=divergence_id(divergence, beta), beta=beta, ignore_index=ignore_index,
               ce_weight=0.0, kd_weight=temperature * temperature)
     loss = _VocabParallelFusedLinearKL.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, tl,
-                                             lab, grad_scale, kw, KF.REDUCTION_IDS[red], need, group)
+                                             lab, scale, kw, REDUCTION_IDS[red], need, group)
     return loss.reshape(lead) if red == "none" else loss

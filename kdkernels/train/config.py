@@ -71,7 +71,7 @@ class Config:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         if self.task not in TASKS:
             raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "context", "teacher_dim",

@@ -405,7 +405,7 @@ def run_task(cfg, device, out_dir) -> dict:
         return SentenceEncoder(vocab, cfg.student_dim, cfg.student_layers, cfg.context).to(device)
 
     student = new_student()
-    hint = kdkernels.nn.HintLoss(cfg.student_dim, t_a.shape[1], kind=cfg.hint_kind).to(device)
+    hint = kdkernels.nn.HintLoss(cfg.student_dim, t_a.shape[1], metric=cfg.hint_kind).to(device)
     model = nn.ModuleDict({"student": student, "hint": hint})
 
     def distill(batch):

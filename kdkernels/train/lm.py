@@ -15,14 +15,17 @@ corpus), where the teacher saw all of them: the setting in which distillation pa
 teacher's full next-token distribution on each position carries what the few hard labels do not.
 Reported: held-out perplexity of all three, and the distillation step's time and peak memory with
 the fused loss against eager PyTorch (logits, log-softmax, KL) on the same batch
-(:mod:`kdkernels.train.memory`).
+(:func:`step_peak_mib`).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
+import subprocess
+import sys
 import sysconfig
 import time
 from types import SimpleNamespace
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kdkernels
+from kdkernels._core.memory import CAN_RESET, peak_extra_bytes
 from kdkernels.train import dist
 from kdkernels.train.checkpoint import CheckpointError, load_checkpoint, model_state
 from kdkernels.train.config import ConfigError
@@ -271,7 +275,7 @@ def run_task(cfg, device, out_dir) -> dict:
 
     torch.manual_seed(cfg.seed + 2)
     student = TinyLM(vocab, cfg.student_dim, cfg.student_layers, cfg.context).to(device)
-    hint = kdkernels.nn.HintLoss(cfg.student_dim, cfg.teacher_dim, kind=cfg.hint_kind).to(device)
+    hint = kdkernels.nn.HintLoss(cfg.student_dim, cfg.teacher_dim, metric=cfg.hint_kind).to(device)
     model = nn.ModuleDict({"student": student, "hint": hint})
 
     def distill(batch):
@@ -296,8 +300,6 @@ def run_task(cfg, device, out_dir) -> dict:
                                                 _evaluate(student, held, device)), cfg, cfg.steps, out_dir,
                                             seed=cfg.seed + 3)))
     times = _step_times(student, teacher, sample(torch.Generator().manual_seed(0), cfg.batch_size), cfg)
-    from kdkernels.train.memory import step_peak_mib
-
     peak = step_peak_mib({"vocab": vocab, "teacher_dim": cfg.teacher_dim, "teacher_layers": cfg.teacher_layers,
                           "student_dim": cfg.student_dim, "student_layers": cfg.student_layers,
                           "context": cfg.context, "batch_size": cfg.batch_size, "temperature": cfg.temperature,
@@ -320,3 +322,91 @@ def run_task(cfg, device, out_dir) -> dict:
              f"distillation step ({cfg.batch_size} x {cfg.context} tokens): fused_linear_kl {_step(times, peak, 'fused')}, "
              f"eager logits + KL {_step(times, peak, 'eager')}"]
     return {"rows": rows, "notes": notes, "metrics": ("perplexity", "loss")}
+
+
+# ------------------------------------------------------------------------------ peak memory of a step
+# Peak memory of one ``--task lm`` distillation step, ``fused_linear_kl`` against eager PyTorch.
+#
+# On CUDA: ``torch.cuda.max_memory_allocated`` over the step, above what was allocated before it,
+# in this process. On a CPU: the peak resident set of a fresh process (``python -m
+# kdkernels.train.memory``) that builds the teacher and student at the run's sizes, runs the step once
+# on a tiny batch (one-time costs: thread pools, lazy initialization), then resets the kernel's peak
+# counter (``/proc/self/clear_refs``) and runs the step on a real batch; the peak (``VmHWM``) minus
+# the resident set before the step. glibc is told to return every block above 64 KiB to the system
+# when it is freed (``MALLOC_MMAP_THRESHOLD_=65536``), so the peak follows the live tensors. Linux
+# only; elsewhere the CPU numbers are None. The weights are random: memory does not depend on them.
+#
+# Both numbers include the gradients the step writes (the student's parameters).
+
+MIB = 2 ** 20
+
+
+def _models(spec, device):
+    torch.manual_seed(0)
+    teacher = TinyLM(spec["vocab"], spec["teacher_dim"], spec["teacher_layers"], spec["context"]).to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = TinyLM(spec["vocab"], spec["student_dim"], spec["student_layers"], spec["context"]).to(device)
+    return teacher, student
+
+
+def _batch(spec, rows, device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(spec["vocab"], (rows, spec["context"] + 1), generator=g)
+    return ids[:, :-1].to(device), ids[:, 1:].to(device)
+
+
+def _steps(spec, device):
+    from types import SimpleNamespace
+
+    teacher, student = _models(spec, device)
+    cfg = SimpleNamespace(temperature=spec["temperature"], alpha=spec["alpha"])
+    return student, distill_steps(student, teacher, cfg)
+
+
+
+def _child(spec: dict, which: str) -> float:
+    student, steps = _steps(spec, "cpu")
+    steps[which](_batch(spec, 1, "cpu"))
+    student.zero_grad(set_to_none=True)
+    batch = _batch(spec, spec["batch_size"], "cpu")
+    return peak_extra_bytes(lambda: steps[which](batch)) / MIB
+
+
+def step_peak_mib(spec: dict, device: torch.device) -> dict:
+    """``{"fused": MiB, "eager": MiB}`` (None where it cannot be measured). ``spec``: vocab,
+    teacher_dim, teacher_layers, student_dim, student_layers, context, batch_size, temperature,
+    alpha."""
+    if device.type == "cuda":
+        student, steps = _steps(spec, device)
+        batch = _batch(spec, spec["batch_size"], device)
+        out = {}
+        for name, step in steps.items():
+            student.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step(batch)
+            torch.cuda.synchronize(device)
+            out[name] = (torch.cuda.max_memory_allocated(device) - base) / MIB
+        return out
+    if not (sys.platform.startswith("linux") and CAN_RESET):
+        return {"fused": None, "eager": None}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = {}
+    for name in ("fused", "eager"):
+        res = subprocess.run([sys.executable, "-m", "kdkernels.train.lm", json.dumps(spec), name],
+                             capture_output=True, text=True, env=env, timeout=600)
+        try:
+            out[name] = float(res.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):  # clear_refs refused (some containers), or the child failed
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        print(_child(json.loads(sys.argv[1]), sys.argv[2]), flush=True)
+    except OSError as exc:
+        print(f"cannot measure: {exc}", file=sys.stderr)
+        sys.exit(1)

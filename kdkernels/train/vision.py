@@ -136,7 +136,7 @@ def run_task(cfg, device, out_dir) -> dict:
 
     torch.manual_seed(cfg.seed + 2)
     student = Student().to(device)
-    hint = kdkernels.nn.HintLoss(Student.feature_dim, Teacher.feature_dim, kind=cfg.hint_kind).to(device)
+    hint = kdkernels.nn.HintLoss(Student.feature_dim, Teacher.feature_dim, metric=cfg.hint_kind).to(device)
     model = nn.ModuleDict({"student": student, "hint": hint})
 
     def distill(batch):

@@ -1,9 +1,11 @@
 """Fused-linear KL in Triton: the distillation loss from hidden states and lm_head weights, with
 tensor-core ``tl.dot`` tiles, never forming the ``[N, V]`` logits (not even per chunk of rows).
 
-The math is that of :mod:`kdkernels.ops.fused_linear_kl` (the PyTorch tile loop, read it first)
+The math is that of :mod:`kdkernels.fused_linear` (the PyTorch tile loop, read it first)
 and of the softmax-KL kernel header (:mod:`kdkernels.triton.softmax_kl`, whose element-wise
-helpers this module reuses on 2-D tiles). Base-2 exponentials throughout: ``a2 = z_s log2(e)/T``.
+helpers, in :mod:`kdkernels.triton._common`, this module reuses on 2-D tiles; so are the tile
+helpers ``_logits_tile``, ``_online``, ``_accumulate``, shared with the similarity and hint kernels).
+Base-2 exponentials throughout: ``a2 = z_s log2(e)/T``.
 
 Kernels
 =======
@@ -46,15 +48,30 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.softmax_kl import (KIND_JSD, LN2, LOG2E, _divergence_grads, _divergence_terms,
-                                         _log_ratios, _safe_max)
+from kdkernels.triton._common import (
+    _TL_NAME,
+    KIND_JSD,
+    LOG2E,
+    _accumulate,
+    _contig_last,
+    _divergence_grads,
+    _divergence_terms,
+    _dot_dtype,
+    _layout,
+    _log_ratios,
+    _logits_tile,
+    _merge,
+    _online,
+    _precision,
+    _safe,
+    _splits,
+    dot_launch_config as launch_config,
+)
 
 __all__ = ["fused_linear_kl_forward", "launch_config", "aot_cases"]
 
 # parameters read from a small tensor (in the accumulation dtype, so fp64 runs keep every digit)
 P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA = (tl.constexpr(i) for i in range(4))
-
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 # statistics rows written by PHASE 0 (per split, per kept row)
 S_MA, S_ZA, S_MB, S_ZB, S_W, S_MC, S_ZC, S_LABEL = (tl.constexpr(i) for i in range(8))
@@ -62,49 +79,8 @@ N_STATS = 8
 
 
 # --------------------------------------------------------------------------------------------
-# tile helpers
+# tile helpers (the shared ones, _logits_tile, _online, _accumulate, are in triton/_common.py)
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _cast(x, DOT: tl.constexpr):
-    # DOT names the matmul operand dtype: "fp32", "bf16", "fp16" or "fp64"
-    if DOT == "bf16":
-        return x.to(tl.bfloat16)
-    elif DOT == "fp16":
-        return x.to(tl.float16)
-    elif DOT == "fp64":
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
-
-
-@triton.jit
-def _dot(x, y, acc, DOT: tl.constexpr, PREC: tl.constexpr):
-    # x [M, K] @ y [K, Nc] + acc; PREC chooses IEEE or TF32 products for fp32 operands
-    if DOT == "fp32":
-        return tl.dot(x, y, acc, input_precision=PREC)
-    else:
-        return tl.dot(x, y, acc)
-
-
-@triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, K, stride_h, stride_w,
-                 HAS_BIAS: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # z[rows, cols] = h[rows] . w[cols] (+ b[cols]), accumulated in ACC over slices of K
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
-    h_rows = h_ptr + rows[:, None] * stride_h
-    w_rows = w_ptr + cols[:, None].to(tl.int64) * stride_w
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        kmask = ks < K
-        h = _cast(tl.load(h_rows + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0), DOT)
-        w = _cast(tl.load(w_rows + ks[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0), DOT)
-        acc = _dot(h, tl.trans(w), acc, DOT, PREC)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(ACC)[None, :]
-    return acc
-
-
 @triton.jit
 def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols, cmask,
                 H, Ht, stride_ws, stride_wt,
@@ -122,17 +98,6 @@ def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, o
         zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, off_t, rmask, cols, cmask, Ht, 1, stride_wt,
                           HAS_BT, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     return zs, zt
-
-
-@triton.jit
-def _online(m, z, x2):
-    # merge a [BLOCK_N, BLOCK_V] tile of base-2 exponents into the running (max, sum of 2^(x - max));
-    # returns the new max, the new sum, the tile's 2^(x - new max) and the old sums' rescale factor
-    m_new = tl.maximum(m, tl.max(x2, axis=1))
-    sm = _safe_max(m_new)
-    f = tl.exp2(m - sm)
-    e = tl.exp2(x2 - sm[:, None])
-    return m_new, z * f + tl.sum(e, axis=1), e, f
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,35 +192,6 @@ def _stats_kernel(
 
 
 @triton.jit
-def _accumulate(dz, x_ptr, x_idx, x_off, x_mask, w_ptr, w_idx, w_mask, stride_w, dx_ptr, dw_ptr, db_ptr, K,
-                NEED_X: tl.constexpr, NEED_W: tl.constexpr, NEED_B: tl.constexpr, DOT: tl.constexpr,
-                PREC: tl.constexpr, ACC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_K: tl.constexpr):
-    # dz [BLOCK_N, BLOCK_V] (zero outside the tile): dx[x_idx] += dz @ w[w_idx], dw[w_idx] += dzᵀ @ x[x_idx],
-    # db[w_idx] += sum_rows dz; dx, dw are contiguous ACC buffers with row stride K; row x_idx of x
-    # starts x_off elements into x
-    if NEED_B:
-        tl.atomic_add(db_ptr + w_idx, tl.sum(dz, axis=0), mask=w_mask)
-    if NEED_X or NEED_W:
-        dzc = _cast(dz, DOT)
-        w_off = w_idx[:, None].to(tl.int64)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < K
-            if NEED_X:
-                w = _cast(tl.load(w_ptr + w_off * stride_w + ks[None, :], mask=w_mask[:, None] & kmask[None, :],
-                                  other=0.0), DOT)
-                part = _dot(dzc, w, tl.zeros([BLOCK_N, BLOCK_K], ACC), DOT, PREC)
-                tl.atomic_add(dx_ptr + x_idx[:, None] * K + ks[None, :], part,
-                              mask=x_mask[:, None] & kmask[None, :])
-            if NEED_W:
-                x = _cast(tl.load(x_ptr + x_off[:, None] + ks[None, :],
-                                  mask=x_mask[:, None] & kmask[None, :], other=0.0), DOT)
-                part = _dot(tl.trans(dzc), x, tl.zeros([BLOCK_V, BLOCK_K], ACC), DOT, PREC)
-                tl.atomic_add(dw_ptr + w_off * K + ks[None, :], part, mask=w_mask[:, None] & kmask[None, :])
-
-
-@triton.jit
 def _grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, row_ptr,
     dhs_ptr, dws_ptr, dbs_ptr, dht_ptr, dwt_ptr, dbt_ptr, dzt_ptr,
@@ -329,74 +265,35 @@ def _grad_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# launch configuration
+# the launcher (launch_config: the tl.dot tiles of triton/_common.py, dot_launch_config)
 # --------------------------------------------------------------------------------------------
-def launch_config(key_dtype, interpreted: bool = False, precision: str = "tf32x3") -> dict:
-    """Tile sizes and warps, chosen so that no variant spills registers on sm_80 / sm_90
-    (tests/test_aot.py): [64, 64] logits tiles over 32-wide slices of H with 8 warps for 16-bit
-    operands; for fp32, [32, 64] tiles over 16-wide slices with 3xTF32 products ([64, 64] spills on
-    sm_80) and [64, 64] with plain TF32; [32, 32] tiles with 4 warps for fp64.
-    ``key_dtype``: fp64 or fp32 when any operand (or the teacher logits) is, else a 16-bit dtype.
-    Under the interpreter the tiles only set how many programs numpy runs."""
-    if interpreted:
-        return {"BLOCK_N": 16, "BLOCK_V": 256, "BLOCK_K": 64, "num_warps": 4}
-    if key_dtype == torch.float64:
-        return {"BLOCK_N": 32, "BLOCK_V": 32, "BLOCK_K": 16, "num_warps": 4}
-    if key_dtype == torch.float32:
-        if precision == "tf32":
-            return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 16, "num_warps": 8}
-        return {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 16, "num_warps": 8}
-    return {"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_K": 32, "num_warps": 8}
-
-
-def _dot_dtype(x, w):
-    if x.dtype == w.dtype:
-        return x.dtype
-    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
-
-
-def _precision() -> str:
-    # fp32 operands: 3xTF32 (products split into high and low TF32 parts, about fp32 accuracy, on the
-    # tensor cores) unless the user allowed plain TF32 for matmuls
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-
-
-def _splits(n_row_blocks: int, V: int, block_v: int, device) -> int:
-    """Vocabulary splits of the statistics pass: enough programs for two waves over the SMs."""
-    if device.type != "cuda":
-        return 3  # the interpreter: every test exercises the merge of splits
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(V, block_v), triton.cdiv(2 * sms, n_row_blocks)))
-
-
-def _contig_last(x):
-    return None if x is None else (x if x.stride(-1) == 1 else x.contiguous())
-
-
-def _safe(m):
-    return torch.where(m == -math.inf, torch.zeros_like(m), m)
-
-
 def _offsets(layout, rows):
-    """Element offsets of ``rows`` in rows of ``layout`` = (N, stride(0), stride(1), L) (kdkernels.ops.rows)."""
+    """Element offsets of ``rows`` in rows of ``layout`` = (N, stride(0), stride(1), L) (kdkernels._core.rows)."""
     _, outer, stride, L = layout
     return (rows // L) * outer + (rows % L) * stride
 
 
+def _cast_grads(outs, acc_grads, sources):
+    """outs[1 + i]: the accumulated gradient of sources[i] in its dtype."""
+    for i, (gacc, src) in enumerate(zip(acc_grads, sources)):
+        if gacc is not None:
+            outs[1 + i] = gacc.to(src.dtype)
+    return outs
+
+
 def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
                             ignore_index, ce_weight, kd_weight, need, splits=None):
-    """The contract of :func:`kdkernels.ops.fused_linear_kl.tiled_forward` (same arguments and
+    """The contract of :func:`kdkernels.fused_linear.tiled_forward` (same arguments and
     outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``. ``splits`` forces the number of
     vocabulary splits of the statistics pass (tests)."""
-    from kdkernels.ops.fused_linear_kl import _acc_dtype, _finish, bad_labels
-    from kdkernels.triton.softmax_kl import _layout
+    from kdkernels._core.numerics import acc_dtype as _acc_dtype, bad_labels
 
     hs, Ws, ht, Wt, t_logits = (_contig_last(x) for x in (hs, Ws, ht, Wt, t_logits))
     bs = None if bs is None else bs.contiguous()
     bt = None if bt is None else bt.contiguous()
     acc = _acc_dtype(hs, Ws, ht, Wt, t_logits)
     dev = hs.device
-    # hs, ht, t_logits: [N, D] or [B, L, D] rows (kdkernels.ops.rows), read through their strides
+    # hs, ht, t_logits: [N, D] or [B, L, D] rows (kdkernels._core.rows), read through their strides
     lay_s = _layout(hs)
     teacher_rows = t_logits if t_logits is not None else ht
     lay_t = _layout(teacher_rows)
@@ -415,7 +312,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     keep = (labels != ignore_index).nonzero().squeeze(1) if labels is not None else torch.arange(N, device=dev)
     n = keep.numel()
     if n == 0:
-        return _finish(outs, acc_grads, sources)
+        return _cast_grads(outs, acc_grads, sources)
     lab_k = labels.index_select(0, keep).contiguous() if labels is not None else keep
 
     wide = [x.dtype for x in (hs, Ws, ht, Wt, t_logits) if x is not None and x.dtype in (torch.float32, torch.float64)]
@@ -458,18 +355,13 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     _stats_kernel[(row_blocks, S)](*ptrs, stats, stats, n, V, H, Ht, *strides, split_cols, PHASE=0, **common)
 
     # merge the splits
-    def merge(m, z):
-        M = m.max(0).values
-        f = torch.exp2(m - _safe(M)[None])
-        return M, (z * f).sum(0), f
-
     ma, za, mb, zb, w, mc, zc, s_label = stats.unbind(0)  # the order of S_MA ... S_LABEL
-    Ma, Za, fa = merge(ma, za)
-    Mb, Zb, fb = merge(mb, zb)
+    Ma, Za, fa = _merge(ma, za)
+    Mb, Zb, fb = _merge(mb, zb)
     lse2_a = _safe(Ma) + torch.log2(Za)
     lse2_b = _safe(Mb) + torch.log2(Zb)
     if ce_sep:
-        Mc, Zc, _ = merge(mc, zc)
+        Mc, Zc, _ = _merge(mc, zc)
         lse_c = (_safe(Mc) + torch.log2(Zc)) * math.log(2)
     else:
         lse_c = lse2_a * math.log(2)  # T == 1: lse(z_s) = lse(a)
@@ -506,7 +398,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
             *ptrs, per_row, *grads, n, V, H, Ht, *strides, dzt_stride,
             NEED_HS=need[0], NEED_WS=need[1], NEED_BS=need[2], NEED_HT=need[3], NEED_WT=need[4], NEED_BT=need[5],
             NEED_ZT=need[6], **common)
-    return _finish(outs, acc_grads, sources)
+    return _cast_grads(outs, acc_grads, sources)
 
 
 # --------------------------------------------------------------------------------------------

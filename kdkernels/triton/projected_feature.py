@@ -2,9 +2,10 @@
 ``[BLOCK_N, BLOCK_V]`` tile at a time with tensor-core ``tl.dot``, the distance to the teacher's
 tile in the epilogue, the gradients from the same registers; ``P`` is never written to memory.
 
-The math is that of :mod:`kdkernels.ops.projected_feature` (read it first); the tile helpers are
-the fused-linear kernels' (``_logits_tile`` computes ``P``, ``_accumulate`` adds ``dP W`` into
-``d X``, ``dPᵀ X`` into ``d W`` and ``Σ_rows dP`` into ``d b`` with atomic adds).
+The math is that of :mod:`kdkernels.projected_feature` (read it first); the tile helpers are
+the fused-linear kernels', in :mod:`kdkernels.triton._common` (``_logits_tile`` computes ``P``,
+``_accumulate`` adds ``dP W`` into ``d X``, ``dPᵀ X`` into ``d W`` and ``Σ_rows dP`` into ``d b``
+with atomic adds).
 
 ``_hint_kernel``, grid ``(kept-row blocks, teacher-feature tiles)``:
     PHASE 0, element-wise kinds: the tile's per-row loss ``Σ_j loss(P - T) / Dt`` is added
@@ -24,8 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton.fused_linear_kl import (_TL_NAME, _accumulate, _contig_last, _dot_dtype, _logits_tile,
-                                              _precision, launch_config)
+from kdkernels.triton._common import (
+    _TL_NAME,
+    _accumulate,
+    _contig_last,
+    _dot_dtype,
+    _logits_tile,
+    _precision,
+    dot_launch_config,
+)
 
 __all__ = ["projected_feature_forward", "aot_cases"]
 
@@ -97,9 +105,9 @@ def _hint_kernel(
 
 
 def projected_feature_forward(X, W, b, T, keep, grad_scale, *, kind, beta, need):
-    """The contract of :func:`kdkernels.ops.projected_feature.projected_feature_tiled` (same
+    """The contract of :func:`kdkernels.projected_feature.projected_feature_tiled` (same
     arguments and outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``."""
-    from kdkernels.ops.projected_feature import cosine_terms
+    from kdkernels._core.numerics import cosine_terms
 
     X, W, T = (_contig_last(x) for x in (X, W, T))
     b = None if b is None else b.contiguous()
@@ -118,7 +126,7 @@ def projected_feature_forward(X, W, b, T, keep, grad_scale, *, kind, beta, need)
     g = grad_scale.to(acc).reshape(-1).expand(n).contiguous()
     wide = [x.dtype for x in (X, W, T) if x.dtype in (torch.float32, torch.float64)]
     prec = _precision()
-    cfg = launch_config(acc if wide else torch.bfloat16, interpreted=dev.type == "cpu", precision=prec)
+    cfg = dot_launch_config(acc if wide else torch.bfloat16, interpreted=dev.type == "cpu", precision=prec)
     dot = _TL_NAME[_dot_dtype(X, W)]
     if dev.type == "cpu" and dot == "bf16":
         dot = "fp32"  # triton 3.9's interpreter multiplies bf16 dot operands as raw bits
@@ -159,7 +167,7 @@ def aot_case(dt, kind, phase, prec="tf32x3"):
     sig.update({p: f"*{acc}:16" for p in ("g_ptr", "coef_ptr", "params_ptr", "loss_ptr", "stats_ptr", "dx_ptr",
                                           "dw_ptr", "db_ptr", "dt_ptr")})
     sig.update({k: "i32" for k in ("n", "Dt", "Ds", "stride_x", "stride_w", "stride_t")})
-    cfg = launch_config(dt if dt in (torch.float32, torch.float64) else torch.bfloat16, precision=prec)
+    cfg = dot_launch_config(dt if dt in (torch.float32, torch.float64) else torch.bfloat16, precision=prec)
     flags = dict(KIND=kind, PHASE=phase, HAS_BIAS=True, NEED_GRAD=True, NEED_X=True, NEED_W=True, NEED_B=True,
                  NEED_T=True, DOT=name, PREC=prec, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
                  BLOCK_K=cfg["BLOCK_K"])

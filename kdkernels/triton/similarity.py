@@ -1,9 +1,9 @@
 """The similarity losses in Triton: ``S = c · x yᵀ`` one ``[BLOCK_N, BLOCK_V]`` tile at a time with
 tensor-core ``tl.dot``, never the ``N × N`` matrix.
 
-The math is that of :mod:`kdkernels.ops.similarity` (the PyTorch tile loops, read them first); the
+The math is that of :mod:`kdkernels.contrastive` (the PyTorch tile loops, read them first); the
 tile helpers (``_logits_tile``, ``_online``, ``_accumulate``) are those of the fused-linear kernels
-(:mod:`kdkernels.triton.fused_linear_kl`: here the "hidden states" are the rows of ``x`` and the
+(in :mod:`kdkernels.triton._common`: here the "hidden states" are the rows of ``x`` and the
 "lm_head" the rows of ``y``) and the per-element divergence formulas those of the softmax-KL
 kernel. Scores are kept in base 2: ``a2 = x·y · c_s`` with ``c_s = scale · log2(e)``.
 
@@ -52,13 +52,27 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels.triton import fused_linear_kl as _fl
-from kdkernels.triton.fused_linear_kl import (_TL_NAME, _accumulate, _contig_last, _dot_dtype, _logits_tile, _online,
-                                              _precision, _safe, _splits)
-from kdkernels.triton.softmax_kl import KIND_JSD, _divergence_grads, _divergence_terms, _log_ratios
+from kdkernels.triton._common import (
+    _TL_NAME,
+    KIND_JSD,
+    _accumulate,
+    _contig_last,
+    _divergence_grads,
+    _divergence_terms,
+    _dot_dtype,
+    _log_ratios,
+    _logits_tile,
+    _merge,
+    _online,
+    _precision,
+    _safe,
+    _splits,
+    dot_launch_config,
+)
 
 __all__ = ["pair_stats", "pair_grads", "sigmoid_tiles", "launch_config", "aot_cases"]
 
+# host-side floats, for the callers' scales (the kernels' constexprs are in triton/_common.py)
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -132,9 +146,9 @@ def _stats_kernel(
         keep = cmask[None, :] & rmask[:, None]
         if MASK:
             keep = keep & (cols[None, :] != r[:, None] + mask_off)
-        zs, a2, b2 = _tile_pair(x_ptr, y_ptr, tx_ptr, ty_ptr, rows, rmask, cols.to(tl.int64), cmask, keep, cs, ct,
-                                D, Dt, stride_x, stride_y, stride_tx, stride_ty, TEACHER, DOT_S, DOT_T, PREC, ACC,
-                                BLOCK_N, BLOCK_V, BLOCK_K)
+        _zs, a2, b2 = _tile_pair(x_ptr, y_ptr, tx_ptr, ty_ptr, rows, rmask, cols.to(tl.int64), cmask, keep, cs, ct,
+                                 D, Dt, stride_x, stride_y, stride_tx, stride_ty, TEACHER, DOT_S, DOT_T, PREC, ACC,
+                                 BLOCK_N, BLOCK_V, BLOCK_K)
         if PHASE == 0:
             ma, za, ea, fa = _online(ma, za, a2)
             if TEACHER:
@@ -256,7 +270,7 @@ def _sigmoid_kernel(
     # params: [scale, bias]; every pair but the positive (r, labels[r]) a negative:
     # loss_r += sum_j softplus(S_rj), dS = g_r sigmoid(S); the positives are added on the host
     ACC = loss_ptr.dtype.element_ty
-    r, rmask, rows, c, cmask, cols, keep = _tile_indices(n, m, 0, False, BLOCK_N, BLOCK_V)
+    r, rmask, rows, _c, cmask, cols, keep = _tile_indices(n, m, 0, False, BLOCK_N, BLOCK_V)
     label = tl.load(labels_ptr + r, mask=rmask, other=-1)
     keep = keep & (cols[None, :] != label[:, None])
     scale = tl.load(params_ptr + P_CS)
@@ -284,11 +298,11 @@ def _sigmoid_kernel(
 # launchers
 # --------------------------------------------------------------------------------------------
 def launch_config(key_dtype, interpreted: bool = False, precision: str = "tf32x3", jsd_phase: bool = False) -> dict:
-    """The fused-linear kernels' tiles (:func:`kdkernels.triton.fused_linear_kl.launch_config`) where
+    """The fused-linear kernels' tiles (:func:`kdkernels.triton._common.dot_launch_config`) where
     they compile without spills here too (tests/test_aot.py), else smaller ones: fp64 takes
     [16, 32] tiles with 4 warps (the JSD gradient spilled 48-120 B at [32, 32]); fp32's JSD second
     phase [64, 64] (8 B spilled on sm_80 at [32, 64]; same columns, so the splits still align)."""
-    cfg = _fl.launch_config(key_dtype, interpreted=interpreted, precision=precision)
+    cfg = dot_launch_config(key_dtype, interpreted=interpreted, precision=precision)
     if interpreted:
         return cfg
     if key_dtype == torch.float64:
@@ -321,12 +335,6 @@ def _params(acc, dev, cs, ct=0.0, beta=0.5, kind=0):
     lb = math.log2(beta) if kind == KIND_JSD else 0.0
     lnb = math.log2(1.0 - beta) if kind == KIND_JSD else 0.0
     return torch.tensor([cs, ct, lb, lnb, beta if kind == KIND_JSD else 0.5], dtype=acc, device=dev)
-
-
-def _merge(m, z):
-    M = m.max(0).values
-    f = torch.exp2(m - _safe(M)[None])
-    return M, (z * f).sum(0), f
 
 
 def pair_stats(x, y, tx=None, ty=None, *, cs, ct=0.0, mode=MODE_LSE, kind=0, beta=0.5, mask_off=None, splits=None):

@@ -3,6 +3,9 @@ optional hard-label cross-entropy, loss and both input gradients from one kernel
 
 Read top to bottom: math helpers, the kernel, launch configuration, the launcher, and the list of
 compile cases that ``tests/test_aot.py`` compiles for sm_80 / sm_90 to check for register spills.
+The element-wise divergence helpers the formulas below describe (``_log_ratios``,
+``_divergence_terms``, ``_divergence_grads``, ``_safe_max``) are in :mod:`kdkernels.triton._common`,
+shared with the fused-linear and similarity kernels.
 
 Kernel header
 =============
@@ -62,90 +65,28 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels._debug import new_output
+from kdkernels._core.debug import new_output
+from kdkernels.triton._common import (
+    _TL_NAME,
+    KIND_FORWARD,
+    KIND_JSD,
+    KIND_REVERSE,
+    LN2,
+    LOG2E,
+    _divergence_grads,
+    _divergence_terms,
+    _layout,
+    _log_ratios,
+    _safe_max,
+)
 
 __all__ = ["softmax_kl_forward", "launch_config", "documented_traffic", "aot_cases", "MAX_SINGLE_BLOCK",
            "STREAM_BLOCK"]
 
-LN2 = tl.constexpr(0.6931471805599453)
-LOG2E = tl.constexpr(1.4426950408889634)
-
-KIND_FORWARD = 0
-KIND_REVERSE = 1
-KIND_JSD = 2
-
 
 # --------------------------------------------------------------------------------------------
-# math helpers (inlined into the kernel)
+# math helpers (inlined into the kernel; the shared element-wise ones are in triton/_common.py)
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _safe_max(m):
-    # a max that is still -inf (nothing seen yet / all padded) must not be subtracted: use 0
-    return tl.where(m == float("-inf"), 0.0, m)
-
-
-@triton.jit
-def _logaddexp2(x, y):
-    # log2(2^x + 2^y); -inf when both are -inf
-    mx = tl.maximum(x, y)
-    mn = tl.minimum(x, y)
-    return mx + tl.log2(1.0 + tl.exp2(mn - _safe_max(mx)))
-
-
-@triton.jit
-def _log2_mix(lps2, lpt2, l2b, l2nb):
-    # log2 m, m = beta pt + (1-beta) ps; exactly log2 ps where ps == pt (so D == 0 exactly
-    # for identical rows, V == 1 included)
-    return tl.where(lps2 == lpt2, lps2, _logaddexp2(lpt2 + l2b, lps2 + l2nb))
-
-
-@triton.jit
-def _log_ratios(lps2, lpt2, l2b, l2nb, KIND: tl.constexpr):
-    # the natural-log ratios each kind needs, from log2 probabilities (NaN where both are -inf;
-    # every use is guarded by p == 0)
-    if KIND == 0:
-        x = (lpt2 - lps2) * LN2  # log pt - log ps
-        y = x
-    elif KIND == 1:
-        x = (lps2 - lpt2) * LN2  # log ps - log pt
-        y = x
-    else:
-        lm2 = _log2_mix(lps2, lpt2, l2b, l2nb)
-        x = (lps2 - lm2) * LN2  # log ps - log m
-        y = (lpt2 - lm2) * LN2  # log pt - log m
-    return x, y
-
-
-@triton.jit
-def _divergence_terms(ps, pt, x, y, KIND: tl.constexpr):
-    # per-element terms whose row sums give D (KIND 0 / 1) or (Ks, Kt) (KIND 2); 0 where p == 0
-    if KIND == 0:
-        d1 = tl.where(pt == 0.0, 0.0, pt * x)  # pt (log pt - log ps)
-        d2 = d1
-    elif KIND == 1:
-        d1 = tl.where(ps == 0.0, 0.0, ps * x)  # ps (log ps - log pt)
-        d2 = d1
-    else:
-        d1 = tl.where(ps == 0.0, 0.0, ps * x)  # ps (log ps - log m)  -> Ks
-        d2 = tl.where(pt == 0.0, 0.0, pt * y)  # pt (log pt - log m)  -> Kt
-    return d1, d2
-
-
-@triton.jit
-def _divergence_grads(ps, pt, x, y, D, Ks, Kt, beta, KIND: tl.constexpr):
-    # T dD/ds and T dD/dt
-    if KIND == 0:
-        ds = ps - pt                                            # ps - pt
-        dt = tl.where(pt == 0.0, 0.0, pt * (x - D))             # pt (log pt - log ps - D)
-    elif KIND == 1:
-        ds = tl.where(ps == 0.0, 0.0, ps * (x - D))             # ps (log ps - log pt - D)
-        dt = pt - ps                                            # pt - ps
-    else:
-        ds = (1.0 - beta) * tl.where(ps == 0.0, 0.0, ps * (x - Ks))  # (1-beta) ps (log ps - log m - Ks)
-        dt = beta * tl.where(pt == 0.0, 0.0, pt * (y - Kt))          # beta pt (log pt - log m - Kt)
-    return ds, dt
-
-
 @triton.jit
 def _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb, ACC: tl.constexpr, KIND: tl.constexpr):
     # one tile of a row after pass 1: raw student logits, ps, pt and the log ratios of KIND
@@ -173,7 +114,7 @@ def _softmax_kl_kernel(
     ACC = loss_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     NEG_INF: tl.constexpr = float("-inf")
     row = tl.program_id(0).to(tl.int64)
-    # row r of [B, L, V] rows (L = inner): (r // L) stride(0) + (r % L) stride(1) (kdkernels.ops.rows)
+    # row r of [B, L, V] rows (L = inner): (r // L) stride(0) + (r % L) stride(1) (kdkernels._core.rows)
     s_row = s_ptr + (row // inner_s) * stride_s0 + (row % inner_s) * stride_s
     t_row = t_ptr + (row // inner_t) * stride_t0 + (row % inner_t) * stride_t
     gs_row = gs_ptr + row * stride_gs
@@ -445,18 +386,10 @@ def _hi_lo(x):
     return hi, x - hi
 
 
-def _layout(x):
-    """(rows, stride(0), stride(1), L) of [N, V] or [B, L, V] rows, in the kernel's argument order."""
-    if x.dim() == 2:
-        return x.shape[0], 0, x.stride(0), max(1, x.shape[0])
-    assert x.dim() == 3
-    return x.shape[0] * x.shape[1], x.stride(0), x.stride(1), max(1, x.shape[1])
-
-
 def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: float, kind: int, beta: float,
                        ignore_index: int, ce_weight: float, kd_weight: float,
                        need_grad_student: bool, need_grad_teacher: bool):
-    """student, teacher: [N, V] or [B, L, V] rows (kdkernels.ops.rows: the leading strides are free,
+    """student, teacher: [N, V] or [B, L, V] rows (kdkernels._core.rows: the leading strides are free,
     the last dim contiguous; the two may be laid out differently), same device, possibly different
     float dtypes. labels: None or int64 [N]. grad_scale: 0-dim or 1-element float32 tensor on the
     same device. Returns (loss_rows [N] float32 (float64 for fp64 inputs), grad_student [N,V] in
@@ -503,9 +436,6 @@ def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: flo
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile cases (tests/test_aot.py)
 # --------------------------------------------------------------------------------------------
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
-
-
 def _signature(student_dtype, teacher_dtype, has_labels, grad_s, grad_t, flags, aligned):
     """The argument types the launcher passes, in the form triton.compiler.ASTSource takes
     (constexpr arguments typed "constexpr", as triton >= 3.3 expects). A ":16" suffix marks an

@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdkernels._debug import new_output
-from kdkernels.triton.softmax_kl import LN2, _safe_max
+from kdkernels._core.debug import new_output
+from kdkernels.triton._common import _TL_NAME, LN2, _layout, _safe_max
 
 __all__ = ["topk_kl_forward", "launch_config", "aot_cases"]
 
@@ -155,11 +155,9 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
     gradient [N, V] in the student's dtype or None), as the C++ kernel does."""
     import math
 
-    from kdkernels.triton.softmax_kl import _layout
-
     assert student.stride(-1) == 1
     assert not (values_are_logits and uniform_tail)
-    lay = _layout(student)  # [N, V] or [B, L, V] rows (kdkernels.ops.rows)
+    lay = _layout(student)  # [N, V] or [B, L, V] rows (kdkernels._core.rows)
     N, V = lay[0], student.shape[-1]
     k = values.shape[1]
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
@@ -181,9 +179,6 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
         UNIFORM=bool(uniform_tail), HAS_LABELS=labels is not None, GRAD=bool(need_grad),
         BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
     return loss, grad
-
-
-_TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def aot_cases() -> list:

@@ -8,7 +8,7 @@ CPU; Liger's Triton losses need CUDA). Change ``liger_kernel.transformers`` to
   (``log p``), ``[BT, V]`` (any ``[..., V]`` here), summed and divided by the number of positions
   whose label is not ``ignore_index`` (all rows without labels). Pointwise in the numbers given, as
   Liger's kernel: the gradient is the derivative with respect to those log-probabilities (the
-  formulas in :mod:`kdkernels.ops.kl_div`), not a gradient of logits, so it is right whether or not
+  formulas in :mod:`kdkernels.kl_div`), not a gradient of logits, so it is right whether or not
   a ``log_softmax`` comes first. No gradient to ``target``. The loss has ``input``'s dtype.
   Difference: a zero probability (``-inf`` log-probability) contributes 0 here; Liger's kernel
   multiplies it by an infinite log ratio and returns NaN.
@@ -37,11 +37,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdkernels import functional as KF
 from kdkernels import nn as knn
+from kdkernels._core import checks
 from kdkernels.compat.liger import chunked_loss
 from kdkernels.compat.liger.chunked_loss import LigerFusedLinearJSDLoss
-from kdkernels.ops.kl_div import ChunkedKLDiv, ChunkedLogProbJSD
+from kdkernels.fused_linear import fused_linear_distill, validate_fused_linear
+from kdkernels.kl_div import kl_div_sum, logprob_jsd_sum
 
 __all__ = ["LigerFusedLinearJSDLoss", "LigerFusedLinearJSD", "LigerJSD", "LigerKLDIVLoss", "liger_jsd",
            "liger_kl_div", "liger_fused_linear_jsd", "chunked_loss"]
@@ -64,7 +65,7 @@ def liger_jsd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = No
     _check_pair("input", input, "target", target)
     if input.dim() == 0 or input.shape[-1] == 0:
         raise ValueError(f"input must be [..., V] log-probabilities with V > 0, got shape {tuple(input.shape)}")
-    beta = KF._check_scalar("beta", beta, 0.0, 1.0)
+    beta = checks.scalar("beta", beta, 0.0, 1.0)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     keep = None
     if shift_labels is not None:
@@ -77,7 +78,7 @@ def liger_jsd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = No
         n = keep.sum().clamp_min(1).to(acc)
     else:
         n = torch.tensor(max(1, input[..., 0].numel()), dtype=acc, device=input.device)
-    return ChunkedLogProbJSD.apply(input, target.detach(), keep, beta, n.reciprocal())
+    return logprob_jsd_sum(input, target, beta=beta, scale=n.reciprocal(), keep=keep)
 
 
 class LigerJSD(torch.nn.Module):
@@ -111,7 +112,8 @@ def liger_kl_div(input: Tensor, target: Tensor, size_average: bool = True, reduc
         scale = 1.0 / max(1, input.numel())
     else:  # batchmean: the sum over input.size(0)
         scale = 1.0 / input.shape[0] if input.dim() and input.shape[0] else float("nan")
-    return ChunkedKLDiv.apply(input, target, log_target, scale, None if log_target else eps, torch.float32)
+    return kl_div_sum(input, target, scale=scale, log_target=log_target, eps=None if log_target else eps,
+                      out_dtype=torch.float32)
 
 
 class LigerKLDIVLoss(knn.KLDivLoss):
@@ -130,11 +132,12 @@ def liger_fused_linear_jsd(student_input: Tensor, student_weight: Tensor, teache
                            ignore_index: int = -100, temperature: float = 1.0,
                            accum_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``liger_kernel.transformers.functional.liger_fused_linear_jsd``: see the module docstring."""
-    KF._validate_fused_linear(student_input, student_weight, teacher_input, teacher_weight, None, None, None,
-                              shift_labels, temperature, "jsd", float(jsd_beta), 0.0, ignore_index, "mean", "auto")
-    loss = KF._fused_linear(student_input, student_weight, None, teacher_input.detach(), teacher_weight.detach(),
-                            None, None, shift_labels, temperature=temperature, kind="jsd", beta=float(jsd_beta),
-                            ignore_index=ignore_index, reduction="mean", ce_weight=0.0, kd_weight=1.0)
+    validate_fused_linear(student_input, student_weight, teacher_input, teacher_weight, None, None, None, shift_labels,
+                          temperature, "jsd", float(jsd_beta), 0.0, ignore_index, "mean", "auto")
+    loss = fused_linear_distill(student_input, student_weight, None, teacher_input.detach(), teacher_weight.detach(),
+                                None, None, shift_labels, temperature=temperature, divergence="jsd",
+                                beta=float(jsd_beta), ignore_index=ignore_index, reduction="mean", ce_weight=0.0,
+                                kd_weight=1.0)
     return loss.to(torch.float32)
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kdkernels import functional as KF
+from kdkernels.fused_linear import fused_linear_distill, validate_fused_linear
 
 __all__ = ["LigerFusedLinearJSDLoss", "liger_fused_linear_jsd"]
 
@@ -44,17 +44,18 @@ def _loss(student_input, student_weight, teacher_input, teacher_weight, true_lab
     if Vs > Vt:
         raise ValueError(f"the student's vocabulary ({Vs}) is larger than the teacher's ({Vt})")
     teacher = (teacher_input.detach(), teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
-    common = dict(temperature=temperature, kind="jsd", beta=float(beta), ignore_index=ignore_index,
+    common = dict(temperature=temperature, divergence="jsd", beta=float(beta), ignore_index=ignore_index,
                   reduction="mean")
     if Vs == Vt or ce_weight == 0:
         weight, bias = _pad_student(student_weight, student_bias, Vt)
-        KF._validate_fused_linear(student_input, weight, teacher[0], teacher[1], None, bias, teacher[2], true_labels,
-                                  temperature, "jsd", float(beta), 0.0, ignore_index, "mean", "auto")
-        return KF._fused_linear(student_input, weight, bias, *teacher, None, true_labels, ce_weight=ce_weight,
-                                kd_weight=kd_weight, **common)
+        validate_fused_linear(student_input, weight, teacher[0], teacher[1], None, bias, teacher[2], true_labels,
+                              temperature, "jsd", float(beta), 0.0, ignore_index, "mean", "auto")
+        return fused_linear_distill(student_input, weight, bias, *teacher, None, true_labels, ce_weight=ce_weight,
+                                    kd_weight=kd_weight, **common)
     # a padded student: the CE is over the student's own vocabulary, the JSD over the padded one
-    hard = KF._fused_linear(student_input, student_weight, student_bias, student_input.detach(),
-                            student_weight.detach(), None, None, true_labels, ce_weight=1.0, kd_weight=0.0, **common)
+    hard = fused_linear_distill(student_input, student_weight, student_bias, student_input.detach(),
+                                student_weight.detach(), None, None, true_labels, ce_weight=1.0, kd_weight=0.0,
+                                **common)
     soft = _loss(student_input, student_weight, teacher_input, teacher_weight, true_labels, student_bias,
                  teacher_bias, 0.0, 1.0, beta=beta, ignore_index=ignore_index, temperature=temperature)
     return ce_weight * hard + kd_weight * soft

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from kdkernels import _ext
+from kdkernels._core import ext as _ext
 
 _poison = False
 

@@ -22,27 +22,35 @@ Masked rows are dropped before any matmul: the tiles read the kept rows through 
 Backends: ``"torch"`` (the epilogue in PyTorch operations, any device) and ``"cpu"`` (the
 epilogue in the C++ sweeps of csrc/cpu/projected_feature.cpp); both take the matmuls from ATen,
 the projection in fp32 (fp64), the gradient matmuls in bf16 when features and weight are bf16.
-The Triton kernels are in :mod:`kdkernels.triton.projected_feature`.
+The Triton kernels are in :mod:`kdkernels.triton.projected_feature` (``"triton"``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-KINDS = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
+from kdkernels._core import backends, checks, ext as _ext, numerics
+from kdkernels._core.autocast import autocast_operands, without_autocast
+from kdkernels._core.fused_op import FusedOp
+from kdkernels._core.numerics import REDUCTION_IDS, cosine_terms, tiles
+
+__all__ = ["projected_feature_loss", "projected_feature_tiled", "METRICS"]
+
+backends.register("projected_feature_loss", cpu=True, triton=True, cuda=False)
+
+
+def _sweeps():
+    return _ext.require("projected_feature_loss(backend='cpu')")
+
+
+METRICS = {"mse": 0, "l1": 1, "smooth_l1": 2, "cosine": 3}
 COSINE = 3
-EPS = 1e-8  # torch.nn.functional.cosine_similarity's
 ROW_TILE = 512
 COL_TILE = 2048
-
-
-def _C():
-    from kdkernels import _ext
-
-    return _ext.require("projected_feature_loss(backend='cpu')")
 
 
 def _elementwise(P: Tensor, T: Tensor, kind: int, beta: float, inv_dt: float, rows: Tensor, g: Optional[Tensor],
@@ -50,7 +58,7 @@ def _elementwise(P: Tensor, T: Tensor, kind: int, beta: float, inv_dt: float, ro
     """rows += Σ_j loss(P - T) / Dt per row; with ``g`` (per-row weights) P is overwritten with
     dP = g ∂loss/∂P."""
     if cpu:
-        _C().feat_elementwise(P, T, kind, beta, inv_dt, rows, g)
+        _sweeps().feat_elementwise(P, T, kind, beta, inv_dt, rows, g)
         return
     d = P - T
     if kind == 0:
@@ -70,7 +78,7 @@ def _elementwise(P: Tensor, T: Tensor, kind: int, beta: float, inv_dt: float, ro
 def _cos_stats(P: Tensor, T: Tensor, stats: Tensor, cpu: bool) -> None:
     """stats[:, 0..2] += Σ P², Σ P T, Σ T² per row."""
     if cpu:
-        _C().feat_cos_stats(P, T, stats)
+        _sweeps().feat_cos_stats(P, T, stats)
         return
     stats[:, 0] += (P * P).sum(1)
     stats[:, 1] += (P * T).sum(1)
@@ -80,31 +88,11 @@ def _cos_stats(P: Tensor, T: Tensor, stats: Tensor, cpu: bool) -> None:
 def _cos_grad(P: Tensor, T: Tensor, coef: Tensor, dT: Optional[Tensor], cpu: bool) -> None:
     """P <- a P + c T and, with ``dT``, dT <- e P + f T, with per-row ``coef`` = [a, c, e, f]."""
     if cpu:
-        _C().feat_cos_grad(P, T, coef, dT)
+        _sweeps().feat_cos_grad(P, T, coef, dT)
         return
     if dT is not None:
         dT.copy_(coef[:, 2:3] * P + coef[:, 3:4] * T)
     P.mul_(coef[:, 0:1]).add_(coef[:, 1:2] * T)
-
-
-def cosine_terms(pp: Tensor, pt: Tensor, tt: Tensor, g: Optional[Tensor]):
-    """From the per-row sums ``pp = Σ P²``, ``pt = Σ P T``, ``tt = Σ T²``: the cosines and, with per-row weights ``g``, the [4, R] coefficients (a, c, e, f) of
-    ``dP = a P + c T``, ``dT = e P + f T`` for the loss ``g (1 - cos)``, where
-    ``cos = P·T / (max(|P|, eps) max(|T|, eps))``: ``a = g cos / |P|²`` (0 where |P| <= eps),
-    ``c = e = -g / den``, ``f = g cos / |T|²`` (0 where |T| <= eps)."""
-    n_p, n_t = torch.sqrt(pp), torch.sqrt(tt)
-    den = torch.clamp(n_p, min=EPS) * torch.clamp(n_t, min=EPS)
-    cos = pt / den
-    if g is None:
-        return cos, None
-    zero = torch.zeros_like(pp)
-    a = torch.where(n_p > EPS, g * cos / torch.where(n_p > EPS, pp, 1.0), zero)
-    f = torch.where(n_t > EPS, g * cos / torch.where(n_t > EPS, tt, 1.0), zero)
-    return cos, torch.stack([a, -g / den, -g / den, f])
-
-
-def _tiles(n: int, size: int):
-    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
 
 
 def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor, keep: Tensor, grad_scale: Tensor, *,
@@ -117,7 +105,7 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
     cpu = backend == "cpu"
     acc = torch.float64 if torch.float64 in (X.dtype, W.dtype, T.dtype) else torch.float32
     dev = X.device
-    N, Dt = X.shape[0], W.shape[0]
+    Dt = W.shape[0]
     n = keep.numel()
     # the projection is computed in ``acc`` (P is never rounded to 16 bits); the two gradient matmuls
     # take bf16 operands when features and weight are bf16 (dP rounded to bf16, as autograd's bf16
@@ -134,7 +122,7 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
     dT = torch.zeros(T.shape, dtype=acc, device=dev) if need[3] else None
     any_grad = any(x is not None for x in (dX, dW, db, dT))
     rows = torch.zeros(n, dtype=acc, device=dev)
-    rt, ct = _tiles(n, row_tile or ROW_TILE), _tiles(Dt, col_tile or COL_TILE)
+    rt, ct = tiles(n, row_tile or ROW_TILE), tiles(Dt, col_tile or COL_TILE)
 
     def load(ri):
         idx = keep[ri]
@@ -189,3 +177,105 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
         if dX is not None:
             dX.index_copy_(0, idx, dXr)
     return [rows, dX, dW, db, dT]
+
+
+# ------------------------------------------------------------------------------ the op
+
+@without_autocast
+def _kernel(backend, inputs, extras, scale, need, *, kind, beta):
+    """[rows of all N rows (0 where masked), d X, d W, d b, d T]."""
+    X, W, b, T = inputs
+    keep, valid = extras
+    g = scale if scale.numel() == 1 else scale.index_select(0, keep)  # per-row grad_outputs: the kept rows'
+    if valid is not None:  # masked rather than dropped rows (no host sync): zero weight, zero loss
+        g = torch.where(valid, g.expand(keep.numel()), 0.0)
+    if backend == "triton":
+        from kdkernels.triton.projected_feature import projected_feature_forward
+
+        outs = projected_feature_forward(X, W, b, T, keep, g, kind=kind, beta=beta, need=need)
+    else:
+        outs = projected_feature_tiled(X, W, b, T, keep, g, kind=kind, beta=beta, need=need, backend=backend)
+    rows = outs[0].new_zeros(X.shape[0]).index_copy_(0, keep, outs[0])
+    if valid is not None:
+        rows = torch.where(valid, rows, 0.0)
+    return [rows, *outs[1:]]
+
+
+projected_feature_op = FusedOp("kdkernels::projected_feature", inputs=("X", "W", "b", "T"), extras=("keep", "valid"),
+                               params=dict(kind=int, beta=float), kernel=_kernel, none="recompute")
+
+
+def projected_feature_loss(student_feat: Tensor, weight: Tensor, teacher_feat: Tensor, *, bias: Optional[Tensor] = None,
+                           metric: str = "mse", beta: float = 1.0, mask: Optional[Tensor] = None,
+                           reduction: str = "mean", backend: str = "auto") -> Tensor:
+    r"""Hint loss (FitNets): ``D(student_feat · weightᵀ + bias, teacher_feat)`` per row, without the
+    projected ``[N, Dt]`` tensor.
+
+    Per row (``Dt`` teacher features, ``d = P - T``, ``P`` the projection), ``metric``: ``"mse"`` ``mean_j d_j²``,
+    ``"l1"`` ``mean_j |d_j|``, ``"smooth_l1"`` ``mean_j`` of Huber's ``d²/(2β)`` below ``|d| < β``
+    and ``|d| − β/2`` above (``β = 0``: l1), ``"cosine"`` ``1 − cos(P, T)`` (as
+    ``F.cosine_similarity``, eps 1e-8). Unmasked, ``"mean"`` equals ``F.mse_loss(P, T)`` /
+    ``F.l1_loss`` / ``F.smooth_l1_loss`` (``reduction="mean"``) and ``(1 − F.cosine_similarity(P, T)).mean()``.
+
+    Args:
+        student_feat: ``[..., Ds]``; weight: ``[Dt, Ds]``; teacher_feat: ``[..., Dt]`` (same leading
+            shape); bias: ``[Dt]`` or None. float32, bfloat16, float16 or float64 (may differ);
+            the products accumulate in float32 (float64 when any input is float64).
+        mask: the leading shape, bool or 0/1: rows where it is False/0 are dropped before any
+            matmul, cost nothing, contribute 0 and get zero gradients.
+        reduction: ``"mean"`` over the kept rows (0 when none is kept), ``"sum"`` of the per-row
+            losses, or ``"none"`` (the leading shape, 0 on masked rows).
+        backend: ``"auto"`` (``"triton"`` for CUDA tensors, ``"cpu"`` for CPU tensors when the
+            extension is built, else ``"torch"``), ``"triton"``, ``"cpu"`` (ATen matmuls per tile,
+            the epilogue in C++ sweeps) or ``"torch"`` (the same tiles in PyTorch operations).
+
+    Gradients go to ``student_feat``, ``weight``, ``bias`` and ``teacher_feat``, each when it
+    requires one. Memory beyond the inputs and their gradients: one ``[512, 2048]`` tile of ``P``
+    (CPU) and O(N) per-row values.
+    """
+    checks.float_tensor("student_feat", student_feat)
+    checks.float_tensor("weight", weight, 2)
+    checks.float_tensor("teacher_feat", teacher_feat)
+    if bias is not None:
+        checks.float_tensor("bias", bias, 1)
+    Ds, Dt = student_feat.shape[-1], teacher_feat.shape[-1]
+    shapes = (f"student_feat {tuple(student_feat.shape)}, weight {tuple(weight.shape)}, teacher_feat "
+              f"{tuple(teacher_feat.shape)}")
+    if weight.shape != (Dt, Ds) or student_feat.shape[:-1] != teacher_feat.shape[:-1]:
+        raise ValueError(f"expected student_feat [..., Ds], weight [Dt, Ds], teacher_feat [..., Dt] with the same "
+                         f"leading shape; got {shapes}")
+    if bias is not None and bias.shape != (Dt,):
+        raise ValueError(f"bias must be [Dt] = [{Dt}], got {tuple(bias.shape)} ({shapes})")
+    checks.choice("metric", metric, METRICS)
+    beta = checks.scalar("beta", beta, 0.0, math.inf)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    lead = student_feat.shape[:-1]
+    if mask is not None:
+        if not isinstance(mask, Tensor):
+            raise TypeError("mask must be a tensor (bool or 0/1) of the leading shape")
+        if mask.shape != lead:
+            raise ValueError(f"mask must have the leading shape {tuple(lead)}, got {tuple(mask.shape)}")
+    devs = {x.device for x in (student_feat, weight, teacher_feat, bias, mask) if x is not None}
+    if len(devs) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    backend = backends.resolve(backend, student_feat.device, "projected_feature_loss")
+    student_feat, weight, bias = autocast_operands(student_feat.device, student_feat, weight, bias)
+    X, T = student_feat.reshape(-1, Ds), teacher_feat.reshape(-1, Dt)
+    N = X.shape[0]
+    acc = torch.float64 if torch.float64 in (X.dtype, weight.dtype, T.dtype) else torch.float32
+    valid = None
+    if mask is None:
+        keep = torch.arange(N, device=X.device)
+        count = torch.full((), float(max(N, 1)), dtype=acc, device=X.device)
+    elif numerics.host_reads_free(X.device):  # masked rows dropped before any matmul
+        keep = (mask.reshape(-1) != 0).nonzero().squeeze(1)
+        count = torch.full((), float(max(keep.numel(), 1)), dtype=acc, device=X.device)
+    else:  # on a GPU: counted and masked on the device, no host sync
+        valid = mask.reshape(-1) != 0
+        keep = torch.arange(N, device=X.device)
+        count = valid.sum().clamp_min(1).to(acc)
+    scale = count.reciprocal() if reduction == "mean" else torch.ones((), dtype=acc, device=X.device)
+    params = dict(kind=METRICS[metric], beta=beta)
+    out = projected_feature_op((X, weight, bias, T), (keep, valid), scale, params, REDUCTION_IDS[reduction], backend)
+    return out.reshape(lead) if reduction == "none" else out

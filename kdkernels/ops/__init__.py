@@ -1,1 +1,0 @@
-"""One ``torch.library`` custom op (with autograd) per loss family; backend dispatch happens here."""
