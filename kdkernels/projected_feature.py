@@ -36,7 +36,7 @@ from torch import Tensor
 from kdkernels._core import backends, checks, ext as _ext, numerics
 from kdkernels._core.autocast import autocast_operands, without_autocast
 from kdkernels._core.fused_op import FusedOp
-from kdkernels._core.numerics import REDUCTION_IDS, cosine_terms, tiles
+from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, cosine_terms, tiles
 
 __all__ = ["projected_feature_loss", "projected_feature_tiled", "METRICS"]
 
@@ -103,7 +103,7 @@ def projected_feature_tiled(X: Tensor, W: Tensor, b: Optional[Tensor], T: Tensor
     the kept rows; ``grad_scale``: a scalar or one value per kept row. Gradients are in the
     accumulation dtype (fp32, fp64 for fp64 inputs), zero on dropped rows."""
     cpu = backend == "cpu"
-    acc = torch.float64 if torch.float64 in (X.dtype, W.dtype, T.dtype) else torch.float32
+    acc = acc_dtype(X, W, T)
     dev = X.device
     Dt = W.shape[0]
     n = keep.numel()
@@ -263,7 +263,7 @@ def projected_feature_loss(student_feat: Tensor, weight: Tensor, teacher_feat: T
     student_feat, weight, bias = autocast_operands(student_feat.device, student_feat, weight, bias)
     X, T = student_feat.reshape(-1, Ds), teacher_feat.reshape(-1, Dt)
     N = X.shape[0]
-    acc = torch.float64 if torch.float64 in (X.dtype, weight.dtype, T.dtype) else torch.float32
+    acc = acc_dtype(X, weight, T)
     valid = None
     if mask is None:
         keep = torch.arange(N, device=X.device)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdkernels._core.autocast import autocast_operands, without_autocast
-from kdkernels._core.numerics import REDUCTION_IDS, batch_size, grad_scale, log_mix, p_times, safe_max
+from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, batch_size, grad_scale, log_mix, p_times, safe_max
 from kdkernels.fused_linear import tiled_forward, validate_fused_linear
 from kdkernels.softmax_divergence import divergence_id, validate
 
@@ -33,7 +33,7 @@ from kdkernels.softmax_divergence import divergence_id, validate
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, valid, temperature, kind, beta, group, grad_scale, want_s, want_t):
-        acc = torch.float64 if torch.float64 in (s.dtype, t.dtype) else torch.float32
+        acc = acc_dtype(s, t)
         a, b = s.to(acc) / temperature, t.to(acc) / temperature
         m = torch.stack([a.max(-1).values, b.max(-1).values])
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -116,7 +116,7 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
     rows = _VocabParallelKL.apply(s, t, valid, temperature, kind_id, beta, group,
                                   torch.ones((), device=s.device), grad_on and student_logits.requires_grad,
                                   grad_on and teacher_logits.requires_grad)
-    rows = rows.to(torch.float64 if rows.dtype == torch.float64 else torch.float32)
+    rows = rows.to(acc_dtype(rows))
     if red == "none":
         return rows.reshape(lead)
     total = rows.sum()
@@ -219,9 +219,8 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
     hs, ht, tl = flat(student_hidden), flat(teacher_hidden), flat(teacher_logits)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     red = reduction
-    fp64 = any(x is not None and x.dtype == torch.float64 for x in (hs, student_weight, ht, teacher_weight, tl))
-    scale = grad_scale(hs.shape[0], lab, ignore_index, red, torch.float64 if fp64 else torch.float32, hs.device,
-                       batch_size((*lead, student_weight.shape[0])))
+    scale = grad_scale(hs.shape[0], lab, ignore_index, red, acc_dtype(hs, student_weight, ht, teacher_weight, tl),
+                       hs.device, batch_size((*lead, student_weight.shape[0])))
     grad_on = torch.is_grad_enabled()
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in srcs)

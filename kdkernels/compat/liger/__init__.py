@@ -39,6 +39,7 @@ from torch import Tensor
 
 from kdkernels import nn as knn
 from kdkernels._core import checks
+from kdkernels._core.numerics import acc_dtype
 from kdkernels.compat.liger import chunked_loss
 from kdkernels.compat.liger.chunked_loss import LigerFusedLinearJSDLoss
 from kdkernels.fused_linear import fused_linear_distill, validate_fused_linear
@@ -66,7 +67,7 @@ def liger_jsd(input: Tensor, target: Tensor, shift_labels: Optional[Tensor] = No
     if input.dim() == 0 or input.shape[-1] == 0:
         raise ValueError(f"input must be [..., V] log-probabilities with V > 0, got shape {tuple(input.shape)}")
     beta = checks.scalar("beta", beta, 0.0, 1.0)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input)
     keep = None
     if shift_labels is not None:
         if not isinstance(shift_labels, Tensor) or shift_labels.dtype.is_floating_point:
