@@ -112,9 +112,9 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
     na, nb = a.shape[0], b.shape[0]
     A, B = a.to(acc).contiguous(), b.to(acc).contiguous()
     scale = log_scale.detach().to(acc).exp()
-    # Python numbers where reading them is free (CPU tensors) or a kernel takes them as arguments
-    # (Triton: a host sync, noted in the README); 0-d tensors on the PyTorch path elsewhere
-    host = numerics.host_reads_free(dev) or backend == "triton"
+    # Python numbers where reading them is free (CPU tensors); 0-d tensors elsewhere, which the
+    # Triton kernels load on the device (no host sync)
+    host = numerics.host_reads_free(dev)
     scale_f = float(scale) if host else scale
     bias_f = (float(bias) if host else bias.detach().to(acc)) if bias is not None else 0.0
     rt, ct = tiles(na, row_tile or ROW_TILE), tiles(nb, col_tile or COL_TILE)
@@ -292,7 +292,8 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
     pos = (As * B).sum(1)
     if backend == "triton":
         TS = _triton()
-        kw = dict(cs=float(scale) * TS.LOG2E, ct=float(t_scale) * TS.LOG2E, mode=TS.MODE_XENT)
+        # the scale a 0-d tensor the kernels load (no host read); t_scale a Python constant
+        kw = dict(cs=scale * TS.LOG2E, ct=float(t_scale) * TS.LOG2E, mode=TS.MODE_XENT)
         st_r, st_c = TS.pair_stats(a, b, ta, tb, **kw), TS.pair_stats(b, a, tb, ta, **kw)
         lsr, lsc = st_r["lse2_a"] * TS.LN2, st_c["lse2_a"] * TS.LN2
         stats = (lsr, st_r["lse2_b"] * TS.LN2, lsc, st_c["lse2_b"] * TS.LN2)
@@ -317,7 +318,7 @@ def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w
     cpu = backend == "cpu"
     acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend)
     n, dev = A.shape[0], A.device
-    host = numerics.host_reads_free(dev) or backend == "triton"  # as in info_nce_tiled
+    host = numerics.host_reads_free(dev)  # as in info_nce_tiled
     sf = float(scale) if host else scale
     da = torch.zeros_like(A) if need[0] else None
     db = torch.zeros_like(B) if need[1] else None

@@ -130,9 +130,9 @@ def similarity_kd_tiled(sa: Tensor, ta: Tensor, sb: Optional[Tensor], tb: Option
 def _kernel(backend, inputs, extras, scale, need, *, inv_t, kind, beta, symmetric, mask_offset):
     sa, sb, inv_ts = inputs
     ta, tb = extras
-    # a Python number where reading it is free or a Triton kernel takes it as an argument (a host
-    # sync, noted in the README); a 0-d tensor on the PyTorch path elsewhere
-    host = numerics.host_reads_free(sa.device) or backend == "triton"
+    # a Python number where reading it is free (CPU tensors); a 0-d tensor elsewhere, which the
+    # Triton kernels load on the device (no host sync)
+    host = numerics.host_reads_free(sa.device)
     inv = float(inv_ts) if host else inv_ts.detach()
     return similarity_kd_tiled(sa, ta, sb, tb, scale, inv_ts=inv, inv_t=inv_t, kind=kind, beta=beta,
                                symmetric=symmetric, need=need, backend=backend, mask_offset=mask_offset)

@@ -291,3 +291,120 @@ def test_steady_state_peak_is_the_gradients(which):
     the gradients that stay alive, is O(tile), not another gradient-sized buffer."""
     beyond = run_memory_probe(MEMORY_PROBE, which, single_thread=False) / 2**20
     assert beyond <= WORKSPACE_MIB[which], f"{which}: {beyond:.1f} MiB beyond the gradients"
+
+
+# ------------------------------------------------------------------------------ no host sync: the Triton launchers
+
+
+def _triton_devices():
+    from conftest import DEVICES, fused_backends
+
+    return [d for d in DEVICES if "triton" in fused_backends(d)]
+
+
+class _SyncOpsInOps(_SyncOps):
+    """_SyncOps that, while ``forward`` is set, keeps only the host reads made inside a kdkernels op
+    (its forward, the Triton launchers included). The interpreter itself reads no tensor value
+    through ATen (checked: launching a kernel under TRITON_INTERPRET=1 records nothing here; it reads
+    the CPU tensors' memory through numpy), so nothing of it needs filtering; what runs outside the
+    op in the forward call is the public functions' eager argument checks (labels in range,
+    ``student_temperature > 0``: ``bool`` of a tensor), which the rule does not cover: it is about
+    an op's forward and backward. Everything the backward does is kept (the op's backward and the
+    autograd glue that scales the saved gradients)."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth, self.forward = 0, True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = str(func).startswith("kdkernels")
+        before = len(self.seen)
+        self.depth += op
+        try:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        finally:
+            self.depth -= op
+            if self.forward and not op and not self.depth:
+                del self.seen[before:]  # outside every kdkernels op in the forward call: argument checks
+
+
+def _triton_sync_cases():
+    """(name, make inputs, loss) of every Triton-backed loss, with the values that once reached the
+    launchers as Python numbers (scales, biases, a learnable temperature) given as tensors, and
+    ignored rows (inside a row block and whole blocks of them) for fused_linear_kl."""
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    # [2, 21] labels for [2, 20] causal-shift rows: 30 of the 40 ignored, the kept ones first in
+    # neither batch row, so that under the interpreter's 16-row blocks two of three blocks start past n
+    y = torch.randint(37, (2, 20), generator=g)
+    y = torch.where(torch.arange(40).reshape(2, 20) % 4 == 1, y, torch.full_like(y, -100))
+    return [
+        ("fused_linear_kl", lambda: (r(2, 21, 8).requires_grad_(), r(37, 8).requires_grad_(), r(2, 21, 6),
+                                     r(37, 6).requires_grad_(), y),
+         lambda hs, ws, ht, wt, y: kdkernels.fused_linear_kl(hs[:, :-1], ws, ht[:, :-1], wt, labels=y, alpha=0.3,
+                                                             temperature=2.0, divergence="jsd", beta=0.3,
+                                                             backend="triton")),
+        ("info_nce", lambda: (r(10, 8).requires_grad_(), r(12, 8).requires_grad_(), torch.tensor(2.0).requires_grad_()),
+         lambda a, b, ls: kdkernels.info_nce(a, b, logit_scale=ls, backend="triton")),
+        ("info_nce sigmoid", lambda: (r(10, 8).requires_grad_(), r(10, 8).requires_grad_(),
+                                      torch.tensor(2.0).requires_grad_(), torch.tensor(-1.0).requires_grad_()),
+         lambda a, b, ls, lb: kdkernels.info_nce(a, b, logit_scale=ls, logit_bias=lb, variant="sigmoid",
+                                                 backend="triton")),
+        ("similarity_kd", lambda: (r(10, 8).requires_grad_(), r(10, 6), torch.tensor(0.7).requires_grad_()),
+         lambda sa, ta, ts: kdkernels.similarity_kd(sa, ta, temperature=0.5, student_temperature=ts,
+                                                    divergence="jsd", backend="triton")),
+        ("similarity_kd cross", lambda: (r(10, 8).requires_grad_(), r(10, 6), r(10, 8).requires_grad_(), r(10, 6),
+                                         torch.tensor(0.7).requires_grad_()),
+         lambda sa, ta, sb, tb, ts: kdkernels.similarity_kd(sa, ta, sb, tb, temperature=0.5, student_temperature=ts,
+                                                            backend="triton")),
+        ("clip_distill", lambda: (r(10, 8).requires_grad_(), r(10, 8).requires_grad_(), r(10, 6), r(10, 6),
+                                  torch.tensor(2.0).requires_grad_()),
+         lambda a, b, ta, tb, ls: _weighted(kdkernels.clip_distill(a, b, ta, tb, ls, 20.0, backend="triton"))),
+    ]
+
+
+TRITON_SYNC_CASES = _triton_sync_cases()
+
+
+def _on(device, inputs):
+    return [x.detach().to(device).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x
+            for x in inputs]
+
+
+@pytest.mark.parametrize("device", _triton_devices() or [pytest.param("cpu", marks=pytest.mark.skip(
+    reason="needs triton (a GPU, or the interpreter)"))])
+@pytest.mark.parametrize("name,make,loss_fn", TRITON_SYNC_CASES, ids=[c[0] for c in TRITON_SYNC_CASES])
+def test_no_host_sync_in_the_triton_launchers(name, make, loss_fn, device, monkeypatch):
+    """Forward and backward of every Triton-backed loss, as on a CUDA device (scales, biases and a
+    learnable temperature stay tensors the kernels load; fused_linear_kl's kept rows are counted on
+    the device): no ATen op asks the host for a tensor value, and the losses and gradients are
+    those of the path that reads them on the host (CPU tensors)."""
+    inputs = _on(device, make())
+    want, want_g = _grads(loss_fn, inputs)
+    monkeypatch.setattr(numerics, "host_reads_free", lambda device: False)  # as on a CUDA device
+    for x in inputs:
+        if isinstance(x, torch.Tensor):
+            x.grad = None
+    mode = _SyncOpsInOps()
+    with mode:
+        loss = loss_fn(*inputs)
+        mode.forward = False
+        loss.backward()
+    assert not mode.seen, f"{name}: {sorted(set(mode.seen))}"
+    assert_close(loss.detach(), want, torch.float32, name)
+    for x, w in zip([x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad], want_g):
+        assert_close(x.grad, w, torch.float32, name)
+
+
+@pytest.mark.parametrize("device", _triton_devices() or [pytest.param("cpu", marks=pytest.mark.skip(
+    reason="needs triton (a GPU, or the interpreter)"))])
+def test_sync_recorder_sees_a_read_in_a_triton_launch(device, monkeypatch):
+    """The control of the test above: where host reads are free the Triton path of info_nce reads the
+    scale on the host (float of a tensor, inside the op), and the recorder sees it."""
+    name, make, loss_fn = next(c for c in TRITON_SYNC_CASES if c[0] == "info_nce")
+    inputs = _on(device, make())
+    monkeypatch.setattr(numerics, "host_reads_free", lambda device: True)
+    mode = _SyncOpsInOps()
+    with mode:
+        loss_fn(*inputs)
+    assert mode.seen  # aten.item here (aten._local_scalar_dense under it on a GPU)

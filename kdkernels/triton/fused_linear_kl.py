@@ -24,15 +24,18 @@ Kernels
     ``d W_s[tile]`` (and ``sum_rows dZ_s`` into ``d b_s``) with atomic adds into fp32 (fp64)
     buffers; the teacher's the same when it requires grad, or ``dZ_t`` stored into ``d z_t``.
 
-Rows labelled ``ignore_index`` are dropped by the launcher: the kernels read the kept rows
-through an index vector, so ignored rows cost no matmul. Matmuls take the inputs' dtype on the
+Rows labelled ``ignore_index`` cost no matmul, with no host sync: the launcher orders the rows on
+the device, kept rows first (a stable cumsum scatter, fixed size N), and passes their count ``n`` as
+a 1-element device tensor (``n_ptr``); the grids cover all N positions, the kernels read the rows
+through the index vector, mask positions ``>= n`` and return at once from row blocks that start
+past ``n``; the ignored rows' losses and gradients stay 0. Matmuls take the inputs' dtype on the
 tensor cores (both operands cast to fp32 when the hidden states and the weight differ in dtype)
 and accumulate in fp32 (fp64 for fp64 inputs); fp32 operands use 3xTF32 products (each operand
 split into a TF32 high part and a TF32 remainder, three tensor-core products: about fp32
-accuracy), or one TF32 product when ``torch.backends.cuda.matmul.allow_tf32`` is set. The gradient tiles ``dZ`` are rounded to the
-operand dtype for the backward matmuls, as autograd's 16-bit matmul backward does; the softmax
-statistics never are. The atomic adds make the gradients' last bits depend on the order in which
-programs finish (run to run, on a GPU).
+accuracy), or one TF32 product when ``torch.backends.cuda.matmul.allow_tf32`` is set. The
+gradient tiles ``dZ`` are rounded to the operand dtype for the backward matmuls, as autograd's
+16-bit matmul backward does; the softmax statistics never are. The atomic adds make the gradients'
+last bits depend on the order in which programs finish (run to run, on a GPU).
 
 Work per step, with ``F = N V H`` (student) and ``Ft = N V Ht`` (teacher from hidden states):
     statistics: F + Ft multiply-adds; JSD: again F + Ft; gradients: F + Ft to recompute, then
@@ -73,7 +76,7 @@ __all__ = ["fused_linear_kl_forward", "launch_config", "aot_cases"]
 # parameters read from a small tensor (in the accumulation dtype, so fp64 runs keep every digit)
 P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA = (tl.constexpr(i) for i in range(4))
 
-# statistics rows written by PHASE 0 (per split, per kept row)
+# statistics rows written by PHASE 0 (per split, per row position; the kept rows, the first n, only)
 S_MA, S_ZA, S_MB, S_ZB, S_W, S_MC, S_ZC, S_LABEL = (tl.constexpr(i) for i in range(8))
 N_STATS = 8
 
@@ -105,27 +108,31 @@ def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, o
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _stats_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, lse_ptr,
-    out_ptr, n, V, H, Ht, stride_ws, stride_wt, split_cols,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, n_ptr,
+    lse_ptr, out_ptr, N, V, H, Ht, stride_ws, stride_wt, split_cols,
     PHASE: tl.constexpr, KIND: tl.constexpr, CE: tl.constexpr, CE_SEP: tl.constexpr,
     HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # N: the rows (kept ones first, launcher); n_ptr: the kept count, read here (never on the host)
     ACC = out_ptr.dtype.element_ty
     NEG_INF: tl.constexpr = float("-inf")
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    n = tl.load(n_ptr)
+    if pid_n * BLOCK_N >= n:  # a block of ignored rows: no work, its statistics are never read
+        return
     r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = r < n
-    # the kept rows' element offsets in the student's and the teacher's row tensors (any layout)
+    # the rows' element offsets in the student's and the teacher's row tensors (any layout)
     off_s = tl.load(offs_ptr + r, mask=rmask, other=0)
-    off_t = tl.load(offs_ptr + n + r, mask=rmask, other=0)
+    off_t = tl.load(offs_ptr + N + r, mask=rmask, other=0)
     scale = tl.load(params_ptr + P_SCALE)
     v_lo = split * split_cols
     v_hi = tl.minimum(V, v_lo + split_cols)
-    out = out_ptr + split.to(tl.int64) * n + r  # out[stat, split, r], stat stride = splits * n
-    stat_stride = tl.num_programs(1).to(tl.int64) * n
+    out = out_ptr + split.to(tl.int64) * N + r  # out[stat, split, r], stat stride = splits * N
+    stat_stride = tl.num_programs(1).to(tl.int64) * N
 
     if PHASE == 0:
         ma = tl.full([BLOCK_N], NEG_INF, ACC)
@@ -172,7 +179,7 @@ def _stats_kernel(
         l2b = tl.load(params_ptr + P_LOG2_BETA)
         l2nb = tl.load(params_ptr + P_LOG2_1MBETA)
         lse2_a = tl.load(lse_ptr + r, mask=rmask, other=0.0)
-        lse2_b = tl.load(lse_ptr + n + r, mask=rmask, other=0.0)
+        lse2_b = tl.load(lse_ptr + N + r, mask=rmask, other=0.0)
         k1 = tl.zeros([BLOCK_N], ACC)
         k2 = tl.zeros([BLOCK_N], ACC)
         for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -193,9 +200,9 @@ def _stats_kernel(
 
 @triton.jit
 def _grad_kernel(
-    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, row_ptr,
-    dhs_ptr, dws_ptr, dbs_ptr, dht_ptr, dwt_ptr, dbt_ptr, dzt_ptr,
-    n, V, H, Ht, stride_ws, stride_wt, stride_dzt,
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, rows_ptr, offs_ptr, labels_ptr, params_ptr, n_ptr,
+    row_ptr, dhs_ptr, dws_ptr, dbs_ptr, dht_ptr, dwt_ptr, dbt_ptr, dzt_ptr,
+    N, V, H, Ht, stride_ws, stride_wt, stride_dzt,
     KIND: tl.constexpr, CE: tl.constexpr, CE_SEP: tl.constexpr,
     HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
     NEED_HS: tl.constexpr, NEED_WS: tl.constexpr, NEED_BS: tl.constexpr,
@@ -203,16 +210,20 @@ def _grad_kernel(
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # row_ptr: per kept row, [lse2_a, lse2_b, lse2_c, D, Ks, Kt, g_kd, g_ce] each of length n
+    # row_ptr: per row position, [lse2_a, lse2_b, lse2_c, D, Ks, Kt, g_kd, g_ce] each of length N (the
+    # first n, n = *n_ptr, are the kept rows' and the only ones read)
     ACC = dhs_ptr.dtype.element_ty
     NEG_INF: tl.constexpr = float("-inf")
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
+    n = tl.load(n_ptr)
+    if pid_n * BLOCK_N >= n:  # a block of ignored rows: no work, their gradients stay 0
+        return
     r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = r < n
     rows = tl.load(rows_ptr + r, mask=rmask, other=0)  # int64 row indices of the kept rows (gradient rows)
     off_s = tl.load(offs_ptr + r, mask=rmask, other=0)
-    off_t = tl.load(offs_ptr + n + r, mask=rmask, other=0)
+    off_t = tl.load(offs_ptr + N + r, mask=rmask, other=0)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     cmask = cols < V
     scale = tl.load(params_ptr + P_SCALE)
@@ -220,11 +231,11 @@ def _grad_kernel(
     l2nb = tl.load(params_ptr + P_LOG2_1MBETA)
     beta = tl.load(params_ptr + P_BETA)
     lse2_a = tl.load(row_ptr + r, mask=rmask, other=0.0)
-    lse2_b = tl.load(row_ptr + n + r, mask=rmask, other=0.0)
-    D = tl.load(row_ptr + 3 * n + r, mask=rmask, other=0.0)
-    Ks = tl.load(row_ptr + 4 * n + r, mask=rmask, other=0.0)
-    Kt = tl.load(row_ptr + 5 * n + r, mask=rmask, other=0.0)
-    g_kd = tl.load(row_ptr + 6 * n + r, mask=rmask, other=0.0)
+    lse2_b = tl.load(row_ptr + N + r, mask=rmask, other=0.0)
+    D = tl.load(row_ptr + 3 * N + r, mask=rmask, other=0.0)
+    Ks = tl.load(row_ptr + 4 * N + r, mask=rmask, other=0.0)
+    Kt = tl.load(row_ptr + 5 * N + r, mask=rmask, other=0.0)
+    g_kd = tl.load(row_ptr + 6 * N + r, mask=rmask, other=0.0)
 
     zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols, cmask,
                          H, Ht, stride_ws, stride_wt,
@@ -242,10 +253,10 @@ def _grad_kernel(
     if NEED_S:
         dzs = ds * g_kd[:, None]
         if CE:
-            g_ce = tl.load(row_ptr + 7 * n + r, mask=rmask, other=0.0)
+            g_ce = tl.load(row_ptr + 7 * N + r, mask=rmask, other=0.0)
             label = tl.load(labels_ptr + r, mask=rmask, other=-1)
             if CE_SEP:
-                lse2_c = tl.load(row_ptr + 2 * n + r, mask=rmask, other=0.0)
+                lse2_c = tl.load(row_ptr + 2 * N + r, mask=rmask, other=0.0)
                 pc = tl.exp2(zs * LOG2E - lse2_c[:, None])
             else:
                 pc = ps
@@ -309,11 +320,25 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
                  for i, x in enumerate(sources)]
     if need[6]:
         acc_grads[6] = torch.zeros((N, V), dtype=t_logits.dtype, device=dev)
-    keep = (labels != ignore_index).nonzero().squeeze(1) if labels is not None else torch.arange(N, device=dev)
-    n = keep.numel()
-    if n == 0:
+    if N == 0:
         return _cast_grads(outs, acc_grads, sources)
-    lab_k = labels.index_select(0, keep).contiguous() if labels is not None else keep
+    # the rows in a fixed-size order, kept rows first (stable), and their count n as a device tensor:
+    # no host sync (no nonzero, no grid sized by n). Kept row i goes to position (kept rows before it),
+    # ignored row i to n + (ignored rows before it). The kernels load n and mask positions >= n;
+    # their row blocks past n return at once, so ignored rows cost no arithmetic.
+    if labels is not None:
+        kept = labels != ignore_index
+        kc = kept.to(torch.int64).cumsum(0)
+        n_t = kc[-1:].to(torch.int32)  # a fresh (aligned) 1-element tensor, read by the kernels only
+        i = torch.arange(N, device=dev)
+        pos = torch.where(kept, kc - 1, kc[-1:] + i - kc)
+        keep = torch.empty_like(i).scatter_(0, pos, i)  # position -> row
+        lab_k = labels.index_select(0, keep).contiguous()
+    else:
+        keep = torch.arange(N, device=dev)
+        n_t = torch.full((1,), N, dtype=torch.int32, device=dev)
+        lab_k = keep
+    valid = torch.arange(N, device=dev) < n_t  # the positions holding kept rows
 
     wide = [x.dtype for x in (hs, Ws, ht, Wt, t_logits) if x is not None and x.dtype in (torch.float32, torch.float64)]
     key = acc if wide else torch.bfloat16  # the tiles of 16-bit operands, else those of fp32 / fp64
@@ -334,25 +359,26 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         # in fp32 (exact), with products accumulated in fp32 as bf16 tensor-core MMAs do
         dot_s, dot_t = ("fp32" if d == "bf16" else d for d in (dot_s, dot_t))
     placeholder = params
-    # the element offsets of the kept rows in the student's and the teacher's row tensors, whatever
+    # the element offsets of the rows, in that order, in the student's and the teacher's row tensors, whatever
     # their layout ([N, D], or a strided [B, L, D] view such as hidden[:, :-1]): no division in the kernels
     offs = torch.stack([_offsets(lay_s, keep), _offsets(lay_t, keep)]).contiguous()
     ptrs = (hs, Ws, bs if bs is not None else placeholder,
             ht if ht is not None else placeholder, Wt if Wt is not None else placeholder,
             bt if bt is not None else placeholder, t_logits if teacher_logits else placeholder, keep, offs, lab_k,
-            params)
+            params, n_t)
     strides = (Ws.stride(0), Wt.stride(0) if Wt is not None else 0)
     common = dict(KIND=kind, CE=ce, CE_SEP=ce_sep, HAS_BS=bs is not None, TEACHER_LOGITS=teacher_logits,
                   HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, PREC=prec, BLOCK_N=BN, BLOCK_V=BV,
                   BLOCK_K=BK, num_warps=cfg["num_warps"])
 
-    row_blocks = triton.cdiv(n, BN)
+    # every row position gets a row block (those past n exit at once); the splits are sized for N rows
+    row_blocks = triton.cdiv(N, BN)
     S = splits if splits is not None else _splits(row_blocks, V, BV, dev)
     S = max(1, min(S, triton.cdiv(V, BV)))
     split_cols = triton.cdiv(triton.cdiv(V, S), BV) * BV
     S = triton.cdiv(V, split_cols)
-    stats = torch.empty((N_STATS, S, n), dtype=acc, device=dev)
-    _stats_kernel[(row_blocks, S)](*ptrs, stats, stats, n, V, H, Ht, *strides, split_cols, PHASE=0, **common)
+    stats = torch.empty((N_STATS, S, N), dtype=acc, device=dev)  # unwritten past n: masked below
+    _stats_kernel[(row_blocks, S)](*ptrs, stats, stats, N, V, H, Ht, *strides, split_cols, PHASE=0, **common)
 
     # merge the splits
     ma, za, mb, zb, w, mc, zc, s_label = stats.unbind(0)  # the order of S_MA ... S_LABEL
@@ -365,7 +391,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         lse_c = (_safe(Mc) + torch.log2(Zc)) * math.log(2)
     else:
         lse_c = lse2_a * math.log(2)  # T == 1: lse(z_s) = lse(a)
-    Ks = Kt = torch.zeros(n, dtype=acc, device=dev)
+    Ks = Kt = torch.zeros(N, dtype=acc, device=dev)
     ln2 = math.log(2)
     if kind == 0:
         D = ln2 * ((w * fb).sum(0) / Zb - lse2_b + lse2_a)
@@ -373,8 +399,8 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         D = ln2 * ((w * fa).sum(0) / Za - lse2_a + lse2_b)
     else:
         lse = torch.stack([lse2_a, lse2_b]).contiguous()
-        kk = torch.empty((2, S, n), dtype=acc, device=dev)
-        _stats_kernel[(row_blocks, S)](*ptrs, lse, kk, n, V, H, Ht, *strides, split_cols, PHASE=1, **common)
+        kk = torch.empty((2, S, N), dtype=acc, device=dev)
+        _stats_kernel[(row_blocks, S)](*ptrs, lse, kk, N, V, H, Ht, *strides, split_cols, PHASE=1, **common)
         Ks, Kt = kk[0].sum(0), kk[1].sum(0)
         D = beta * Kt + (1.0 - beta) * Ks
     rows_loss = kd_weight * D
@@ -382,6 +408,8 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     if ce:
         rows_loss = rows_loss + ce_weight * (lse_c - s_label.sum(0))
         rows_loss = torch.where(bad, torch.full_like(rows_loss, math.nan), rows_loss)
+    # positions past n hold whatever the unwritten statistics gave: the ignored rows' loss is 0
+    rows_loss = torch.where(valid, rows_loss, torch.zeros_like(rows_loss))
     loss.index_copy_(0, keep, rows_loss)
 
     if any(need):
@@ -395,7 +423,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         grads = [acc_grads[i] if acc_grads[i] is not None else dummy for i in range(7)]
         dzt_stride = acc_grads[6].stride(0) if acc_grads[6] is not None else 0
         _grad_kernel[(row_blocks, triton.cdiv(V, BV))](
-            *ptrs, per_row, *grads, n, V, H, Ht, *strides, dzt_stride,
+            *ptrs, per_row, *grads, N, V, H, Ht, *strides, dzt_stride,
             NEED_HS=need[0], NEED_WS=need[1], NEED_BS=need[2], NEED_HT=need[3], NEED_WT=need[4], NEED_BT=need[5],
             NEED_ZT=need[6], **common)
     return _cast_grads(outs, acc_grads, sources)
@@ -404,7 +432,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
 # --------------------------------------------------------------------------------------------
 # ahead-of-time compile cases (tests/test_aot.py)
 # --------------------------------------------------------------------------------------------
-_SCALARS = ("n", "V", "H", "Ht", "stride_ws", "stride_wt")
+_SCALARS = ("N", "V", "H", "Ht", "stride_ws", "stride_wt")
 
 
 def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=None, phase=0, prec="tf32x3"):
@@ -413,7 +441,8 @@ def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=N
     acc = "fp64" if dt == torch.float64 else "fp32"
     name = _TL_NAME[dt]
     sig = {p: "*" + name for p in ("hs_ptr", "ws_ptr", "bs_ptr", "ht_ptr", "wt_ptr", "bt_ptr", "zt_ptr")}
-    sig.update({"rows_ptr": "*i64", "offs_ptr": "*i64", "labels_ptr": "*i64", "params_ptr": "*" + acc})
+    sig.update({"rows_ptr": "*i64", "offs_ptr": "*i64", "labels_ptr": "*i64", "params_ptr": "*" + acc,
+                "n_ptr": "*i32"})
     if kernel == "stats":
         sig.update({"lse_ptr": "*" + acc, "out_ptr": "*" + acc})
     else:

@@ -31,6 +31,10 @@ Kernels
     are added atomically; with gradients, ``dS = g σ(S)`` goes into ``d x``, ``d y`` as above and the
     tile's ``Σ dS``, ``Σ dS ∘ (S - bias)`` (bias and log-scale gradients) to its slots.
 
+The multipliers (``c_s``, ``c_t``; SigLIP's scale and bias) reach the kernels in a small parameter
+tensor (``params_ptr``, ``tl.load``), filled on the device: the launchers take them as Python floats
+(constants) or as 0-d tensors (a learnable scale, bias or temperature), never read on the host.
+
 ``MASK`` leaves out the entries ``(i, i + mask_off)`` (the diagonal of a self-similarity; a rank's
 rows against the gathered batch in kdkernels.distributed). Matmul operands keep the inputs' dtype
 (fp32 as 3xTF32, or TF32 when ``torch.backends.cuda.matmul.allow_tf32``), accumulation is fp32
@@ -332,14 +336,23 @@ def _setup(x, y, tx, ty, jsd_phase=False):
 
 
 def _params(acc, dev, cs, ct=0.0, beta=0.5, kind=0):
+    """The kernels' ``params`` tensor, ``[cs, ct, log2 beta, log2(1 - beta), beta]`` (P_* order; for
+    SigLIP ``[scale, bias, ...]``). ``cs`` and ``ct``: Python floats (true constants), or 0-d /
+    1-element tensors (a learnable scale or temperature), copied into it on the device: the kernels
+    load them, nothing reads them on the host (no sync)."""
     lb = math.log2(beta) if kind == KIND_JSD else 0.0
     lnb = math.log2(1.0 - beta) if kind == KIND_JSD else 0.0
-    return torch.tensor([cs, ct, lb, lnb, beta if kind == KIND_JSD else 0.5], dtype=acc, device=dev)
+    head = [0.0 if isinstance(v, torch.Tensor) else v for v in (cs, ct)]
+    params = torch.tensor([*head, lb, lnb, beta if kind == KIND_JSD else 0.5], dtype=acc, device=dev)
+    for i, v in enumerate((cs, ct)):
+        if isinstance(v, torch.Tensor):
+            params[i : i + 1].copy_(v.detach().reshape(1))
+    return params
 
 
 def pair_stats(x, y, tx=None, ty=None, *, cs, ct=0.0, mode=MODE_LSE, kind=0, beta=0.5, mask_off=None, splits=None):
     """Per-row statistics of ``S = x yᵀ`` (base 2: ``a2 = S cs``) and, for ``mode`` 1 / 2, of the
-    teacher's ``tx tyᵀ`` (``b2 = · ct``). Returns a dict of [n] tensors:
+    teacher's ``tx tyᵀ`` (``b2 = · ct``); ``cs``, ``ct``: floats or 0-d tensors. Returns a dict of [n] tensors:
     mode 0: ``lse2_a``; mode 1: ``lse2_a``, ``lse2_b``, ``D`` (natural units), ``Ks``, ``Kt`` (JSD);
     mode 2: ``lse2_a``, ``lse2_b``, ``xent`` (the soft cross-entropy, natural units)."""
     x, y, tx, ty = (_contig_last(t) for t in (x, y, tx, ty))
@@ -412,7 +425,8 @@ def pair_grads(x, y, tx=None, ty=None, *, cs, ct=0.0, mode=MODE_LSE, kind=0, bet
                col_values=None, dx=None, dy=None):
     """Adds ``dS y`` into ``dx`` and ``dSᵀ x`` into ``dy`` (contiguous accumulation-dtype buffers;
     the same buffer for a self-similarity; None when not needed) with ``dS`` from ``row_values``
-    (and ``col_values``, ``[N_VALUES, m]``) of :func:`values`; returns ``Σ dS ∘ (x yᵀ)``."""
+    (and ``col_values``, ``[N_VALUES, m]``) of :func:`values`; returns ``Σ dS ∘ (x yᵀ)``. ``cs``, ``ct``
+    as in :func:`pair_stats`."""
     x, y, tx, ty = (_contig_last(t) for t in (x, y, tx, ty))
     acc, cfg, dot_s, dot_t, prec = _setup(x, y, tx, ty)
     dev = x.device
@@ -441,7 +455,8 @@ def sigmoid_tiles(x, y, labels, *, scale, bias, g=None, dx=None, dy=None):
     """SigLIP's negatives: per-row ``Σ_{j ≠ labels[i]} softplus(scale x_i·y_j + bias)``; with ``g``
     (per-row weights), adds ``scale dS y`` into ``dx`` and ``scale dSᵀ x`` into ``dy`` for
     ``dS = g σ(S)`` and returns (rows, Σ dS, Σ dS ∘ (S - bias)); else (rows, 0, 0). The positive
-    pairs (i, labels[i]) are left out (the caller adds them exactly)."""
+    pairs (i, labels[i]) are left out (the caller adds them exactly). ``scale``, ``bias``: floats or
+    0-d tensors."""
     x, y = _contig_last(x), _contig_last(y)
     acc, cfg, dot_s, _, prec = _setup(x, y, None, None)
     dev = x.device
