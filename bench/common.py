@@ -458,7 +458,8 @@ def markdown_table(rows: list, dims: str = "N×V") -> str:
 def report_markdown(family: Family, env: dict, rows: list, notes: list) -> str:
     out = [f"# {header_line(family, env)}", ""]
     out.append("speed-up vs eager / vs compile / vs fastest peer: eager's / compile's / the fastest "
-               "non-kdkernels provider's median time divided by this provider's (above 1 = faster). GB/s: minimum bytes (see bench/README.md) / median time. "
+               "non-kdkernels provider's median time divided by this provider's (above 1 = faster). "
+               "GB/s: minimum bytes (see bench/README.md) / median time. "
                "peak extra MiB: peak memory of one forward+backward beyond the inputs, "
                "input gradient included.")
     out.append("")

@@ -160,8 +160,9 @@ def table(results):
         mode = f"single BLOCK={cfg['BLOCK']}" if cfg["SINGLE_PASS"] else f"stream BLOCK={cfg['BLOCK']}"
         case = f"{r['kind']} {r['dtype']} V={r['V']}" + (" +grad_t" if r["grad_teacher"] else "")
         lines.append(f"| {r['kernel']} | {case} | {mode}, {cfg['num_warps']} warps | {r['read_B_per_elem']:.2f} | "
-                     f"{r['write_B_per_elem']:.2f} | {r['documented_B_per_elem']:.0f} | {r['minimum_B_per_elem']:.0f} | "
-                     f"{r['over_minimum']:.2f} | {r['h100_us_full']:.0f} / {r['h100_us_full_at_minimum']:.0f} | "
+                     f"{r['write_B_per_elem']:.2f} | {r['documented_B_per_elem']:.0f} | "
+                     f"{r['minimum_B_per_elem']:.0f} | {r['over_minimum']:.2f} | "
+                     f"{r['h100_us_full']:.0f} / {r['h100_us_full_at_minimum']:.0f} | "
                      f"{_resources(r)} | {'yes' if r['within_documented'] else 'NO'} |")
     return "\n".join(lines)
 

@@ -22,6 +22,6 @@ from kdkernels.topk_teacher import topk_kl
 
 __version__ = "0.1.0"
 
-__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd",
-           "clip_distill", "projected_feature_loss", "kl_div_sum", "logprob_jsd_sum", "available_backends", "build_info",
-           "nn", "reference", "__version__"]
+__all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "info_nce",
+           "similarity_kd", "clip_distill", "projected_feature_loss", "kl_div_sum", "logprob_jsd_sum",
+           "available_backends", "build_info", "nn", "reference", "__version__"]

@@ -436,8 +436,8 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
         torch.tensor(-math.log(temperature), dtype=acc, device=a.device)
     bias = None if logit_bias is None else logit_bias.reshape(())
     scale = torch.full((), 1.0 / max(na, 1) if reduction == "mean" else 1.0, dtype=acc, device=a.device)
-    return info_nce_op((a, b, log_scale, bias), (lab,), scale, dict(sigmoid=variant == "sigmoid", symmetric=bool(symmetric)),
-                       REDUCTION_IDS[reduction], backend)
+    return info_nce_op((a, b, log_scale, bias), (lab,), scale,
+                       dict(sigmoid=variant == "sigmoid", symmetric=bool(symmetric)), REDUCTION_IDS[reduction], backend)
 
 
 # ------------------------------------------------------------------------------ clip_distill
@@ -492,4 +492,5 @@ def clip_distill(image: Tensor, text: Tensor, t_image: Tensor, t_text: Tensor, l
     backend = backends.resolve(backend, image.device, "clip_distill")
     image, text, t_image, t_text = autocast_operands(image.device, image, text, t_image, t_text)
     log_scale = log_scale.reshape(())
-    return clip_distill_op((image, text, log_scale), (t_image.detach(), t_text.detach()), dict(t_scale=t_scale), backend)
+    return clip_distill_op((image, text, log_scale), (t_image.detach(), t_text.detach()), dict(t_scale=t_scale),
+                           backend)

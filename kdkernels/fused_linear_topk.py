@@ -200,8 +200,8 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     vals = teacher_topk_values.reshape(-1, k)
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
-    scale = grad_scale(hs.shape[0] * hs.shape[1], lab, ignore_index, reduction, acc_dtype(student_hidden, student_weight),
-                       hs.device, batch_size((*lead, V)))
+    scale = grad_scale(hs.shape[0] * hs.shape[1], lab, ignore_index, reduction,
+                       acc_dtype(student_hidden, student_weight), hs.device, batch_size((*lead, V)))
     params = dict(uniform_tail=tail == "uniform", temperature=temperature, ignore_index=ignore_index)
     loss = fused_linear_topk_kl_op((hs, student_weight, student_bias), (vals, idx, lab), scale, params,
                                    REDUCTION_IDS[reduction], backend)

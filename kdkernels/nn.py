@@ -50,12 +50,12 @@ class DistillationLoss(torch.nn.Module):
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return distill_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
-                               alpha=self.alpha, divergence=self.divergence, beta=self.beta, ignore_index=self.ignore_index,
-                               reduction=self.reduction, backend=self.backend)
+                            alpha=self.alpha, divergence=self.divergence, beta=self.beta,
+                            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+                f"beta={self.beta}, reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class FusedLinearDistillationLoss(torch.nn.Module):
@@ -78,14 +78,14 @@ class FusedLinearDistillationLoss(torch.nn.Module):
                 student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None) -> Tensor:
         return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                  teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
-                                  temperature=self.temperature, divergence=self.divergence, beta=self.beta, alpha=self.alpha,
-                                  labels=labels, ignore_index=self.ignore_index, reduction=self.reduction,
-                                  backend=self.backend)
+                               teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
+                               temperature=self.temperature, divergence=self.divergence, beta=self.beta,
+                               alpha=self.alpha, labels=labels, ignore_index=self.ignore_index,
+                               reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+        return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
+                f"beta={self.beta}, reduction={self.reduction!r}, backend={self.backend!r}")
 
 
 class TopkKLLoss(torch.nn.Module):
@@ -159,23 +159,25 @@ class ClipLoss(InfoNCELoss):
 class SimilarityKDLoss(torch.nn.Module):
     """Module form of :func:`kdkernels.similarity_kd` (relational distillation of similarity rows)."""
 
-    def __init__(self, temperature: float = 1.0, student_temperature: Optional[float] = None, divergence: str = "forward",
-                 beta: float = 0.5, normalize: bool = True, symmetric: bool = True, reduction: str = "mean",
-                 backend: str = "auto"):
+    def __init__(self, temperature: float = 1.0, student_temperature: Optional[float] = None,
+                 divergence: str = "forward", beta: float = 0.5, normalize: bool = True, symmetric: bool = True,
+                 reduction: str = "mean", backend: str = "auto"):
         super().__init__()
-        self.temperature, self.student_temperature, self.divergence, self.beta = temperature, student_temperature, divergence, beta
+        self.temperature, self.student_temperature = temperature, student_temperature
+        self.divergence, self.beta = divergence, beta
         self.normalize, self.symmetric, self.reduction, self.backend = normalize, symmetric, reduction, backend
 
     def forward(self, student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tensor] = None,
                 teacher_b: Optional[Tensor] = None) -> Tensor:
         return similarity_kd(student_a, teacher_a, student_b, teacher_b, temperature=self.temperature,
-                                student_temperature=self.student_temperature, divergence=self.divergence, beta=self.beta,
-                                normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
-                                backend=self.backend)
+                             student_temperature=self.student_temperature, divergence=self.divergence, beta=self.beta,
+                             normalize=self.normalize, symmetric=self.symmetric, reduction=self.reduction,
+                             backend=self.backend)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, student_temperature={self.student_temperature}, divergence={self.divergence!r}, "
-                f"normalize={self.normalize}, symmetric={self.symmetric}, reduction={self.reduction!r}")
+        return (f"temperature={self.temperature}, student_temperature={self.student_temperature}, "
+                f"divergence={self.divergence!r}, normalize={self.normalize}, symmetric={self.symmetric}, "
+                f"reduction={self.reduction!r}")
 
 
 class HintLoss(torch.nn.Module):

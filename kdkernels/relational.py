@@ -168,8 +168,8 @@ def similarity_kd(student_a: Tensor, teacher_a: Tensor, student_b: Optional[Tens
     Gradients go to the student's embeddings; the teacher's are constants.
     """
     return similarity_kd_masked(student_a, teacher_a, student_b, teacher_b, temperature=temperature,
-                          student_temperature=student_temperature, divergence=divergence, beta=beta, normalize=normalize,
-                          symmetric=symmetric, reduction=reduction, backend=backend)
+                                student_temperature=student_temperature, divergence=divergence, beta=beta,
+                                normalize=normalize, symmetric=symmetric, reduction=reduction, backend=backend)
 
 
 def similarity_kd_masked(student_a, teacher_a, student_b=None, teacher_b=None, *, temperature=1.0,

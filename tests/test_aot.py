@@ -176,7 +176,8 @@ def test_topk_kl_compiles_without_spills():
     """The top-k teacher kernel for every student dtype and tail, sm_80 and sm_90: no spills."""
     _compile_without_spills("topk", [("topk_kl", *case) for case in TOPK_CASES],
                             lambda k, sig, flags, w: f"{sig['s_ptr'].split(':')[0][1:]}-"
-                                                     f"{'uniform' if flags['UNIFORM'] else 'ignore'}-V{flags['BLOCK_V']}")
+                                                     f"{'uniform' if flags['UNIFORM'] else 'ignore'}-"
+                                                     f"V{flags['BLOCK_V']}")
 
 
 def _compile_without_spills(label, cases, case_id):

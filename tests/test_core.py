@@ -34,7 +34,8 @@ def _cases():
          lambda hs, ws, ht, wt: kdkernels.fused_linear_kl(hs, ws, ht, wt, temperature=2.0)),
         ("fused_linear_kl labels", lambda: (r(9, 8).requires_grad_(), r(37, 8).requires_grad_(), r(9, 6),
                                             r(37, 6).requires_grad_(), lab(9, 37)),
-         lambda hs, ws, ht, wt, y: kdkernels.fused_linear_kl(hs, ws, ht, wt, labels=y, alpha=0.3, divergence="reverse")),
+         lambda hs, ws, ht, wt, y: kdkernels.fused_linear_kl(hs, ws, ht, wt, labels=y, alpha=0.3,
+                                                             divergence="reverse")),
         ("fused_linear_topk_kl labels", lambda: (r(9, 8).requires_grad_(), r(37, 8).requires_grad_(),
                                                  torch.log_softmax(r(9, 37), -1).topk(4, -1), lab(9, 37)),
          lambda hs, ws, tk, y: kdkernels.fused_linear_topk_kl(hs, ws, tk.values, tk.indices, labels=y, tail="uniform")),
@@ -233,7 +234,8 @@ import sys, torch, kdkernels
 torch.manual_seed(0)
 which = sys.argv[1]
 if which == "projected_feature_loss":   # the shape the issue measured: 258-264 MiB against 132 MiB of gradients
-    x, w, t = torch.randn(32768, 1024, requires_grad=True), torch.randn(1024, 1024, requires_grad=True), torch.randn(32768, 1024)
+    x, w, t = (torch.randn(32768, 1024, requires_grad=True), torch.randn(1024, 1024, requires_grad=True),
+               torch.randn(32768, 1024))
     step = lambda: kdkernels.projected_feature_loss(x, w, t).backward()
     leaves = (x, w)
 elif which == "softmax_kl":

@@ -150,7 +150,8 @@ SIM_CASES = [  # (loss, options, local rows per rank): "mean" with equal local b
     ("info_nce", dict(logit_scale=True, logit_bias=True, variant="sigmoid", reduction="sum"), (6, 3)),
     ("similarity_kd", dict(temperature=0.2, student_temperature=0.5), (5, 5)),           # self-similarity
     ("similarity_kd", dict(temperature=0.3, divergence="jsd", beta=0.3, cross=True, reduction="sum"), (4, 6)),
-    ("similarity_kd", dict(temperature=0.3, divergence="reverse", cross=True, symmetric=False, normalize=False), (4, 4)),
+    ("similarity_kd", dict(temperature=0.3, divergence="reverse", cross=True, symmetric=False, normalize=False),
+     (4, 4)),
 ]
 
 

@@ -96,8 +96,8 @@ def test_dtypes(dtype, kind, backend, seed, monkeypatch):
     monkeypatch.setattr(FL, "V_TILE", 256)  # several tiles, the last one partial
     hs, Ws, bs, t = make(6, 48, 40, 1000, dtype)
     labels = torch.randint(0, 1000, (6,))
-    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, divergence=kind, beta=0.6, alpha=0.25, backend=backend,
-            what=f"{backend} seed={seed}")
+    compare(hs, Ws, bs, t, dtype, labels=labels, temperature=1.5, divergence=kind, beta=0.6, alpha=0.25,
+            backend=backend, what=f"{backend} seed={seed}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -222,8 +222,10 @@ def test_jsd_beta_endpoints(backend, device, seed):
     s, t = make_logits(4, 300, torch.float32, device)
     fwd = kdkernels.softmax_kl(s, t, divergence="forward", reduction="none", backend=backend)
     rev = kdkernels.softmax_kl(s, t, divergence="reverse", reduction="none", backend=backend)
-    torch.testing.assert_close(kdkernels.softmax_kl(s, t, divergence="jsd", beta=0.0, reduction="none", backend=backend), fwd)
-    torch.testing.assert_close(kdkernels.softmax_kl(s, t, divergence="jsd", beta=1.0, reduction="none", backend=backend), rev)
+    torch.testing.assert_close(kdkernels.softmax_kl(s, t, divergence="jsd", beta=0.0, reduction="none",
+                                                    backend=backend), fwd)
+    torch.testing.assert_close(kdkernels.softmax_kl(s, t, divergence="jsd", beta=1.0, reduction="none",
+                                                    backend=backend), rev)
     # symmetric JSD is symmetric and bounded by log 2
     j1 = kdkernels.softmax_kl(s, t, divergence="jsd", beta=0.5, reduction="none", backend=backend)
     j2 = kdkernels.softmax_kl(t, s, divergence="jsd", beta=0.5, reduction="none", backend=backend)
@@ -260,7 +262,8 @@ def test_torch_compile(device):
     eager = step(s1, t, labels)
     eager.backward()
     s2 = s.clone().requires_grad_()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")(s2, t, labels)
+    compiled = torch.compile(step, fullgraph=True,
+                             backend="aot_eager" if device == "cpu" else "inductor")(s2, t, labels)
     compiled.backward()
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(s2.grad, s1.grad)
@@ -467,7 +470,8 @@ def test_device_mismatch():
     with pytest.raises(ValueError, match="same device"):
         kdkernels.softmax_kl(torch.randn(2, 3), torch.randn(2, 3, device=other))
     with pytest.raises(ValueError, match="labels must be on"):
-        kdkernels.softmax_kl(torch.randn(2, 3), torch.randn(2, 3), labels=torch.zeros(2, dtype=torch.long, device=other))
+        kdkernels.softmax_kl(torch.randn(2, 3), torch.randn(2, 3),
+                             labels=torch.zeros(2, dtype=torch.long, device=other))
 
 
 def test_empty_batch():
@@ -513,7 +517,8 @@ def test_peak_memory_is_the_gradient_buffer():
     grad_bytes = N * V * 4
     fused = _extra_bytes("fused", N, V)
     eager = _extra_bytes("eager", N, V)
-    assert fused <= grad_bytes + 24 * 2**20, f"fused extra {fused / 2**20:.1f} MiB, gradient {grad_bytes / 2**20:.0f} MiB"
+    assert fused <= grad_bytes + 24 * 2**20, f"fused extra {fused / 2**20:.1f} MiB, " \
+        f"gradient {grad_bytes / 2**20:.0f} MiB"
     assert eager >= 2 * grad_bytes, f"eager extra {eager / 2**20:.1f} MiB: the probe is not measuring"
 
 

@@ -15,7 +15,8 @@ from kdkernels.train.loop import Run, fit, read_metrics
 
 sklearn = pytest.importorskip("sklearn", reason="--task vision needs scikit-learn")
 
-SHORT = ["--task", "vision", "--steps", "20", "--teacher-steps", "20", "--eval-every", "10", "--ckpt-every", "10", "--no-progress"]
+SHORT = ["--task", "vision", "--steps", "20", "--teacher-steps", "20", "--eval-every", "10", "--ckpt-every", "10",
+         "--no-progress"]
 
 
 # ------------------------------------------------------------------ config
@@ -269,7 +270,8 @@ def test_torchrun_two_processes(tmp_path, task):
     assert res.stdout.count("| student, distilled |") == 1  # rank 0 prints
     assert "x 2 processes" in res.stdout
     assert json.loads((out / "summary.json").read_text())["processes"] == 2
-    steps = [m["step"] for m in read_metrics(str(out / "metrics.jsonl")) if m["run"] == "student-distilled" and "loss" in m]
+    steps = [m["step"] for m in read_metrics(str(out / "metrics.jsonl"))
+             if m["run"] == "student-distilled" and "loss" in m]
     assert steps == list(range(1, 21))
 
 

@@ -143,7 +143,8 @@ class FusedOp:
         ins, ext = tuple(args[:ni]), tuple(args[ni:ni + ne])
         grad_scale = args[ni + ne]
         prm = dict(zip(self.params, args[ni + ne + 1:ni + ne + 1 + npar]))
-        reduction, need, backend = args[ni + ne + 1 + npar:ni + ne + 4 + npar]  # (a backward op's extra arguments follow)
+        # (a backward op's extra arguments follow)
+        reduction, need, backend = args[ni + ne + 1 + npar:ni + ne + 4 + npar]
         return ins, ext, grad_scale, prm, reduction, tuple(bool(x) for x in need), backend
 
     def _grads_in_forward(self, reduction: int) -> bool:

@@ -83,9 +83,9 @@ def grad_scale(N: int, labels: Optional[Tensor], ignore_index: int, reduction: s
 COSINE_EPS = 1e-8  # torch.nn.functional.cosine_similarity's
 
 def cosine_terms(pp: Tensor, pt: Tensor, tt: Tensor, g: Optional[Tensor]):
-    """From the per-row sums ``pp = Σ P²``, ``pt = Σ P T``, ``tt = Σ T²``: the cosines and, with per-row weights ``g``, the [4, R] coefficients (a, c, e, f) of
-    ``dP = a P + c T``, ``dT = e P + f T`` for the loss ``g (1 - cos)``, where
-    ``cos = P·T / (max(|P|, eps) max(|T|, eps))``: ``a = g cos / |P|²`` (0 where |P| <= eps),
+    """From the per-row sums ``pp = Σ P²``, ``pt = Σ P T``, ``tt = Σ T²``: the cosines and, with per-row weights
+    ``g``, the [4, R] coefficients (a, c, e, f) of ``dP = a P + c T``, ``dT = e P + f T`` for the loss ``g (1 - cos)``,
+    where ``cos = P·T / (max(|P|, eps) max(|T|, eps))``: ``a = g cos / |P|²`` (0 where |P| <= eps),
     ``c = e = -g / den``, ``f = g cos / |T|²`` (0 where |T| <= eps)."""
     n_p, n_t = torch.sqrt(pp), torch.sqrt(tt)
     den = torch.clamp(n_p, min=COSINE_EPS) * torch.clamp(n_t, min=COSINE_EPS)

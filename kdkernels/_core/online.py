@@ -28,7 +28,8 @@ class OnlineLSE:
 
     def update(self, sl, x):
         m_new = torch.maximum(self.m[sl], x.max(1).values)
-        self.z[sl] = self.z[sl] * torch.exp(self.m[sl] - safe_max(m_new)) + torch.exp(x - safe_max(m_new)[:, None]).sum(1)
+        self.z[sl] = (self.z[sl] * torch.exp(self.m[sl] - safe_max(m_new))
+                      + torch.exp(x - safe_max(m_new)[:, None]).sum(1))
         self.m[sl] = m_new
 
     def update_cols(self, sl, x):

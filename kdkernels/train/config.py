@@ -109,10 +109,11 @@ _FIELDS = {f.name: f for f in fields(Config)}
 TASK_DEFAULTS = {
     "lm": {},
     # the embeddings task's fallback teacher is the lm task's, with the lm task's teacher settings
-    "embeddings": {"out": "runs/embeddings", "steps": 400, "batch_size": 128, "lr": 1e-2, "temperature": 0.1, "alpha": 0.2, "hint_weight": 1.0,
-                   "hint_kind": "cosine", "student_dim": 128, "student_layers": 1, "student_examples": 0},
-    "vision": {"out": "runs/vision", "steps": 1500, "teacher_steps": 600, "teacher_lr": 1e-2, "student_examples": 300, "batch_size": 64,
-               "lr": 1e-2, "temperature": 4.0, "alpha": 0.1, "hint_weight": 0.02, "eval_every": 250,
+    "embeddings": {"out": "runs/embeddings", "steps": 400, "batch_size": 128, "lr": 1e-2, "temperature": 0.1,
+                   "alpha": 0.2, "hint_weight": 1.0, "hint_kind": "cosine", "student_dim": 128, "student_layers": 1,
+                   "student_examples": 0},
+    "vision": {"out": "runs/vision", "steps": 1500, "teacher_steps": 600, "teacher_lr": 1e-2, "student_examples": 300,
+               "batch_size": 64, "lr": 1e-2, "temperature": 4.0, "alpha": 0.1, "hint_weight": 0.02, "eval_every": 250,
                "ckpt_every": 250},
 }
 

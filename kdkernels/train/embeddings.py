@@ -167,12 +167,14 @@ class MiniLM(nn.Module):
         d, eps = hidden_size, layer_norm_eps
         self.heads = num_attention_heads
         self.embeddings = nn.ModuleDict({
-            "word_embeddings": nn.Embedding(vocab_size, d), "position_embeddings": nn.Embedding(max_position_embeddings, d),
+            "word_embeddings": nn.Embedding(vocab_size, d),
+            "position_embeddings": nn.Embedding(max_position_embeddings, d),
             "token_type_embeddings": nn.Embedding(type_vocab_size, d), "LayerNorm": nn.LayerNorm(d, eps=eps)})
 
         def block():
             attn = nn.ModuleDict({"self": nn.ModuleDict({k: nn.Linear(d, d) for k in ("query", "key", "value")}),
-                                  "output": nn.ModuleDict({"dense": nn.Linear(d, d), "LayerNorm": nn.LayerNorm(d, eps=eps)})})
+                                  "output": nn.ModuleDict({"dense": nn.Linear(d, d),
+                                                           "LayerNorm": nn.LayerNorm(d, eps=eps)})})
             return nn.ModuleDict({"attention": attn,
                                   "intermediate": nn.ModuleDict({"dense": nn.Linear(d, intermediate_size)}),
                                   "output": nn.ModuleDict({"dense": nn.Linear(intermediate_size, d),

@@ -192,7 +192,8 @@ def teacher_lm(cfg, vocab, train, held, device, out_dir):
             hint = "" if theirs is None or theirs.shape[0] == vocab else \
                 f"; its vocabulary is {theirs.shape[0]} (this run's --vocab-size is {vocab})"
             raise CheckpointError(f"teacher checkpoint {cfg.teacher!r} does not fit the lm teacher (vocabulary "
-                                  f"{vocab}, dim {cfg.teacher_dim}, {cfg.teacher_layers} layers){hint}: {exc}") from None
+                                  f"{vocab}, dim {cfg.teacher_dim}, {cfg.teacher_layers} layers){hint}: "
+                                  f"{exc}") from None
         return teacher, "given"
     cached = os.path.join(out_dir, "teacher", "checkpoint.pt")
     if os.path.exists(cached):
@@ -319,8 +320,8 @@ def run_task(cfg, device, out_dir) -> dict:
     notes = [f"teacher {how}; vocabulary {vocab}; {teacher_tokens} training tokens (the students see {train.numel()}), "
              f"{held_ids.numel()} held out; teacher "
              f"{n_t / 1e6:.2f} M parameters, student {n_s / 1e6:.2f} M",
-             f"distillation step ({cfg.batch_size} x {cfg.context} tokens): fused_linear_kl {_step(times, peak, 'fused')}, "
-             f"eager logits + KL {_step(times, peak, 'eager')}"]
+             f"distillation step ({cfg.batch_size} x {cfg.context} tokens): "
+             f"fused_linear_kl {_step(times, peak, 'fused')}, eager logits + KL {_step(times, peak, 'eager')}"]
     return {"rows": rows, "notes": notes, "metrics": ("perplexity", "loss")}
 
 
