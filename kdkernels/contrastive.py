@@ -431,7 +431,7 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
     backend = backends.resolve(backend, a.device, "info_nce")
     a, b = autocast_operands(a.device, a, b)
-    acc = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    acc = acc_dtype(a, b)
     log_scale = logit_scale.reshape(()) if logit_scale is not None else \
         torch.tensor(-math.log(temperature), dtype=acc, device=a.device)
     bias = None if logit_bias is None else logit_bias.reshape(())

@@ -218,7 +218,7 @@ def similarity_kd_masked(student_a, teacher_a, student_b=None, teacher_b=None, *
     sa, sb = prep(student_a), None if student_b is None else prep(student_b)
     with torch.no_grad():
         ta, tb = prep(teacher_a), None if teacher_b is None else prep(teacher_b)
-    acc = torch.float64 if torch.float64 in (student_a.dtype, teacher_a.dtype) else torch.float32
+    acc = acc_dtype(student_a, teacher_a)
     grad_scale = torch.full((), 1.0 / max(n, 1) if reduction == "mean" else 1.0, dtype=acc, device=sa.device)
     inv_ts = 1.0 / ts if isinstance(ts, Tensor) else torch.tensor(1.0 / ts, dtype=acc, device=sa.device)
     params = dict(inv_t=1.0 / temperature, kind=divergence_id(divergence, beta), beta=beta, symmetric=bool(symmetric),

@@ -17,16 +17,16 @@ Host helpers
     ``_layout`` ([N, V] / [B, L, V] rows as the kernels take them, kdkernels._core.rows),
     ``_contig_last`` (last dim contiguous), ``dot_launch_config`` (the ``tl.dot`` tiles and warps),
     ``_dot_dtype``, ``_precision`` (matmul operand dtype and fp32 precision), ``_splits`` (column
-    splits of a statistics pass), ``_safe``, ``_merge`` (log-sum-exp merge of the splits).
+    splits of a statistics pass), ``_merge`` (log-sum-exp merge of the splits).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
+
+from kdkernels._core.numerics import acc_dtype, safe_max
 
 # natural log of 2 and log2(e), as constexprs for use inside kernels
 LN2 = tl.constexpr(0.6931471805599453)
@@ -230,9 +230,7 @@ def dot_launch_config(key_dtype, interpreted: bool = False, precision: str = "tf
 
 
 def _dot_dtype(x, w):
-    if x.dtype == w.dtype:
-        return x.dtype
-    return torch.float64 if torch.float64 in (x.dtype, w.dtype) else torch.float32
+    return x.dtype if x.dtype == w.dtype else acc_dtype(x, w)
 
 
 def _precision() -> str:
@@ -249,11 +247,7 @@ def _splits(n_row_blocks: int, V: int, block_v: int, device) -> int:
     return max(1, min(triton.cdiv(V, block_v), triton.cdiv(2 * sms, n_row_blocks)))
 
 
-def _safe(m):
-    return torch.where(m == -math.inf, torch.zeros_like(m), m)
-
-
 def _merge(m, z):
     M = m.max(0).values
-    f = torch.exp2(m - _safe(M)[None])
+    f = torch.exp2(m - safe_max(M)[None])
     return M, (z * f).sum(0), f

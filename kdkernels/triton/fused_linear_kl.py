@@ -66,9 +66,9 @@ from kdkernels.triton._common import (
     _merge,
     _online,
     _precision,
-    _safe,
     _splits,
     dot_launch_config as launch_config,
+    safe_max,
 )
 
 __all__ = ["fused_linear_kl_forward", "launch_config", "aot_cases"]
@@ -384,11 +384,11 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     ma, za, mb, zb, w, mc, zc, s_label = stats.unbind(0)  # the order of S_MA ... S_LABEL
     Ma, Za, fa = _merge(ma, za)
     Mb, Zb, fb = _merge(mb, zb)
-    lse2_a = _safe(Ma) + torch.log2(Za)
-    lse2_b = _safe(Mb) + torch.log2(Zb)
+    lse2_a = safe_max(Ma) + torch.log2(Za)
+    lse2_b = safe_max(Mb) + torch.log2(Zb)
     if ce_sep:
         Mc, Zc, _ = _merge(mc, zc)
-        lse_c = (_safe(Mc) + torch.log2(Zc)) * math.log(2)
+        lse_c = (safe_max(Mc) + torch.log2(Zc)) * math.log(2)
     else:
         lse_c = lse2_a * math.log(2)  # T == 1: lse(z_s) = lse(a)
     Ks = Kt = torch.zeros(N, dtype=acc, device=dev)

@@ -107,11 +107,11 @@ def _hint_kernel(
 def projected_feature_forward(X, W, b, T, keep, grad_scale, *, kind, beta, need):
     """The contract of :func:`kdkernels.projected_feature.projected_feature_tiled` (same
     arguments and outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``."""
-    from kdkernels._core.numerics import cosine_terms
+    from kdkernels._core.numerics import acc_dtype, cosine_terms
 
     X, W, T = (_contig_last(x) for x in (X, W, T))
     b = None if b is None else b.contiguous()
-    acc = torch.float64 if torch.float64 in (X.dtype, W.dtype, T.dtype) else torch.float32
+    acc = acc_dtype(X, W, T)
     dev = X.device
     Dt, Ds = W.shape
     n = keep.numel()

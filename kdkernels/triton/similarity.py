@@ -56,6 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kdkernels._core.numerics import acc_dtype
 from kdkernels.triton._common import (
     _TL_NAME,
     KIND_JSD,
@@ -69,9 +70,9 @@ from kdkernels.triton._common import (
     _merge,
     _online,
     _precision,
-    _safe,
     _splits,
     dot_launch_config,
+    safe_max,
 )
 
 __all__ = ["pair_stats", "pair_grads", "sigmoid_tiles", "launch_config", "aot_cases"]
@@ -316,8 +317,7 @@ def launch_config(key_dtype, interpreted: bool = False, precision: str = "tf32x3
     return cfg
 
 
-def _acc(*xs):
-    return torch.float64 if any(x is not None and x.dtype == torch.float64 for x in xs) else torch.float32
+_acc = acc_dtype
 
 
 def _setup(x, y, tx, ty, jsd_phase=False):
@@ -382,11 +382,11 @@ def pair_stats(x, y, tx=None, ty=None, *, cs, ct=0.0, mode=MODE_LSE, kind=0, bet
         if teacher:
             stats[2] = -math.inf
     Ma, Za, fa = _merge(stats[0], stats[1])
-    out = {"lse2_a": _safe(Ma) + torch.log2(Za)}
+    out = {"lse2_a": safe_max(Ma) + torch.log2(Za)}
     if not teacher:
         return out
     Mb, Zb, fb = _merge(stats[2], stats[3])
-    out["lse2_b"] = lse2_b = _safe(Mb) + torch.log2(Zb)
+    out["lse2_b"] = lse2_b = safe_max(Mb) + torch.log2(Zb)
     lse2_a = out["lse2_a"]
     zero = torch.zeros(n, dtype=acc, device=dev)
     if mode == MODE_XENT:

@@ -66,6 +66,7 @@ import triton
 import triton.language as tl
 
 from kdkernels._core.debug import new_output
+from kdkernels._core.numerics import acc_dtype
 from kdkernels.triton._common import (
     _TL_NAME,
     KIND_FORWARD,
@@ -404,9 +405,9 @@ def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: flo
     assert grad_scale.numel() == 1
     N, V = lay_s[0], student.shape[-1]
     assert V >= 1 and V <= 2**31 - 2**17, "V must fit int32 column offsets"
-    fp64 = torch.float64 in (student.dtype, teacher.dtype)
+    acc = acc_dtype(student, teacher)
     device = student.device
-    loss = new_output((N,), dtype=torch.float64 if fp64 else torch.float32, device=device)
+    loss = new_output((N,), dtype=acc, device=device)
     grad_s = new_output((N, V), dtype=student.dtype, device=device) if need_grad_student else None
     grad_t = new_output((N, V), dtype=teacher.dtype, device=device) if need_grad_teacher else None
     if N == 0:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from kdkernels._core.debug import new_output
+from kdkernels._core.numerics import acc_dtype
 from kdkernels.triton._common import _TL_NAME, LN2, _layout, _safe_max
 
 __all__ = ["topk_kl_forward", "launch_config", "aot_cases"]
@@ -160,7 +161,7 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
     lay = _layout(student)  # [N, V] or [B, L, V] rows (kdkernels._core.rows)
     N, V = lay[0], student.shape[-1]
     k = values.shape[1]
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(student)
     dev = student.device
     loss = new_output((N,), dtype=acc, device=dev)
     grad = new_output((N, V), dtype=student.dtype, device=dev) if need_grad else None
