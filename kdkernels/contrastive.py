@@ -139,8 +139,7 @@ def info_nce_tiled(a: Tensor, b: Tensor, log_scale: Tensor, bias: Optional[Tenso
         if db is not None:
             db[ci].addmm_(dS.t(), A[ri], alpha=alpha)
 
-    # S at the positive pairs, without the bias: row-wise dots, a tile of rows at a time
-    pos = torch.cat([(A[ri] * B[labels[ri]]).sum(1) for ri in rt]) * scale if na else A.new_zeros(0)
+    pos = _positives(A, B, labels, rt) * scale  # S at the positive pairs, without the bias
     if sigmoid:
         # the negatives in the tiles, the positives (i, labels[i]) left out of them and added here
         # exactly: loss softplus(-S), dS = -g sigmoid(-S). (Taking them as negatives and correcting
@@ -265,16 +264,28 @@ def _xent_dS(S, T, row, col, cpu):
     return total
 
 
-def _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend):
-    """(acc, A, B, scale · A, TA, TB, scale): accumulation-dtype copies; the teacher's (with t_scale
-    applied) only for the ATen tile loops (the Triton kernels read the inputs as given)."""
+def _clip_distill_setup(a, b, ta, tb, log_scale, backend):
+    """(acc, A, B, TA, TB, scale): the inputs in the accumulation dtype (views for float32 inputs;
+    the teacher's only for the ATen tile loops, the Triton kernels read the inputs as given). The
+    scales are applied per tile (:func:`_clip_tiles`), never to a copy of the embeddings."""
     acc = acc_dtype(a, b, ta, tb)
     A, B = a.to(acc).contiguous(), b.to(acc).contiguous()
     scale = log_scale.detach().to(acc).exp()
     if backend == "triton":
-        return acc, A, B, A * scale, None, None, scale
-    TA, TB = (ta.to(acc) * float(t_scale)).contiguous(), tb.to(acc).contiguous()
-    return acc, A, B, A * scale, TA, TB, scale
+        return acc, A, B, None, None, scale
+    return acc, A, B, ta.to(acc).contiguous(), tb.to(acc).contiguous(), scale
+
+
+def _clip_tiles(A, B, TA, TB, ri, ci, scale, t_scale):
+    """The tiles S = scale A Bᵀ and T = t_scale TA TBᵀ of rows ``ri`` and columns ``ci``."""
+    return (A[ri] @ B[ci].t()).mul_(scale), (TA[ri] @ TB[ci].t()).mul_(t_scale)
+
+
+def _positives(A: Tensor, B: Tensor, labels: Optional[Tensor], rt) -> Tensor:
+    """The row-wise dots A_i . B_{l_i} (l_i = i without labels), a tile of rows at a time."""
+    if not A.shape[0]:
+        return A.new_zeros(0)
+    return torch.cat([(A[ri] * (B[ri] if labels is None else B[labels[ri]])).sum(1) for ri in rt])
 
 
 @without_autocast
@@ -287,9 +298,9 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
     cross-entropy of a row (column) of S against the same row (column) of T. Both share the
     student's tile and its log-sum-exps. ``statistics`` feed :func:`clip_distill_backward`."""
     cpu = backend == "cpu"
-    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend)
+    acc, A, B, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, backend)
     n, dev = A.shape[0], A.device
-    pos = (As * B).sum(1)
+    pos = _positives(A, B, None, tiles(n, row_tile or ROW_TILE)) * scale
     if backend == "triton":
         TS = _triton()
         # the scale a 0-d tensor the kernels load (no host read); t_scale a Python constant
@@ -301,7 +312,7 @@ def clip_distill_forward(a: Tensor, b: Tensor, ta: Tensor, tb: Tensor, log_scale
     rows, cols = _Xent(n, acc, dev), _Xent(n, acc, dev)
     for ri in tiles(n, row_tile or ROW_TILE):
         for ci in tiles(n, col_tile or COL_TILE):
-            S, T = As[ri] @ B[ci].t(), TA[ri] @ TB[ci].t()
+            S, T = _clip_tiles(A, B, TA, TB, ri, ci, scale, t_scale)
             rows.update(ri, S, T, False, cpu)
             cols.update(ci, S, T, True, cpu)
     lsr, ltr, xr = rows.finish()
@@ -316,8 +327,9 @@ def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w
     False), recomputing the tiles of :func:`clip_distill_forward` with its ``statistics``:
     ``dS = (w_c + w_d)/2 (P_row + P_col)(S) - w_d/2 (P_row + P_col)(T)`` minus ``w_c`` at the pairs."""
     cpu = backend == "cpu"
-    acc, A, B, As, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, t_scale, backend)
+    acc, A, B, TA, TB, scale = _clip_distill_setup(a, b, ta, tb, log_scale, backend)
     n, dev = A.shape[0], A.device
+    rt = tiles(n, row_tile or ROW_TILE)
     host = numerics.host_reads_free(dev)  # as in info_nce_tiled
     sf = float(scale) if host else scale
     da = torch.zeros_like(A) if need[0] else None
@@ -334,9 +346,9 @@ def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w
                               row_values=TS.values(to2(lsr, ltr), ws * sf, wt * sf),
                               col_values=TS.values(to2(lsc, ltc), ws * sf, wt * sf), dx=da, dy=db)
     else:
-        for ri in tiles(n, row_tile or ROW_TILE):
+        for ri in rt:
             for ci in tiles(n, col_tile or COL_TILE):
-                S, T = As[ri] @ B[ci].t(), TA[ri] @ TB[ci].t()
+                S, T = _clip_tiles(A, B, TA, TB, ri, ci, scale, t_scale)
                 d_ls += _xent_dS(S, T, (lsr[ri], ws[ri], ltr[ri], wt[ri]), (lsc[ci], ws[ci], ltc[ci], wt[ci]), cpu)
                 if isinstance(sf, Tensor):
                     S.mul_(sf)
@@ -351,7 +363,7 @@ def clip_distill_backward(a, b, ta, tb, log_scale, t_scale, stats, w_c: float, w
         da.addcmul_(B, minus)
     if db is not None:
         db.addcmul_(A, minus)
-    d_ls -= w_c * (As * B).sum()
+    d_ls -= w_c * scale * _positives(A, B, None, rt).sum()
     return da, db, (d_ls if need[2] else None)
 
 

@@ -267,6 +267,16 @@ elif which == "similarity_kd":
     # normalize=False: normalizing (autograd's, before the op) keeps one [N, D] copy per input
     step = lambda: kdkernels.similarity_kd(sa, ta, temperature=0.5, normalize=False).backward()
     leaves = (sa,)
+elif which == "clip_distill":
+    a, b = torch.randn(8192, 512, requires_grad=True), torch.randn(8192, 512, requires_grad=True)
+    ta, tb, ls = torch.randn(8192, 768), torch.randn(8192, 768), torch.tensor(2.6, requires_grad=True)
+    step = lambda: sum(kdkernels.clip_distill(a, b, ta, tb, ls, 10.0)).backward()
+    leaves = (a, b)
+elif which == "kl_div_sum":
+    x = torch.log_softmax(torch.randn(256, 65536), -1).requires_grad_()
+    y = torch.softmax(torch.randn(256, 65536), -1)
+    step = lambda: kdkernels.kl_div_sum(x, y, scale=1 / 256).backward()
+    leaves = (x,)
 elif which == "logprob_jsd_sum":
     x = torch.log_softmax(torch.randn(256, 65536), -1).requires_grad_()
     y = torch.log_softmax(torch.randn(256, 65536), -1)
@@ -283,7 +293,8 @@ print(extra - sum(leaf.grad.numel() * leaf.grad.element_size() for leaf in leave
 # alive at once, plus per-row statistics. The similarity losses' [1024, 2048] float32 tiles are 8 MiB
 # each, and the divergence's gradient pass holds about eight of them (S_s, S_t, log p and p of both).
 WORKSPACE_MIB = {"projected_feature_loss": 40, "softmax_kl": 24, "topk_kl": 24, "fused_linear_kl": 40,
-                 "fused_linear_topk_kl": 40, "info_nce": 40, "similarity_kd": 72, "logprob_jsd_sum": 24}
+                 "fused_linear_topk_kl": 40, "info_nce": 40, "similarity_kd": 72, "logprob_jsd_sum": 24,
+                 "clip_distill": 72, "kl_div_sum": 24}
 
 
 @pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="peak RSS needs Linux's clear_refs")
