@@ -58,7 +58,11 @@ def test_wheel_without_extension(tmp_path):
                     str(tmp_path), str(ROOT)], check=True, env=env, capture_output=True)
     (whl,) = tmp_path.glob("kdkernels-*.whl")
     names = zipfile.ZipFile(whl).namelist()
-    assert "kdkernels/functional.py" in names
+    # every family module and the core are packaged (and no module of an earlier layout lingers)
+    for name in ("softmax_divergence", "topk_teacher", "fused_linear", "fused_linear_topk", "contrastive", "relational",
+                 "projected_feature", "kl_div", "_core/fused_op", "_core/backends", "triton/_common"):
+        assert f"kdkernels/{name}.py" in names, name
+    assert "kdkernels/functional.py" not in names and not [n for n in names if n.startswith("kdkernels/ops/")]
     assert not [n for n in names if n.endswith((".so", ".pyd"))]
 
 
