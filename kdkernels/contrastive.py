@@ -415,15 +415,13 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
                          "(a 0-d tensor holding log(scale))")
     if temperature is not None:
         temperature = checks.positive("temperature", temperature)
-    if logit_scale is not None and (not isinstance(logit_scale, Tensor) or logit_scale.numel() != 1):
-        raise TypeError("logit_scale must be a one-element tensor holding log(scale)")
+    if logit_scale is not None:
+        checks.one_element("logit_scale", logit_scale, "holding log(scale)")
     if logit_bias is not None:
         if variant != "sigmoid":
             raise ValueError("logit_bias is only used by variant='sigmoid' (it cancels in a softmax)")
-        if not isinstance(logit_bias, Tensor) or logit_bias.numel() != 1:
-            raise TypeError("logit_bias must be a one-element tensor")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        checks.one_element("logit_bias", logit_bias)
+    checks.reduction(reduction, ("mean", "sum", "none"))
     na, nb = a.shape[0], b.shape[0]
     if labels is None:
         if nb < na:
@@ -431,16 +429,11 @@ def info_nce(a: Tensor, b: Tensor, *, temperature: Optional[float] = None, logit
                              f"got {nb}")
         lab = torch.arange(na, device=a.device)
     else:
-        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError("labels must be an integer tensor")
-        if labels.shape != (na,):
-            raise ValueError(f"labels must be [N_a] = [{na}], got {tuple(labels.shape)}")
+        checks.int_tensor("labels", labels, (na,))
         lab = labels.to(torch.int64)
         if na and not torch.compiler.is_compiling() and bool(((lab < 0) | (lab >= nb)).any()):
             raise ValueError(f"labels must be in [0, N_b = {nb})")
-    devs = {x.device for x in (a, b, logit_scale, logit_bias, labels) if isinstance(x, Tensor)}
-    if len(devs) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    checks.one_device(a=a, b=b, logit_scale=logit_scale, logit_bias=logit_bias, labels=labels)
     backend = backends.resolve(backend, a.device, "info_nce")
     a, b = autocast_operands(a.device, a, b)
     acc = acc_dtype(a, b)
@@ -495,12 +488,9 @@ def clip_distill(image: Tensor, text: Tensor, t_image: Tensor, t_text: Tensor, l
     if not (text.shape[0] == t_image.shape[0] == t_text.shape[0] == n):
         raise ValueError(f"image, text, t_image and t_text must have the same rows, got {image.shape[0]}, "
                          f"{text.shape[0]}, {t_image.shape[0]}, {t_text.shape[0]}")
-    if not isinstance(log_scale, Tensor) or log_scale.numel() != 1:
-        raise TypeError("log_scale must be a one-element tensor")
+    checks.one_element("log_scale", log_scale)
     t_scale = checks.positive("t_scale", float(t_scale))
-    devs = {x.device for x in (image, text, t_image, t_text, log_scale)}
-    if len(devs) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    checks.one_device(image=image, text=text, t_image=t_image, t_text=t_text, log_scale=log_scale)
     backend = backends.resolve(backend, image.device, "clip_distill")
     image, text, t_image, t_text = autocast_operands(image.device, image, text, t_image, t_text)
     log_scale = log_scale.reshape(())

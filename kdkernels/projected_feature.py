@@ -248,17 +248,14 @@ def projected_feature_loss(student_feat: Tensor, weight: Tensor, teacher_feat: T
         raise ValueError(f"bias must be [Dt] = [{Dt}], got {tuple(bias.shape)} ({shapes})")
     checks.choice("metric", metric, METRICS)
     beta = checks.scalar("beta", beta, 0.0, math.inf)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    checks.reduction(reduction, ("mean", "sum", "none"))
     lead = student_feat.shape[:-1]
     if mask is not None:
         if not isinstance(mask, Tensor):
             raise TypeError("mask must be a tensor (bool or 0/1) of the leading shape")
         if mask.shape != lead:
             raise ValueError(f"mask must have the leading shape {tuple(lead)}, got {tuple(mask.shape)}")
-    devs = {x.device for x in (student_feat, weight, teacher_feat, bias, mask) if x is not None}
-    if len(devs) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    checks.one_device(student_feat=student_feat, weight=weight, teacher_feat=teacher_feat, bias=bias, mask=mask)
     backend = backends.resolve(backend, student_feat.device, "projected_feature_loss")
     student_feat, weight, bias = autocast_operands(student_feat.device, student_feat, weight, bias)
     X, T = student_feat.reshape(-1, Ds), teacher_feat.reshape(-1, Dt)

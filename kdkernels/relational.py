@@ -206,11 +206,8 @@ def similarity_kd_masked(student_a, teacher_a, student_b=None, teacher_b=None, *
             checks.positive("student_temperature", student_temperature)
     checks.choice("divergence", divergence, DIVERGENCES)
     beta = checks.scalar("beta", beta, 0.0, 1.0)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    devs = {x.device for x in (student_a, teacher_a, student_b, teacher_b) if x is not None}
-    if len(devs) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devs)}")
+    checks.reduction(reduction, ("mean", "sum", "none"))
+    checks.one_device(student_a=student_a, teacher_a=teacher_a, student_b=student_b, teacher_b=teacher_b)
     backend = backends.resolve(backend, student_a.device, "similarity_kd")
     student_a, teacher_a, student_b, teacher_b = autocast_operands(student_a.device, student_a, teacher_a,
                                                                             student_b, teacher_b)
