@@ -10,8 +10,10 @@
 
 namespace kdk {
 
-// Divergence selector, shared with kdkernels/ops/softmax_kl.py.
-enum class Kind : int64_t { Forward = 0, Reverse = 1, JSD = 2 };
+// Divergence selector, shared with kdkernels/softmax_divergence.py (DIVERGENCES). The kinds from JSD on
+// take two row sums K1, K2 before their gradient (kdkernels/_core/divergences.py derives them).
+enum class Kind : int64_t { Forward = 0, Reverse = 1, JSD = 2, SkewForward = 3, SkewReverse = 4, TVD = 5 };
+constexpr bool second_sweep(Kind k) { return static_cast<int64_t>(k) >= 2; }
 
 // Per-row inputs are [N, D] (row stride stride(0)) or [B, L, D] (row r at (r / L) stride(0) + (r % L) stride(1):
 // the rows of a strided view such as logits[:, :-1], read without a copy); the last dimension contiguous.
@@ -48,7 +50,8 @@ inline RowLayout row_layout(const at::Tensor& x, const char* name) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
-    double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher);
+    double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher, double s_scale = 1.0,
+    double s_cap = 0.0, double t_scale = 1.0, double t_cap = 0.0);
 
 // Fused-linear KL on the CPU; see csrc/cpu/fused_linear_kl.cpp. need: which of (student hidden, weight, bias,
 // teacher hidden, weight, bias, teacher logits) get a gradient. Returns [loss_rows, then the 7 gradients
@@ -59,7 +62,8 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
     const std::optional<at::Tensor>& teacher_bias, const std::optional<at::Tensor>& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature, int64_t kind,
     double beta, int64_t ignore_index, double ce_weight, double kd_weight, const std::vector<bool>& need,
-    int64_t v_tile, int64_t tile_elements);
+    int64_t v_tile, int64_t tile_elements, double s_scale = 1.0, double s_cap = 0.0, double t_scale = 1.0,
+    double t_cap = 0.0);
 
 // The pointwise generalized JSD of log-probabilities (Liger's LigerJSD) on the CPU; see csrc/cpu/logprob_jsd.cpp.
 // input, target: rows (RowLayout) of the student's and teacher's log-probabilities; keep: [N] flags or none.
@@ -75,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
                                                        const std::optional<at::Tensor>& labels,
                                                        const at::Tensor& grad_scale, bool values_are_logits,
                                                        bool uniform_tail, double temperature, int64_t ignore_index,
-                                                       bool need_grad);
+                                                       bool need_grad, double s_scale = 1.0, double s_cap = 0.0,
+                                                       bool bucket_tail = false);
 
 // The per-tile sweeps of the similarity losses (csrc/cpu/similarity.cpp; the tile loop is in
 // kdkernels/ops/similarity.py). Tiles are contiguous [R, C] float or double; statistics 1-D, updated in place.

@@ -39,7 +39,9 @@ from torch import Tensor
 
 from kdkernels._core import backends, checks, ext as _ext
 from kdkernels._core.autocast import autocast_operands, without_autocast
+from kdkernels._core.divergences import pair_grads, pair_sums, value
 from kdkernels._core.fused_op import FusedOp
+from kdkernels._core.logit_options import IDENTITY, num_items, shared_vocab, transform, transform_grad, transforms
 from kdkernels._core.numerics import (
     REDUCTION_IDS,
     acc_dtype,
@@ -47,12 +49,11 @@ from kdkernels._core.numerics import (
     batch_size,
     grad_scale,
     kept_rows,
-    log_mix,
     p_times,
     safe_max,
 )
 from kdkernels._core.rows import row_count, rows3, take_rows
-from kdkernels.softmax_divergence import divergence_id, validate as validate_logits
+from kdkernels.softmax_divergence import kernel_divergence, validate as validate_logits
 
 __all__ = ["fused_linear_kl", "fused_linear_distill", "validate_fused_linear", "tiled_forward", "accumulate",
            "finish", "V_TILE", "TILE_ELEMENTS"]
@@ -68,9 +69,9 @@ class _Tiles:
     caller's (strided) tensor: each tile gathers its [rows, columns] block from it, so that teacher
     logits are never copied whole."""
 
-    def __init__(self, hs, Ws, bs, ht, Wt, bt, t_logits, keep, acc):
+    def __init__(self, hs, Ws, bs, ht, Wt, bt, t_logits, keep, acc, s_tf=IDENTITY, t_tf=IDENTITY):
         self.hs, self.Ws, self.bs, self.ht, self.Wt, self.bt, self.tl = hs, Ws, bs, ht, Wt, bt, t_logits
-        self.keep, self.acc = keep, acc
+        self.keep, self.acc, self.s_tf, self.t_tf = keep, acc, s_tf, t_tf
 
     def weights(self, v0: int, v1: int):
         acc = self.acc
@@ -89,14 +90,22 @@ class _Tiles:
         else:
             ht = self.ht[rows].to(self.acc)
             zt = torch.addmm(bt, ht, wt.t()) if bt is not None else ht @ wt.t()
-        return zs, zt
+        return transform(zs, *self.s_tf), transform(zt, *self.t_tf)  # the models' logit transforms
+
+    def chain(self, dzs: Optional[Tensor], zs: Tensor, dzt: Optional[Tensor], zt: Tensor):
+        """dZ through the transforms of :meth:`logits` (``zs``, ``zt`` its transformed tiles)."""
+        if dzs is not None and self.s_tf != IDENTITY:
+            dzs = dzs * transform_grad(zs, *self.s_tf)
+        if dzt is not None and self.t_tf != IDENTITY:
+            dzt = dzt * transform_grad(zt, *self.t_tf)
+        return dzs, dzt
 
 
 def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Tensor], Wt: Optional[Tensor],
                   bt: Optional[Tensor], t_logits: Optional[Tensor], labels: Optional[Tensor], grad_scale: Tensor, *,
                   temperature: float, kind: int, beta: float, ignore_index: int, ce_weight: float,
                   kd_weight: float, need: Tuple[bool, ...], v_tile: Optional[int] = None,
-                  merge=None) -> List[Optional[Tensor]]:
+                  merge=None, s_tf=IDENTITY, t_tf=IDENTITY) -> List[Optional[Tensor]]:
     """Loss rows and the requested gradients, pre-multiplied by ``grad_scale`` (a scalar, or one
     value per row). ``hs [N, H]``, ``Ws [V, H]``, ``bs [V]``; teacher ``ht [N, Ht]``, ``Wt [V, Ht]``,
     ``bt [V]`` or ``t_logits [N, V]``; the row tensors ``hs``, ``ht``, ``t_logits`` may also be
@@ -107,6 +116,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     ``merge``: for a vocabulary split across processes (kdkernels.distributed), an object whose
     ``stats(kind, ma, za, mb, zb, w)`` combines the per-row statistics of pass 1 over all slices
     and whose ``sums(K1, K2)`` adds the JSD sums; the gradients stay those of this slice.
+    ``s_tf``, ``t_tf``: the logit transforms (:mod:`kdkernels._core.logit_options`) of each tile.
     """
     acc = acc_dtype(hs, Ws, ht, Wt, t_logits)
     v_tile = V_TILE if v_tile is None else v_tile
@@ -136,7 +146,7 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
         g_k = torch.where(valid, g_k.expand(n), torch.zeros((), dtype=acc, device=dev))
     if bad is not None:  # NaN rows, and NaN gradients wherever such a row reaches
         g_k = torch.where(bad, torch.full_like(bad, math.nan, dtype=acc), g_k.expand(n))
-    tiles = _Tiles(hs_k, Ws, bs, ht_k, Wt, bt, t_logits, keep, acc)
+    tiles = _Tiles(hs_k, Ws, bs, ht_k, Wt, bt, t_logits, keep, acc, s_tf, t_tf)
 
     inv_t = 1.0 / temperature
     ce = ce_weight != 0.0
@@ -188,20 +198,19 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
     elif kind == 1:
         D = w / za - lse_a + lse_b  # sum ps (a - b) - lse(a) + lse(b)
     else:
-        # ---- JSD pass: Ks, Kt
+        # ---- the second pass of JSD, skew KL, TVD: K1, K2 (kdkernels._core.divergences)
         K1 = torch.zeros(n, dtype=acc, device=dev)
         K2 = torch.zeros(n, dtype=acc, device=dev)
         for v0, v1 in vt:
             wts = tiles.weights(v0, v1)
             for rb in blocks:
                 zs, zt = tiles.logits(rb, v0, v1, wts)
-                lps, lpt = zs * inv_t - lse_a[rb, None], zt * inv_t - lse_b[rb, None]
-                lm = log_mix(lps, lpt, beta)
-                K1[rb] += p_times(lps.exp(), lps - lm).sum(1)
-                K2[rb] += p_times(lpt.exp(), lpt - lm).sum(1)
+                k1, k2 = pair_sums(zs * inv_t - lse_a[rb, None], zt * inv_t - lse_b[rb, None], kind, beta)
+                K1[rb] += k1
+                K2[rb] += k2
         if merge is not None:
             K1, K2 = merge.sums(K1, K2)
-        D = beta * K2 + (1.0 - beta) * K1
+        D = value(K1, K2, kind, beta)
     rows = kd_weight * D
     if ce:
         rows = rows + ce_weight * (lse_c - s_label)  # CE = lse(z_s) - z_s[label]
@@ -231,10 +240,8 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
                 elif kind == 1:
                     ds = p_times(ps, lps - lpt - D[rb, None])                # ps (log ps/pt - D)
                     dt = pt - ps if want_t else None                              # pt - ps
-                else:
-                    lm = log_mix(lps, lpt, beta)
-                    ds = (1.0 - beta) * p_times(ps, lps - lm - K1[rb, None])   # (1-beta) ps (log ps/m - Ks)
-                    dt = beta * p_times(pt, lpt - lm - K2[rb, None]) if want_t else None  # beta pt (log pt/m - Kt)
+                else:  # kdkernels._core.divergences
+                    ds, dt = pair_grads(lps, lpt, K1[rb], K2[rb], kind, beta)
                 if want_s:
                     dzs = ds * gk
                     if ce:
@@ -245,11 +252,12 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], ht: Optional[Ten
                         inside = (lab >= v0) & (lab < v1)
                         minus = torch.where(inside, -gc.reshape(-1).expand(dzs.shape[0]), 0.0)
                         dzs.scatter_add_(1, (lab - v0).clamp(0, v1 - v0 - 1)[:, None], minus[:, None])
+                    dzs, _ = tiles.chain(dzs, zs, None, zt)
                     if valid is not None:  # masked rows: exactly zero, whatever their logits
                         dzs = torch.where(valid[rb, None], dzs, 0.0)
                     accumulate(acc_grads[0:3], dzs, keep[rb], tiles.hs[rb].to(acc), ws, v0, v1)
                 if want_t:
-                    dzt = dt * gk
+                    _, dzt = tiles.chain(None, zs, dt * gk, zt)
                     if valid is not None:
                         dzt = torch.where(valid[rb, None], dzt, 0.0)
                     if tiles.ht is not None:
@@ -285,7 +293,8 @@ NAMES = ("student_hidden", "student_weight", "student_bias", "teacher_hidden", "
 
 
 @without_autocast
-def _kernel(backend, inputs, extras, scale, need, *, temperature, kind, beta, ignore_index, ce_weight, kd_weight):
+def _kernel(backend, inputs, extras, scale, need, *, temperature, kind, beta, ignore_index, ce_weight, kd_weight,
+            s_scale, s_cap, t_scale, t_cap):
     """One backend's kernels on ``[B, L, D]`` row tensors (hs, ht, t_logits): [rows, 7 gradients]."""
     hs, Ws, bs, ht, Wt, bt, t_logits = inputs
     (labels,) = extras
@@ -293,19 +302,21 @@ def _kernel(backend, inputs, extras, scale, need, *, temperature, kind, beta, ig
         C = _ext.require("fused_linear_kl(backend='cpu')")
         return list(C.fused_linear_kl_forward_cpu(hs, Ws, bs, ht, Wt, bt, t_logits, labels, scale, temperature, kind,
                                                   beta, ignore_index, ce_weight, kd_weight, list(need), V_TILE,
-                                                  TILE_ELEMENTS))
+                                                  TILE_ELEMENTS, s_scale, s_cap, t_scale, t_cap))
     kw = dict(temperature=temperature, kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
               kd_weight=kd_weight, need=need)
     if backend == "triton":
         from kdkernels.triton.fused_linear_kl import fused_linear_kl_forward
 
-        return fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, scale, **kw)
-    return tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, scale, **kw)
+        return fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, scale, **kw, s_scale=s_scale,
+                                       s_cap=s_cap, t_scale=t_scale, t_cap=t_cap)
+    return tiled_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, scale, **kw, s_tf=(s_scale, s_cap),
+                         t_tf=(t_scale, t_cap))
 
 
 fused_linear_kl_op = FusedOp("kdkernels::fused_linear_kl", inputs=NAMES, extras=("labels",),
                              params=dict(temperature=float, kind=int, beta=float, ignore_index=int, ce_weight=float,
-                                         kd_weight=float),
+                                         kd_weight=float, s_scale=float, s_cap=float, t_scale=float, t_cap=float),
                              kernel=_kernel, none="recompute")
 
 
@@ -331,9 +342,10 @@ def check_bias(name, bias, V):
 
 def validate_fused_linear(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits,
                           student_bias, teacher_bias, labels, temperature, divergence, beta, alpha, ignore_index,
-                          reduction, backend, allow_empty_vocab=False):
+                          reduction, backend, allow_empty_vocab=False, vocab_size=None, skew=0.1):
     """The checks of :func:`fused_linear_kl`; returns (temperature, beta, alpha) as floats.
-    ``allow_empty_vocab``: V = 0 is legal (a rank's empty vocabulary slice)."""
+    ``allow_empty_vocab``: V = 0 is legal (a rank's empty vocabulary slice). The teacher's
+    vocabulary may differ from the student's when ``vocab_size`` says how many entries both share."""
     lead, V = check_student_linear(student_hidden, student_weight)
     if V == 0 and not allow_empty_vocab:
         raise ValueError("student_weight has an empty vocabulary: V = 0")
@@ -342,9 +354,13 @@ def validate_fused_linear(student_hidden, student_weight, teacher_hidden, teache
             raise ValueError("give either teacher_logits or teacher_hidden and teacher_weight (and teacher_bias), "
                              "not both")
         checks.float_tensor("teacher_logits", teacher_logits)
-        if teacher_logits.shape != (*lead, V):
+        Vt = teacher_logits.shape[-1]
+        if teacher_logits.shape[:-1] != lead or (vocab_size is None and Vt != V):
             raise ValueError(f"teacher_logits must be {(*lead, V)} (student_hidden's leading shape and V), got "
-                             f"{tuple(teacher_logits.shape)}")
+                             f"{tuple(teacher_logits.shape)}" + ("" if teacher_logits.shape[:-1] != lead else
+                             f": with a vocabulary of another size, pass vocab_size=min(...) = {min(V, Vt)} to "
+                             f"compare the leading entries both share"))
+        what = "student_weight and teacher_logits"
     else:
         if teacher_hidden is None or teacher_weight is None:
             raise ValueError("the teacher is missing: give teacher_hidden and teacher_weight, or teacher_logits")
@@ -353,26 +369,45 @@ def validate_fused_linear(student_hidden, student_weight, teacher_hidden, teache
         if teacher_hidden.shape[:-1] != lead:
             raise ValueError(f"teacher_hidden must have student_hidden's leading shape {tuple(lead)}, got "
                              f"{tuple(teacher_hidden.shape)}")
-        if teacher_weight.shape != (V, teacher_hidden.shape[-1]):
+        Vt = teacher_weight.shape[0]
+        if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+            raise ValueError(f"teacher_weight must be [Vt, Ht] with Ht = {teacher_hidden.shape[-1]} (from "
+                             f"teacher_hidden), got {tuple(teacher_weight.shape)}")
+        if Vt != V and vocab_size is None:
             raise ValueError(f"teacher_weight must be [V, Ht] = {(V, teacher_hidden.shape[-1])} (V from "
-                             f"student_weight, Ht from teacher_hidden), got {tuple(teacher_weight.shape)}")
-    check_bias("student_bias", student_bias, V)
-    check_bias("teacher_bias", teacher_bias, V)
+                             f"student_weight, Ht from teacher_hidden), got {tuple(teacher_weight.shape)}: with "
+                             f"padded vocabularies of different sizes ({V} and {Vt}), pass vocab_size=min(...) = "
+                             f"{min(V, Vt)} to compare the leading entries both share")
+        what = "student_weight and teacher_weight"
+    Vs = V
+    V = shared_vocab(what, V, Vt, vocab_size)
+    check_bias("student_bias", student_bias, Vs)
+    check_bias("teacher_bias", teacher_bias, Vt)
     checks.one_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias,
                       teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
                       teacher_logits=teacher_logits)
     # labels, scalars, divergence, reduction: the checks of distill_loss on a [..., V] stand-in
     stand_in = student_hidden.new_zeros(()).expand(*lead, max(V, 1))  # the logits' shape, no memory
     return validate_logits(stand_in, stand_in, labels, temperature, divergence, beta, ignore_index, reduction, backend,
-                           alpha=alpha)
+                           alpha=alpha, skew=skew)
 
 
 def fused_linear_distill(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                          teacher_logits, labels, *, temperature, divergence, beta, ignore_index, reduction, ce_weight,
-                         kd_weight, backend="auto"):
+                         kd_weight, backend="auto", vocab_size=None, num_items_in_batch=None,
+                         tf=(IDENTITY, IDENTITY), skew=0.1):
     """The fused-linear op on validated inputs (:func:`validate_fused_linear`), with explicit CE and
-    divergence weights (the compat losses weigh the two terms their own way)."""
+    divergence weights (the compat losses weigh the two terms their own way); ``tf``: the checked
+    logit transforms (:func:`kdkernels._core.logit_options.transforms`)."""
     backend = backends.resolve(backend, student_hidden.device, "fused_linear_kl")
+    items = num_items(num_items_in_batch, reduction, student_hidden.device)
+    if vocab_size is not None:
+        # the shared leading rows (views; autograd pads their gradients with zeros), or the shared
+        # leading columns of given teacher logits (a strided view, read in place)
+        cut = lambda x: None if x is None else x[:vocab_size]  # noqa: E731
+        student_weight, student_bias, teacher_weight, teacher_bias = map(
+            cut, (student_weight, student_bias, teacher_weight, teacher_bias))
+        teacher_logits = None if teacher_logits is None else teacher_logits[..., :vocab_size]
     # under autocast, the matmul operands in autocast's dtype (as F.linear gets them); products in fp32
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_operands(
         student_hidden.device, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
@@ -388,9 +423,11 @@ def fused_linear_distill(student_hidden, student_weight, student_bias, teacher_h
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     # in the accumulation dtype: a float32 1/N would cost float64 inputs 8 digits
     scale = grad_scale(N, lab, ignore_index, reduction, acc_dtype(*inputs), hs.device,
-                       batch_size((*lead, student_weight.shape[0])))
-    params = dict(temperature=temperature, kind=divergence_id(divergence, beta), beta=beta, ignore_index=ignore_index,
-                  ce_weight=ce_weight, kd_weight=kd_weight)
+                       batch_size((*lead, student_weight.shape[0])), items)
+    (s_scale, s_cap), (t_scale, t_cap) = tf
+    kind, beta_k = kernel_divergence(divergence, beta, skew)
+    params = dict(temperature=temperature, kind=kind, beta=beta_k, ignore_index=ignore_index,
+                  ce_weight=ce_weight, kd_weight=kd_weight, s_scale=s_scale, s_cap=s_cap, t_scale=t_scale, t_cap=t_cap)
     loss = fused_linear_kl_op(inputs, (lab,), scale, params, REDUCTION_IDS[reduction], backend)
     return loss.reshape(lead) if reduction == "none" else loss
 
@@ -400,7 +437,10 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
                     student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                     temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5, alpha: float = 0.0,
                     labels: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", skew: float = 0.1, vocab_size: Optional[int] = None,
+                    num_items_in_batch=None,
+                    student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                    student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0) -> Tensor:
     r""":func:`kdkernels.distill_loss` on the logits ``student_hidden @ student_weight.T + student_bias``
     and ``teacher_hidden @ teacher_weight.T + teacher_bias`` (or the given ``teacher_logits``), without
     ever forming a ``[N, V]`` logits tensor:
@@ -418,17 +458,30 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
         student_hidden: ``[..., H]``; student_weight: ``[V, H]``; student_bias: ``[V]`` or None.
         teacher_hidden: ``[..., Ht]`` (the same leading shape); teacher_weight: ``[V, Ht]``;
             teacher_bias: ``[V]`` or None. Or instead ``teacher_logits``: ``[..., V]``.
-        temperature, divergence, beta, alpha, labels, ignore_index, reduction: as in
-            :func:`kdkernels.distill_loss`.
+        temperature, divergence, beta, skew, alpha, labels, ignore_index, reduction: as in
+            :func:`kdkernels.distill_loss` (every divergence of :func:`kdkernels.softmax_kl`; JSD, the
+            skew KL and TVD take one more pass over the tiles, for their two row sums).
         backend: ``"auto"`` (the C++ kernel on CPU tensors when the extension is built, the Triton
             kernels on CUDA tensors, else ``"torch"``), ``"cpu"``, ``"triton"`` (tensor-core ``tl.dot``
             tiles; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), or ``"torch"`` (the same
             tiles in PyTorch operations; any device).
+        vocab_size: with padded vocabularies of different sizes (``student_weight`` ``[Vs, H]``,
+            ``teacher_weight`` ``[Vt, Ht]`` or ``teacher_logits`` ``[..., Vt]``), the number of
+            leading entries both share; the rows past it take no part and get a zero gradient.
+        num_items_in_batch: as in :func:`kdkernels.softmax_kl`.
+        student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale: the models'
+            final-logit transforms (as in :func:`kdkernels.softmax_kl`), applied to each logits
+            tile inside the kernels, so that a soft-capped model (Gemma 2/3) or a scaled one
+            (Cohere) is distilled on its own objective and the logits still never exist. Given
+            ``teacher_logits`` get ``teacher_softcap`` / ``teacher_logit_scale`` too.
     """
     temperature, beta, alpha = validate_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
-        labels, temperature, divergence, beta, alpha, ignore_index, reduction, backend)
+        labels, temperature, divergence, beta, alpha, ignore_index, reduction, backend, vocab_size=vocab_size,
+        skew=skew)
+    tf = transforms(student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
     return fused_linear_distill(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                                 teacher_bias, teacher_logits, labels, temperature=temperature, divergence=divergence,
                                 beta=beta, ignore_index=ignore_index, reduction=reduction, ce_weight=alpha,
-                                kd_weight=(1.0 - alpha) * temperature * temperature, backend=backend)
+                                kd_weight=(1.0 - alpha) * temperature * temperature, backend=backend,
+                                vocab_size=vocab_size, num_items_in_batch=num_items_in_batch, tf=tf, skew=skew)

@@ -28,6 +28,7 @@ from torch import Tensor
 from kdkernels._core import backends, checks
 from kdkernels._core.autocast import autocast_operands, without_autocast
 from kdkernels._core.fused_op import FusedOp
+from kdkernels._core.logit_options import IDENTITY, num_items, transform, transform_grad, transforms
 from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, batch_size, grad_scale, kept_rows, safe_max
 from kdkernels._core.rows import row_count, rows3, take_rows
 from kdkernels.fused_linear import TILE_ELEMENTS, V_TILE, accumulate, check_bias, check_student_linear, finish
@@ -64,11 +65,12 @@ def _topk_in_tile(idx: Tensor, v0: int, v1: int):
 @without_autocast
 def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, indices: Tensor,
                   labels: Optional[Tensor], grad_scale: Tensor, *, uniform_tail: bool, temperature: float,
-                  ignore_index: int, need: tuple):
+                  ignore_index: int, need: tuple, s_tf=IDENTITY):
     """[loss rows, d hs, d Ws, d bs] (None where not needed; gradients pre-multiplied by
     ``grad_scale``, a scalar or one value per row). ``need`` = which of (hs, Ws, bs) get one.
     ``values`` are log-probabilities or logits: both enter as ``b_k = values / T``; only the
-    uniform tail (log-probabilities) reads them as probabilities."""
+    uniform tail (log-probabilities) reads them as probabilities. ``s_tf``: the student's logit
+    transform (:mod:`kdkernels._core.logit_options`), applied to each tile."""
     acc = acc_dtype(hs, Ws)
     N, V = row_count(hs), Ws.shape[0]  # hs: [N, H] or [B, L, H] rows (kdkernels._core.rows)
     k = values.shape[1]
@@ -93,19 +95,19 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
 
     def logits(rb, v0, v1, w):
         zs = h[rb] @ w.t()
-        return zs + b_acc[v0:v1] if b_acc is not None else zs
+        return transform(zs + b_acc[v0:v1] if b_acc is not None else zs, *s_tf)
 
     # ---- pass 1: lse(a) online over vocabulary tiles, and the a_k of the teacher's columns
     m = torch.full((n,), -math.inf, dtype=acc, device=dev)
     z = torch.zeros(n, dtype=acc, device=dev)
     a_k = torch.zeros((n, k), dtype=acc, device=dev)
-    col_sum = torch.zeros(hs.shape[-1], dtype=acc, device=dev)  # sum_j W_j, for the uniform tail
+    sum_a = torch.zeros(n, dtype=acc, device=dev)  # sum_j a_j, for the uniform tail
     for v0, v1 in tiles:
         w = Ws[v0:v1].to(acc)
-        if uniform_tail:
-            col_sum += w.sum(0)
         for rb in blocks:
             a = logits(rb, v0, v1, w) * inv_t
+            if uniform_tail:
+                sum_a[rb] += a.sum(1)
             m_new = torch.maximum(m[rb], a.max(1).values)
             z[rb] = z[rb] * torch.exp(m[rb] - safe_max(m_new)) + torch.exp(a - safe_max(m_new)[:, None]).sum(1)
             m[rb] = m_new
@@ -120,7 +122,6 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
     pt = lpt.exp()
     D = torch.where(pt == 0, torch.zeros_like(pt), pt * (lpt - a_k + lse_a[:, None])).sum(1)
     if uniform_tail and V > k:
-        sum_a = (h @ col_sum + (b_acc.sum() if b_acc is not None else 0.0)) * inv_t
         tail = pt_tail * ((V - k) * (b_tail - lse_b + lse_a) - (sum_a - a_k.sum(1)))
         D = D + torch.where(pt_tail == 0, torch.zeros_like(tail), tail)
     # a row with an index outside [0, V) (unchecked under torch.compile): NaN loss, NaN gradients
@@ -140,29 +141,33 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
         for v0, v1 in tiles:
             w = Ws[v0:v1].to(acc)
             for rb in blocks:
-                ps = torch.exp(logits(rb, v0, v1, w) * inv_t - lse_a[rb, None])
+                u = logits(rb, v0, v1, w)
+                ps = torch.exp(u * inv_t - lse_a[rb, None])
                 dz = (ps - pt_tail[rb, None]) * c[rb, None]
                 inside, col = _topk_in_tile(idx[rb], v0, v1)
                 # at the teacher's columns c (ps - pt_k) instead of c (ps - pt_tail): the indices of
                 # a row are distinct, so adding the difference (0 outside the tile) is exact
                 fix = (pt_tail[rb, None] - pt[rb]) * c[rb, None]
                 dz.scatter_add_(1, col, torch.where(inside, fix, 0.0))
+                if s_tf != IDENTITY:
+                    dz = dz * transform_grad(u, *s_tf)
                 if valid is not None:  # masked rows: exactly zero, whatever their logits
                     dz = torch.where(valid[rb, None], dz, 0.0)
                 accumulate(acc_grads, dz, keep[rb], h[rb], w, v0, v1)
     return finish(outs, acc_grads, sources)
 
 
-def _kernel(backend, inputs, extras, scale, need, *, uniform_tail, temperature, ignore_index):
+def _kernel(backend, inputs, extras, scale, need, *, uniform_tail, temperature, ignore_index, s_scale, s_cap):
     hs, Ws, bs = inputs
     values, indices, labels = extras
     return tiled_forward(hs, Ws, bs, values, indices, labels, scale, uniform_tail=uniform_tail,
-                         temperature=temperature, ignore_index=ignore_index, need=need)
+                         temperature=temperature, ignore_index=ignore_index, need=need, s_tf=(s_scale, s_cap))
 
 
 fused_linear_topk_kl_op = FusedOp("kdkernels::fused_linear_topk_kl", inputs=("hs", "Ws", "bs"),
                                   extras=("values", "indices", "labels"),
-                                  params=dict(uniform_tail=bool, temperature=float, ignore_index=int),
+                                  params=dict(uniform_tail=bool, temperature=float, ignore_index=int, s_scale=float,
+                                              s_cap=float),
                                   kernel=_kernel, none="recompute")
 
 
@@ -170,7 +175,8 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
                          teacher_topk_indices: Tensor, *, student_bias: Optional[Tensor] = None,
                          topk_format: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
                          labels: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", vocab_size: Optional[int] = None, num_items_in_batch=None,
+                         student_softcap: Optional[float] = None, student_logit_scale: float = 1.0) -> Tensor:
     r""":func:`topk_kl` on the student logits ``student_hidden @ student_weight.T + student_bias``,
     without forming them: the vocabulary is processed in tiles as in :func:`fused_linear_kl`, and
     the k teacher columns of each row are gathered from the weight.
@@ -181,6 +187,10 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
         topk_format, tail, temperature, labels, ignore_index, reduction: as in :func:`topk_kl`.
         backend: ``"auto"`` or ``"torch"``: tiles of ATen matmuls on any device (the matmuls are the
             whole cost; the per-row work is O(k)).
+        vocab_size: the weight's first ``vocab_size`` rows are the vocabulary (a padded embedding);
+            the other rows get a zero gradient.
+        num_items_in_batch, student_softcap, student_logit_scale: as in :func:`kdkernels.softmax_kl`,
+            the transforms applied inside the tiles.
 
     Gradients go to the hidden states, the weight and the bias. Peak extra memory: the gradients,
     O(rows · k) statistics and tiles of a fixed size, independent of V.
@@ -191,8 +201,14 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     checks.backend(backend)
     stand_in = student_hidden.new_zeros(()).expand(*lead, V)
     temperature = validate_topk(stand_in, teacher_topk_values, teacher_topk_indices, topk_format, tail, temperature,
-                                labels, ignore_index, reduction, "torch")
+                                labels, ignore_index, reduction, "torch", vocab_size)
+    (s_scale, s_cap), _ = transforms(student_softcap, None, student_logit_scale)
     backend = backends.resolve(backend, student_hidden.device, "fused_linear_topk_kl")
+    items = num_items(num_items_in_batch, reduction, student_hidden.device)
+    if vocab_size is not None:  # leading rows: a view, whose gradient autograd pads with zeros
+        student_weight = student_weight[:vocab_size]
+        student_bias = None if student_bias is None else student_bias[:vocab_size]
+        V = vocab_size
     student_hidden, student_weight, student_bias = autocast_operands(student_hidden.device, student_hidden,
                                                                      student_weight, student_bias)
     k = teacher_topk_values.shape[-1]
@@ -201,8 +217,9 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     scale = grad_scale(hs.shape[0] * hs.shape[1], lab, ignore_index, reduction,
-                       acc_dtype(student_hidden, student_weight), hs.device, batch_size((*lead, V)))
-    params = dict(uniform_tail=tail == "uniform", temperature=temperature, ignore_index=ignore_index)
+                       acc_dtype(student_hidden, student_weight), hs.device, batch_size((*lead, V)), items)
+    params = dict(uniform_tail=tail == "uniform", temperature=temperature, ignore_index=ignore_index, s_scale=s_scale,
+                  s_cap=s_cap)
     loss = fused_linear_topk_kl_op((hs, student_weight, student_bias), (vals, idx, lab), scale, params,
                                    REDUCTION_IDS[reduction], backend)
     return loss.reshape(lead) if reduction == "none" else loss

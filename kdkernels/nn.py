@@ -20,42 +20,69 @@ __all__ = ["SoftmaxKL", "DistillationLoss", "FusedLinearDistillationLoss", "Topk
            "InfoNCELoss", "ClipLoss", "SimilarityKDLoss", "HintLoss", "KLDivLoss"]
 
 
+def _options(vocab_size=None, **transforms) -> dict:
+    """The token-level losses' shared options a module keeps (``vocab_size`` and the logit
+    transforms; :mod:`kdkernels._core.logit_options`), the defaults left out."""
+    defaults = dict(student_softcap=None, teacher_softcap=None, student_logit_scale=1.0, teacher_logit_scale=1.0)
+    out = {k: v for k, v in transforms.items() if v != defaults[k]}
+    return out if vocab_size is None else dict(vocab_size=vocab_size, **out)
+
+
 class SoftmaxKL(torch.nn.Module):
-    """Module form of :func:`kdkernels.softmax_kl`: ``loss = SoftmaxKL(T)(student_logits, teacher_logits)``."""
+    """Module form of :func:`kdkernels.softmax_kl`: ``loss = SoftmaxKL(T)(student_logits, teacher_logits)``.
+    ``vocab_size`` and the logit transforms are fixed here; ``num_items_in_batch`` is a forward
+    argument (it changes per step, as Hugging Face's Trainer passes it)."""
 
     def __init__(self, temperature: float = 1.0, divergence: str = "forward", beta: float = 0.5,
-                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", *,
+                 vocab_size: Optional[int] = None,
+                 student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0):
         super().__init__()
         self.temperature, self.divergence, self.beta = temperature, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.options = _options(vocab_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                num_items_in_batch=None) -> Tensor:
         return softmax_kl(student_logits, teacher_logits, temperature=self.temperature, divergence=self.divergence,
-                             beta=self.beta, labels=labels, ignore_index=self.ignore_index,
-                             reduction=self.reduction, backend=self.backend)
+                          beta=self.beta, labels=labels, ignore_index=self.ignore_index,
+                          reduction=self.reduction, backend=self.backend, num_items_in_batch=num_items_in_batch,
+                          **self.options)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, divergence={self.divergence!r}, beta={self.beta}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}"
+                + "".join(f", {k}={v!r}" for k, v in self.options.items()))
 
 
 class DistillationLoss(torch.nn.Module):
-    """Module form of :func:`kdkernels.distill_loss` (Hinton: ``alpha`` CE + ``(1 - alpha) T^2`` KD)."""
+    """Module form of :func:`kdkernels.distill_loss` (Hinton: ``alpha`` CE + ``(1 - alpha) T^2`` KD);
+    options as in :class:`SoftmaxKL`."""
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward", beta: float = 0.5,
-                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", *,
+                 vocab_size: Optional[int] = None,
+                 student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0):
         super().__init__()
         self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.options = _options(vocab_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None, *,
+                num_items_in_batch=None) -> Tensor:
         return distill_loss(student_logits, teacher_logits, labels, temperature=self.temperature,
                             alpha=self.alpha, divergence=self.divergence, beta=self.beta,
-                            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                            ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                            num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
-                f"beta={self.beta}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"beta={self.beta}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + "".join(f", {k}={v!r}" for k, v in self.options.items()))
 
 
 class FusedLinearDistillationLoss(torch.nn.Module):
@@ -68,44 +95,56 @@ class FusedLinearDistillationLoss(torch.nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.0, divergence: str = "forward", beta: float = 0.5,
-                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", *,
+                 vocab_size: Optional[int] = None,
+                 student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                 student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0):
         super().__init__()
         self.temperature, self.alpha, self.divergence, self.beta = temperature, alpha, divergence, beta
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.options = _options(vocab_size, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+                                student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale)
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Optional[Tensor] = None,
                 teacher_weight: Optional[Tensor] = None, *, teacher_logits: Optional[Tensor] = None,
                 student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None) -> Tensor:
+                labels: Optional[Tensor] = None, num_items_in_batch=None) -> Tensor:
         return fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight,
                                teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
                                temperature=self.temperature, divergence=self.divergence, beta=self.beta,
                                alpha=self.alpha, labels=labels, ignore_index=self.ignore_index,
-                               reduction=self.reduction, backend=self.backend)
+                               reduction=self.reduction, backend=self.backend, num_items_in_batch=num_items_in_batch,
+                               **self.options)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha={self.alpha}, divergence={self.divergence!r}, "
-                f"beta={self.beta}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"beta={self.beta}, reduction={self.reduction!r}, backend={self.backend!r}"
+                + "".join(f", {k}={v!r}" for k, v in self.options.items()))
 
 
 class TopkKLLoss(torch.nn.Module):
     """Module form of :func:`kdkernels.topk_kl` (a teacher stored as its top-k entries per row)."""
 
     def __init__(self, topk_format: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
-                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto"):
+                 ignore_index: int = -100, reduction: str = "mean", backend: str = "auto", *,
+                 vocab_size: Optional[int] = None, student_softcap: Optional[float] = None,
+                 student_logit_scale: float = 1.0):
         super().__init__()
         self.topk_format, self.tail, self.temperature = topk_format, tail, temperature
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.options = _options(vocab_size, student_softcap=student_softcap, student_logit_scale=student_logit_scale)
 
     def forward(self, student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor,
-                labels: Optional[Tensor] = None) -> Tensor:
+                labels: Optional[Tensor] = None, *, num_items_in_batch=None) -> Tensor:
         return topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, topk_format=self.topk_format,
-                          tail=self.tail, temperature=self.temperature, labels=labels,
-                          ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                       tail=self.tail, temperature=self.temperature, labels=labels,
+                       ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                       num_items_in_batch=num_items_in_batch, **self.options)
 
     def extra_repr(self) -> str:
         return (f"topk_format={self.topk_format!r}, tail={self.tail!r}, temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, backend={self.backend!r}")
+                f"reduction={self.reduction!r}, backend={self.backend!r}"
+                + "".join(f", {k}={v!r}" for k, v in self.options.items()))
 
 
 class FusedLinearTopkKLLoss(TopkKLLoss):
@@ -114,11 +153,12 @@ class FusedLinearTopkKLLoss(TopkKLLoss):
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_topk_values: Tensor,
                 teacher_topk_indices: Tensor, labels: Optional[Tensor] = None,
-                student_bias: Optional[Tensor] = None) -> Tensor:
+                student_bias: Optional[Tensor] = None, *, num_items_in_batch=None) -> Tensor:
         return fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices,
-                                       student_bias=student_bias, topk_format=self.topk_format, tail=self.tail,
-                                       temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
-                                       reduction=self.reduction, backend=self.backend)
+                                    student_bias=student_bias, topk_format=self.topk_format, tail=self.tail,
+                                    temperature=self.temperature, labels=labels, ignore_index=self.ignore_index,
+                                    reduction=self.reduction, backend=self.backend,
+                                    num_items_in_batch=num_items_in_batch, **self.options)
 
 
 class InfoNCELoss(torch.nn.Module):

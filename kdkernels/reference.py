@@ -25,11 +25,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kl_rows", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div", "linear_logits",
+__all__ = ["kl_rows", "logit_transform", "softmax_kl_rows", "softmax_kl", "distill_loss", "reduce_rows", "kl_div",
+           "linear_logits",
            "fused_linear_kl", "topk_teacher_log_probs", "topk_kl", "fused_linear_topk_kl", "info_nce", "similarity_kd",
            "clip_distill", "projected_feature_loss"]
 
-DIVERGENCES = ("forward", "reverse", "jsd")
+DIVERGENCES = ("forward", "reverse", "jsd", "skew_forward", "skew_reverse", "tvd")
 
 
 def _plogp_ratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -38,9 +39,24 @@ def _plogp_ratio(p: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> tor
     return (p * diff).sum(-1)
 
 
-def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, divergence: str, beta: float) -> torch.Tensor:
-    """The per-row divergence between two log-distributions ``[..., V]``."""
+def _log_of(m: torch.Tensor) -> torch.Tensor:
+    pos = m > 0  # where m = 0 the terms vanish; keep log's backward away from 1/0
+    return torch.where(pos, torch.where(pos, m, torch.ones_like(m)).log(), torch.full_like(m, -math.inf))
+
+
+def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, divergence: str, beta: float,
+            skew: float = 0.1) -> torch.Tensor:
+    """The per-row divergence between two log-distributions ``[..., V]``: also DistiLLM's skew KL
+    (``"skew_forward"``: ``KL(p_t || skew p_t + (1 - skew) p_s)``, ``"skew_reverse"``:
+    ``KL(p_s || skew p_s + (1 - skew) p_t)``) and the total variation ``"tvd"``
+    (``sum |p_t - p_s| / 2``)."""
     ps, pt = log_ps.exp(), log_pt.exp()
+    if divergence == "skew_forward":
+        return _plogp_ratio(pt, log_pt, _log_of(skew * pt + (1.0 - skew) * ps))
+    if divergence == "skew_reverse":
+        return _plogp_ratio(ps, log_ps, _log_of(skew * ps + (1.0 - skew) * pt))
+    if divergence == "tvd":
+        return 0.5 * (pt - ps).abs().sum(-1)
     if divergence == "jsd" and beta == 0.0:
         divergence = "forward"
     elif divergence == "jsd" and beta == 1.0:
@@ -50,11 +66,16 @@ def kl_rows(log_ps: torch.Tensor, log_pt: torch.Tensor, divergence: str, beta: f
     if divergence == "reverse":
         return _plogp_ratio(ps, log_ps, log_pt)
     if divergence == "jsd":
-        m = beta * pt + (1.0 - beta) * ps
-        pos = m > 0  # where m = 0 both terms vanish; keep log's backward away from 1/0
-        log_m = torch.where(pos, torch.where(pos, m, torch.ones_like(m)).log(), torch.full_like(m, -math.inf))
+        log_m = _log_of(beta * pt + (1.0 - beta) * ps)
         return beta * _plogp_ratio(pt, log_pt, log_m) + (1.0 - beta) * _plogp_ratio(ps, log_ps, log_m)
     raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+
+
+def logit_transform(z: torch.Tensor, logit_scale: float = 1.0, softcap: Optional[float] = None) -> torch.Tensor:
+    """``softcap * tanh(logit_scale * z / softcap)`` (``logit_scale * z`` without a soft-cap): the
+    final-logit scale (Cohere) and soft-cap (Gemma 2/3), in that order, before any temperature."""
+    z = z * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
 
 
 def softmax_kl_rows(
@@ -65,21 +86,34 @@ def softmax_kl_rows(
     temperature: float = 1.0,
     divergence: str = "forward",
     beta: float = 0.5,
+    skew: float = 0.1,
     ignore_index: int = -100,
     ce_weight: float = 0.0,
     kd_weight: float = 1.0,
+    vocab_size: Optional[int] = None,
+    student_softcap: Optional[float] = None,
+    teacher_softcap: Optional[float] = None,
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
 ) -> torch.Tensor:
     """Per-row ``ce_weight * CE(student, labels) + kd_weight * D(teacher, student)``.
 
-    Inputs are ``[..., V]``; the result has the leading shape and the promoted float dtype
-    (at least float32). Rows whose label is ``ignore_index`` give 0.
+    Inputs are ``[..., V]`` (``[..., Vs]`` and ``[..., Vt]`` with ``vocab_size``: both cut to their
+    first ``vocab_size`` entries); the logits go through :func:`logit_transform` first. The result
+    has the leading shape and the promoted float dtype (at least float32). Rows whose label is
+    ``ignore_index`` give 0.
     """
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
     s = student_logits.to(dtype)
     t = teacher_logits.to(dtype)
+    if vocab_size is not None:
+        s, t = s[..., :vocab_size], t[..., :vocab_size]
+    s = logit_transform(s, student_logit_scale, student_softcap)
+    t = logit_transform(t, teacher_logit_scale, teacher_softcap)
     log_ps = torch.log_softmax(s / temperature, dim=-1)
     log_pt = torch.log_softmax(t / temperature, dim=-1)
-    rows = kd_weight * kl_rows(log_ps, log_pt, divergence, beta) if kd_weight != 0.0 else s.new_zeros(s.shape[:-1])
+    rows = kd_weight * kl_rows(log_ps, log_pt, divergence, beta, skew) if kd_weight != 0.0 \
+        else s.new_zeros(s.shape[:-1])
     if labels is not None:
         valid = labels != ignore_index
         if ce_weight != 0.0:
@@ -97,14 +131,17 @@ def softmax_kl_rows(
 
 
 def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index: int, reduction: str,
-                batch: Optional[int] = None) -> torch.Tensor:
+                batch: Optional[int] = None, num_items_in_batch=None) -> torch.Tensor:
     """``"none"`` keeps rows; ``"sum"`` adds them; ``"mean"`` divides the sum by the number of
     non-ignored rows (an all-ignored batch gives 0); ``"batchmean"`` divides it by ``batch``, the
     logits' ``size(0)`` (``F.kl_div``'s meaning: ``[B, L, V]`` logits divide by B, a single ``[V]``
-    row by V; an empty batch gives NaN)."""
+    row by V; an empty batch gives NaN). ``num_items_in_batch`` (Hugging Face's): the sum divided
+    by it, whatever the rows."""
     if reduction == "none":
         return rows
     total = rows.sum()
+    if num_items_in_batch is not None:
+        return total / float(num_items_in_batch)
     if reduction == "sum":
         return total
     if reduction == "batchmean":
@@ -119,21 +156,24 @@ def reduce_rows(rows: torch.Tensor, labels: Optional[torch.Tensor], ignore_index
 
 
 def softmax_kl(student_logits, teacher_logits, *, temperature=1.0, divergence="forward", beta=0.5,
-               labels=None, ignore_index=-100, reduction="mean"):
-    """Reference for :func:`kdkernels.softmax_kl`."""
+               labels=None, ignore_index=-100, reduction="mean", num_items_in_batch=None, **logit_options):
+    """Reference for :func:`kdkernels.softmax_kl` (``logit_options``: those of :func:`softmax_kl_rows`)."""
     rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
-                           beta=beta, ignore_index=ignore_index)
-    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
+                           beta=beta, ignore_index=ignore_index, **logit_options)
+    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0],
+                       num_items_in_batch=num_items_in_batch)
 
 
 def distill_loss(student_logits, teacher_logits, labels=None, *, temperature=1.0, alpha=0.0,
-                 divergence="forward", beta=0.5, ignore_index=-100, reduction="mean"):
+                 divergence="forward", beta=0.5, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                 **logit_options):
     """Reference for :func:`kdkernels.distill_loss`:
     ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)``."""
     rows = softmax_kl_rows(student_logits, teacher_logits, labels, temperature=temperature, divergence=divergence,
                            beta=beta, ignore_index=ignore_index, ce_weight=alpha,
-                           kd_weight=(1.0 - alpha) * temperature * temperature)
-    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
+                           kd_weight=(1.0 - alpha) * temperature * temperature, **logit_options)
+    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0],
+                       num_items_in_batch=num_items_in_batch)
 
 
 def kl_div(input, target, reduction="mean", log_target=False):
@@ -150,13 +190,15 @@ def linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 def fused_linear_kl(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
                     teacher_logits=None, student_bias=None, teacher_bias=None, temperature=1.0, divergence="forward",
-                    beta=0.5, alpha=0.0, labels=None, ignore_index=-100, reduction="mean"):
+                    beta=0.5, alpha=0.0, labels=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                    **logit_options):
     """Reference for :func:`kdkernels.fused_linear_kl`: materializes both ``[N, V]`` logits, then
     ``alpha * CE(student, labels) + (1 - alpha) * T**2 * D(teacher, student)`` as in :func:`distill_loss`."""
     s = linear_logits(student_hidden, student_weight, student_bias)
     t = teacher_logits if teacher_logits is not None else linear_logits(teacher_hidden, teacher_weight, teacher_bias)
     return distill_loss(s, t, labels, temperature=temperature, alpha=alpha, divergence=divergence, beta=beta,
-                        ignore_index=ignore_index, reduction=reduction)
+                        ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                        **logit_options)
 
 
 def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, *, topk_format: str = "logprobs",
@@ -186,27 +228,33 @@ def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, 
 
 
 def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, topk_format="logprobs", tail="ignore",
-            temperature=1.0, labels=None, ignore_index=-100, reduction="mean"):
+            temperature=1.0, labels=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+            vocab_size=None, student_softcap=None, student_logit_scale=1.0):
     """Reference for :func:`kdkernels.topk_kl`: forward ``KL(p_t || p_s)`` with the teacher
-    distribution of :func:`topk_teacher_log_probs` (materialized)."""
+    distribution of :func:`topk_teacher_log_probs` (materialized) over the student's first
+    ``vocab_size`` entries (all of them by default), the student's logits transformed first."""
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
     V = student_logits.shape[-1]
     log_pt = topk_teacher_log_probs(teacher_topk_values, teacher_topk_indices, V, topk_format=topk_format, tail=tail,
                                     temperature=temperature)
     dtype = torch.promote_types(student_logits.dtype, log_pt.dtype)
-    log_ps = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+    s = logit_transform(student_logits.to(dtype), student_logit_scale, student_softcap)
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
     rows = kl_rows(log_ps, log_pt.to(dtype), "forward", 0.5)
     if labels is not None:
         rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
-    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0])
+    return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0],
+                       num_items_in_batch=num_items_in_batch)
 
 
 def fused_linear_topk_kl(student_hidden, student_weight, teacher_topk_values, teacher_topk_indices, *,
                          student_bias=None, topk_format="logprobs", tail="ignore", temperature=1.0, labels=None,
-                         ignore_index=-100, reduction="mean"):
+                         ignore_index=-100, reduction="mean", **options):
     """Reference for :func:`kdkernels.fused_linear_topk_kl`: :func:`topk_kl` on the materialized logits."""
     return topk_kl(linear_logits(student_hidden, student_weight, student_bias), teacher_topk_values,
                    teacher_topk_indices, topk_format=topk_format, tail=tail, temperature=temperature, labels=labels,
-                   ignore_index=ignore_index, reduction=reduction)
+                   ignore_index=ignore_index, reduction=reduction, **options)
 
 
 # ------------------------------------------------------------------------------ similarity losses

@@ -26,7 +26,7 @@ from kdkernels._core.fused_op import FusedOp
 from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, tiles
 from kdkernels._core.online import OnlineDivergence, OnlineDivergenceCpu
 from kdkernels.contrastive import COL_TILE, ROW_TILE, check_embeddings
-from kdkernels.softmax_divergence import DIVERGENCES, divergence_id
+from kdkernels.softmax_divergence import KL_AND_JSD, divergence_id
 
 __all__ = ["similarity_kd", "similarity_kd_masked", "similarity_kd_tiled"]
 
@@ -204,7 +204,7 @@ def similarity_kd_masked(student_a, teacher_a, student_b=None, teacher_b=None, *
     else:
         ts = temperature if student_temperature is None else \
             checks.positive("student_temperature", student_temperature)
-    checks.choice("divergence", divergence, DIVERGENCES)
+    checks.choice("divergence", divergence, KL_AND_JSD)
     beta = checks.scalar("beta", beta, 0.0, 1.0)
     checks.reduction(reduction, ("mean", "sum", "none"))
     checks.one_device(student_a=student_a, teacher_a=teacher_a, student_b=student_b, teacher_b=teacher_b)

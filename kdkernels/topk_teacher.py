@@ -26,6 +26,7 @@ from torch import Tensor
 
 from kdkernels._core import backends, checks, ext as _ext
 from kdkernels._core.fused_op import FusedOp
+from kdkernels._core.logit_options import IDENTITY, num_items, shared_vocab, transform, transform_grad, transforms
 from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, batch_size, grad_scale, p_times
 from kdkernels._core.rows import rows3
 from kdkernels.softmax_divergence import validate as validate_logits
@@ -40,14 +41,18 @@ backends.register("topk_kl", cpu=True, triton=True, cuda=False)
 
 
 def validate_topk(stand_in, teacher_topk_values, teacher_topk_indices, topk_format, tail, temperature, labels,
-                  ignore_index, reduction, backend):
+                  ignore_index, reduction, backend, vocab_size=None):
     """The checks of :func:`topk_kl` on the student logits (or a ``[..., V]`` stand-in with their
-    shape); returns the temperature as a float."""
+    shape); returns the temperature as a float. With ``vocab_size`` the student's first
+    ``vocab_size`` entries are the vocabulary, and every index must lie below it."""
     checks.logits("teacher_topk_values", teacher_topk_values)
     checks.int_tensor("teacher_topk_indices", teacher_topk_indices)
     lead, V = stand_in.shape[:-1], stand_in.shape[-1]
     if V == 0:
         raise ValueError("the student has an empty vocabulary: V = 0")
+    if vocab_size is not None:
+        V = shared_vocab("the student's vocabulary and vocab_size", V, V, vocab_size)
+        stand_in = stand_in[..., :V]
     if teacher_topk_values.shape[:-1] != lead or teacher_topk_indices.shape != teacher_topk_values.shape:
         raise ValueError(f"teacher_topk_values and teacher_topk_indices must both be [..., k] with the student's "
                          f"leading shape {tuple(lead)}, got {tuple(teacher_topk_values.shape)} and "
@@ -61,7 +66,8 @@ def validate_topk(stand_in, teacher_topk_values, teacher_topk_indices, topk_form
         raise ValueError("tail='uniform' needs topk_format='logprobs': logits do not say how much mass the top-k miss")
     checks.one_device(student=stand_in, teacher_topk_values=teacher_topk_values,
                       teacher_topk_indices=teacher_topk_indices)
-    checks.index_range("teacher_topk_indices", teacher_topk_indices, V)
+    checks.index_range("teacher_topk_indices" if vocab_size is None else
+                       f"teacher_topk_indices (below vocab_size={vocab_size})", teacher_topk_indices, V)
     temperature, _, _ = validate_logits(stand_in, stand_in, labels, temperature, "forward", 0.5, ignore_index,
                                         reduction, backend)
     return temperature
@@ -86,7 +92,8 @@ def teacher_log_probs(values: Tensor, indices: Tensor, V: int, *, logits: bool, 
     return torch.where(inside.all(1, keepdim=True), out, torch.full_like(out, math.nan))
 
 
-def _torch_rows(student, values, indices, labels, scale, *, logits, uniform_tail, temperature, ignore_index, need):
+def _torch_rows(student, values, indices, labels, scale, *, logits, uniform_tail, temperature, ignore_index, need,
+                s_tf=IDENTITY):
     B, L, V = student.shape
     dev = student.device
     out_acc = acc_dtype(student)
@@ -100,10 +107,13 @@ def _torch_rows(student, values, indices, labels, scale, *, logits, uniform_tail
             r = slice(b * L + l0, b * L + l1)
             lpt = teacher_log_probs(values[r], indices[r], V, logits=logits, uniform_tail=uniform_tail,
                                     temperature=temperature)
-            lps = torch.log_softmax(student[b, l0:l1].double() / temperature, dim=-1)
+            u = transform(student[b, l0:l1].double(), *s_tf)
+            lps = torch.log_softmax(u / temperature, dim=-1)
             pt = lpt.exp()
             d = p_times(pt, lpt - lps).sum(1)
             dz = (lps.exp() - pt) * g if need else None
+            if dz is not None and s_tf != IDENTITY:
+                dz = dz * transform_grad(u, *s_tf)
             if labels is not None:
                 keep = labels[r] != ignore_index
                 d = torch.where(keep, d, torch.zeros_like(d))
@@ -114,31 +124,34 @@ def _torch_rows(student, values, indices, labels, scale, *, logits, uniform_tail
     return rows, grad
 
 
-def _kernel(backend, inputs, extras, scale, need, *, logits, uniform_tail, temperature, ignore_index):
+def _kernel(backend, inputs, extras, scale, need, *, logits, uniform_tail, temperature, ignore_index, s_scale, s_cap):
     (student,) = inputs
     values, indices, labels = extras
     if backend == "cpu":
         return _ext.require("topk_kl(backend='cpu')").topk_kl_forward_cpu(
-            student, values, indices, labels, scale, logits, uniform_tail, temperature, ignore_index, need[0])
+            student, values, indices, labels, scale, logits, uniform_tail, temperature, ignore_index, need[0],
+            s_scale, s_cap)
     if backend == "triton":
         from kdkernels.triton.topk_kl import topk_kl_forward
 
         return topk_kl_forward(student, values, indices, labels, scale, values_are_logits=logits,
                                uniform_tail=uniform_tail, temperature=temperature, ignore_index=ignore_index,
-                               need_grad=need[0])
+                               need_grad=need[0], s_scale=s_scale, s_cap=s_cap)
     return _torch_rows(student, values, indices, labels, scale, logits=logits, uniform_tail=uniform_tail,
-                       temperature=temperature, ignore_index=ignore_index, need=need[0])
+                       temperature=temperature, ignore_index=ignore_index, need=need[0], s_tf=(s_scale, s_cap))
 
 
 topk_kl_op = FusedOp("kdkernels::topk_kl", inputs=("student",), extras=("values", "indices", "labels"),
-                     params=dict(logits=bool, uniform_tail=bool, temperature=float, ignore_index=int),
+                     params=dict(logits=bool, uniform_tail=bool, temperature=float, ignore_index=int, s_scale=float,
+                                 s_cap=float),
                      kernel=_kernel, none="scale_rows")
 
 
 def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_indices: Tensor, *,
             topk_format: str = "logprobs", tail: str = "ignore", temperature: float = 1.0,
             labels: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-            backend: str = "auto") -> Tensor:
+            backend: str = "auto", vocab_size: Optional[int] = None, num_items_in_batch=None,
+            student_softcap: Optional[float] = None, student_logit_scale: float = 1.0) -> Tensor:
     r"""Forward ``KL(p_t || p_s)`` against a teacher stored as its top-k entries per row.
 
     Args:
@@ -155,14 +168,22 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
         labels, ignore_index, reduction, backend: as in :func:`kdkernels.softmax_kl`: ``"cpu"`` (the
             C++ kernel), ``"triton"`` (CUDA tensors, or the interpreter), ``"torch"`` (row chunks of
             PyTorch operations in float64).
+        vocab_size: the student's first ``vocab_size`` entries are the vocabulary (a student whose
+            embedding is padded past the teacher's); every index must lie below it.
+        num_items_in_batch, student_softcap, student_logit_scale: as in :func:`kdkernels.softmax_kl`
+            (the teacher's top-k values are stored after its own transforms).
 
     The gradient flows to the student only, ``(p_s - p_t) / T`` with ``p_t`` the sparse (plus
     uniform tail) teacher; it is computed in the forward pass in one more read of the row.
     """
     checks.logits("student_logits", student_logits)
     temperature = validate_topk(student_logits, teacher_topk_values, teacher_topk_indices, topk_format, tail,
-                                temperature, labels, ignore_index, reduction, backend)
+                                temperature, labels, ignore_index, reduction, backend, vocab_size)
+    (s_scale, s_cap), _ = transforms(student_softcap, None, student_logit_scale)
     backend = backends.resolve(backend, student_logits.device, "topk_kl")
+    items = num_items(num_items_in_batch, reduction, student_logits.device)
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
     k = teacher_topk_values.shape[-1]
     lead = student_logits.shape[:-1]
     s3 = rows3(student_logits)  # rows through their strides: a causal-shift view is not copied
@@ -170,8 +191,9 @@ def topk_kl(student_logits: Tensor, teacher_topk_values: Tensor, teacher_topk_in
     idx = teacher_topk_indices.reshape(-1, k).to(torch.int64)
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     N = s3.shape[0] * s3.shape[1]
-    scale = grad_scale(N, lab, ignore_index, reduction, acc_dtype(s3), s3.device, batch_size(student_logits.shape))
+    scale = grad_scale(N, lab, ignore_index, reduction, acc_dtype(s3), s3.device, batch_size(student_logits.shape),
+                       items)
     params = dict(logits=topk_format == "logits", uniform_tail=tail == "uniform", temperature=temperature,
-                  ignore_index=ignore_index)
+                  ignore_index=ignore_index, s_scale=s_scale, s_cap=s_cap)
     loss = topk_kl_op((s3,), (vals, idx, lab), scale, params, REDUCTION_IDS[reduction], backend)
     return loss.reshape(lead) if reduction == "none" else loss

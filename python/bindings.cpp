@@ -46,20 +46,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_kl_forward_cpu", &kdk::softmax_kl_forward_cpu, py::arg("student"), py::arg("teacher"),
         py::arg("labels"), py::arg("grad_scale"), py::arg("temperature"), py::arg("kind"), py::arg("beta"),
         py::arg("ignore_index"), py::arg("ce_weight"), py::arg("kd_weight"), py::arg("need_grad_student"),
-        py::arg("need_grad_teacher"),
+        py::arg("need_grad_teacher"), py::arg("s_scale") = 1.0, py::arg("s_cap") = 0.0, py::arg("t_scale") = 1.0,
+        py::arg("t_cap") = 0.0,
         "Fused softmax-KL on the CPU: returns (loss_rows, grad_student|None, grad_teacher|None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("fused_linear_kl_forward_cpu", &kdk::fused_linear_kl_forward_cpu, py::arg("student_hidden"),
         py::arg("student_weight"), py::arg("student_bias"), py::arg("teacher_hidden"), py::arg("teacher_weight"),
         py::arg("teacher_bias"), py::arg("teacher_logits"), py::arg("labels"), py::arg("grad_scale"),
         py::arg("temperature"), py::arg("kind"), py::arg("beta"), py::arg("ignore_index"), py::arg("ce_weight"),
-        py::arg("kd_weight"), py::arg("need"), py::arg("v_tile"), py::arg("tile_elements"),
+        py::arg("kd_weight"), py::arg("need"), py::arg("v_tile"), py::arg("tile_elements"), py::arg("s_scale") = 1.0,
+        py::arg("s_cap") = 0.0, py::arg("t_scale") = 1.0, py::arg("t_cap") = 0.0,
         "Fused-linear KL on the CPU: [loss_rows, d student hidden/weight/bias, d teacher hidden/weight/bias, "
         "d teacher logits] (None where not needed).",
         py::call_guard<py::gil_scoped_release>());
   m.def("topk_kl_forward_cpu", &kdk::topk_kl_forward_cpu, py::arg("student"), py::arg("values"),
         py::arg("indices"), py::arg("labels"), py::arg("grad_scale"), py::arg("values_are_logits"),
         py::arg("uniform_tail"), py::arg("temperature"), py::arg("ignore_index"), py::arg("need_grad"),
+        py::arg("s_scale") = 1.0, py::arg("s_cap") = 0.0, py::arg("bucket_tail") = false,
         "Forward KL to a top-k teacher on the CPU: (loss_rows, grad_student|None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("logprob_jsd_forward_cpu", &kdk::logprob_jsd_forward_cpu, py::arg("input"), py::arg("target"),

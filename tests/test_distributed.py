@@ -11,11 +11,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CASES = [  # (kind, beta, temperature, reduction, split of V between the 2 ranks)
+CASES = [  # (kind, beta, temperature, reduction, split of V between the 2 ranks[, the logit options])
     ("forward", 0.5, 1.0, "mean", (500, 501)),
     ("reverse", 0.5, 2.0, "sum", (300, 701)),
     ("jsd", 0.3, 0.7, "none", (1000, 1)),
     ("jsd", 0.0, 1.5, "batchmean", (512, 489)),
+    ("jsd", 0.5, 2.0, "mean", (400, 601), dict(num_items_in_batch=9, student_softcap=3.0, teacher_softcap=5.0,
+                                               teacher_logit_scale=0.5)),
+    ("skew_forward", 0.5, 1.0, "none", (500, 501), dict(skew=0.2)),
+    ("skew_reverse", 0.5, 2.0, "sum", (1, 1000), dict(skew=0.4)),
+    ("tvd", 0.5, 1.5, "mean", (600, 401)),
 ]
 
 
@@ -25,7 +30,8 @@ def _worker(rank, world, init_file, out_dir):
     from kdkernels.distributed import vocab_parallel_kl
 
     results = []
-    for i, (kind, beta, T, reduction, split) in enumerate(CASES):
+    for i, (kind, beta, T, reduction, split, *opts) in enumerate(CASES):
+        opts = opts[0] if opts else {}
         g = torch.Generator().manual_seed(100 + i)
         N, V = 6, sum(split)
         s = torch.randn(N, V, generator=g) * 3
@@ -37,11 +43,11 @@ def _worker(rank, world, init_file, out_dir):
         s_loc = s[:, lo:lo + split[rank]].clone().requires_grad_()
         t_loc = t[:, lo:lo + split[rank]].clone().requires_grad_()
         out = vocab_parallel_kl(s_loc, t_loc, temperature=T, divergence=kind, beta=beta, labels=labels,
-                                reduction=reduction)
+                                reduction=reduction, **opts)
         gs, gt = torch.autograd.grad(out, [s_loc, t_loc], go if out.dim() else None)
         s2, t2 = s.double().requires_grad_(), t.double().requires_grad_()
         ref = kdkernels.reference.softmax_kl(s2, t2, temperature=T, divergence=kind, beta=beta, labels=labels,
-                                             reduction=reduction)
+                                             reduction=reduction, **opts)
         rgs, rgt = torch.autograd.grad(ref, [s2, t2], go.double() if ref.dim() else None)
         # ||out - ref|| / max(||ref||, 0.1 sqrt(rows)): the comparator of tests/conftest.py
         rel = lambda a, b: ((a.double() - b).norm() / max(b.norm().item(), 0.1 * (b.shape[0] if b.dim() else 1)  # noqa: E731
@@ -76,6 +82,11 @@ FL_CASES = [  # (kind, beta, temperature, reduction, split of V, teacher as "hid
     ("reverse", 0.5, 2.0, "sum", (1001, 0), "hidden", False),   # one rank holds no vocabulary
     ("jsd", 0.3, 0.7, "none", (700, 301), "logits", True),
     ("forward", 0.5, 1.5, "batchmean", (1, 1000), "logits", False),
+    ("forward", 0.5, 2.0, "mean", (600, 401), "hidden", True, dict(num_items_in_batch=11, student_softcap=4.0,
+                                                                     teacher_softcap=6.0, student_logit_scale=1.5)),
+    ("skew_forward", 0.5, 1.0, "mean", (500, 501), "hidden", True, dict(skew=0.3)),
+    ("skew_reverse", 0.5, 2.0, "none", (700, 301), "logits", True, dict(skew=0.1)),
+    ("tvd", 0.5, 1.0, "sum", (1001, 0), "hidden", False),
 ]
 
 
@@ -85,7 +96,8 @@ def _fl_worker(rank, world, init_file, out_dir):
     from kdkernels.distributed import vocab_parallel_fused_linear_kl
 
     results = []
-    for i, (kind, beta, T, reduction, split, teacher, tgrad) in enumerate(FL_CASES):
+    for i, (kind, beta, T, reduction, split, teacher, tgrad, *opts) in enumerate(FL_CASES):
+        opts = opts[0] if opts else {}
         g = torch.Generator().manual_seed(200 + i)
         N, H, Ht, V = 7, 24, 17, sum(split)
         hs = torch.randn(N, H, generator=g, dtype=torch.float64)
@@ -107,7 +119,7 @@ def _fl_worker(rank, world, init_file, out_dir):
             loc.update(zt=zt[:, lo:hi].float().requires_grad_(tgrad))
         out = vocab_parallel_fused_linear_kl(loc["hs"], loc["Ws"], loc.get("ht"), loc.get("Wt"),
                                              teacher_logits=loc.get("zt"), student_bias=loc["bs"], temperature=T,
-                                             divergence=kind, beta=beta, labels=labels, reduction=reduction)
+                                             divergence=kind, beta=beta, labels=labels, reduction=reduction, **opts)
         names = [k for k, v in loc.items() if v.requires_grad]
         grads = torch.autograd.grad(out, [loc[k] for k in names], go.float() if out.dim() else None)
         full = {"hs": hs, "Ws": Ws, "bs": bs, "ht": ht, "Wt": Wt, "zt": zt}
@@ -117,7 +129,7 @@ def _fl_worker(rank, world, init_file, out_dir):
                                                   get("Wt") if teacher == "hidden" else None,
                                                   teacher_logits=get("zt") if teacher == "logits" else None,
                                                   student_bias=get("bs"), temperature=T, divergence=kind, beta=beta,
-                                                  labels=labels, reduction=reduction)
+                                                  labels=labels, reduction=reduction, **opts)
         rgrads = torch.autograd.grad(ref, [ref_in[k] for k in names], go if ref.dim() else None)
         sl = {"Ws": slice(lo, hi), "bs": slice(lo, hi), "Wt": slice(lo, hi)}
         rel = lambda a, b: ((a.double() - b).norm() / max(b.norm().item(), 1e-2)).item()  # noqa: E731

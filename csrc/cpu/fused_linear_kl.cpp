@@ -15,6 +15,9 @@
 // row statistics, the rows kept (a copy of the hidden states in the accumulation dtype) and a few
 // [rows, tile] buffers (given teacher logits are gathered tile by tile, never copied whole); the
 // weight gradient accumulates in the accumulation dtype.
+// Logit transforms (scale, soft-cap; sweeps.h Transform): each logits tile is transformed in place
+// after its GEMM (u = f(z)), the passes run on u, and pass 2 chains dZ through f (df/dz from u)
+// before the gradient GEMMs; the logits still never exist beyond a tile.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,6 +50,7 @@ struct Call {
   double inv_t, temp, beta, ce_weight, kd_weight;
   int64_t kind;
   bool ce, ce_own_lse, same_t, want_s, want_t;
+  double s_scale = 1, s_cap = 0, t_scale = 1, t_cap = 0;
 };
 
 // Pass 1 for one row's stretch of a tile: s, t are the row's logits in the tile (n of them).
@@ -91,8 +95,8 @@ void pass1_row(const acc_t* s, const TT* t, int64_t n, int64_t r, RowStats<acc_t
   if (c.ce_own_lse) st.zc[r] += hsum(sums.c);
 }
 
-template <typename acc_t, typename TT>
-void jsd_row(const acc_t* s, const TT* t, int64_t n, int64_t r, RowStats<acc_t>& st, const Call& c) {
+template <typename acc_t, Kind K, typename TT>
+void pair_row(const acc_t* s, const TT* t, int64_t n, int64_t r, RowStats<acc_t>& st, const Call& c) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const int64_t nvec = n / W, rem = n - nvec * W;
@@ -104,8 +108,8 @@ void jsd_row(const acc_t* s, const TT* t, int64_t n, int64_t r, RowStats<acc_t>&
   rc.beta = Vec(acc_t(c.beta));
   rc.beta1 = Vec(acc_t(1 - c.beta));
   Sums<acc_t> k{Vec(0), Vec(0), Vec(0), Vec(0)};
-  sweep_jsd<acc_t>(s, t, nvec, rc, k);
-  if (rem) sweep_jsd<acc_t>(tail.s, tail.t, 1, rc, k);
+  sweep_pair<acc_t, K>(s, t, nvec, rc, k);
+  if (rem) sweep_pair<acc_t, K>(tail.s, tail.t, 1, rc, k);
   st.Ks[r] += hsum(k.a);
   st.Kt[r] += hsum(k.b);
 }
@@ -128,8 +132,8 @@ void grad_row(const acc_t* s, const TT* t, acc_t* gs, acc_t* gt, int64_t n, int6
   rc.Ks = Vec(st.Ks[r]);
   rc.Kt = Vec(st.Kt[r]);
   const acc_t cs = g * acc_t(c.kd_weight * c.inv_t);
-  rc.cs_s = Vec(K == Kind::JSD ? cs * acc_t(1 - c.beta) : cs);
-  rc.cs_t = Vec(K == Kind::JSD ? cs * acc_t(c.beta) : cs);
+  rc.cs_s = Vec(K == Kind::JSD ? cs * acc_t(1 - c.beta) : (K == Kind::TVD ? cs * acc_t(0.5) : cs));
+  rc.cs_t = Vec(K == Kind::JSD ? cs * acc_t(c.beta) : (K == Kind::TVD ? cs * acc_t(0.5) : cs));
   rc.ce_scale = g * acc_t(c.ce_weight);
   rc.ce = Vec(rc.ce_scale);
   rc.ce_on = c.ce;
@@ -216,6 +220,7 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
   at::Tensor dht_k = grads[3].defined() ? at::zeros({n, ht.size(-1)}, ht.options().dtype(acc)) : at::Tensor();
 
   RowStats<acc_t> st(n);
+  const Transform<acc_t> fs(c.s_scale, c.s_cap), ft(c.t_scale, c.t_cap);
   const int64_t rows_per_block = std::max<int64_t>(1, std::min<int64_t>(n, tile_elements / v_tile));
 
   // the logits tiles of rows [r0, r0 + rn) and columns [v0, v0 + vt)
@@ -240,7 +245,11 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
       const at::Tensor h2 = ht_k.narrow(0, r0, rn);
       zt = w.bt.defined() ? at::addmm(w.bt, h2, w.wt.t()) : at::mm(h2, w.wt.t());
     }
-    return std::make_pair(zs.contiguous(), zt.contiguous());
+    zs = zs.contiguous();
+    zt = zt.contiguous();
+    if (!fs.identity()) transform_row<acc_t>(zs.data_ptr<acc_t>(), zs.data_ptr<acc_t>(), rn * vt, fs);  // in place
+    if (!ft.identity()) transform_row<acc_t>(zt.data_ptr<acc_t>(), zt.data_ptr<acc_t>(), rn * vt, ft);
+    return std::make_pair(zs, zt);
   };
   // every pass: over vocabulary tiles, then blocks of rows; fn(w, r0, rn, v0, vt, zs, zs_p, zt_p)
   auto for_each_tile = [&](auto&& fn) {
@@ -275,14 +284,14 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
     if (K == Kind::Forward) st.D[r] = st.w[r] / st.zb[r] - ((st.Mb[r] - st.Ma[r]) + (lb - la));
     if (K == Kind::Reverse) st.D[r] = st.w[r] / st.za[r] - ((st.Ma[r] - st.Mb[r]) + (la - lb));
   }
-  if (K == Kind::JSD) {  // Ks, Kt
+  if (second_sweep(K)) {  // K1, K2 (Ks, Kt for JSD)
     for_each_tile([&](const Weights&, int64_t r0, int64_t rn, int64_t, int64_t vt, const at::Tensor&,
                       const acc_t* zs_p, const acc_t* zt_p) {
       at::parallel_for(0, rn, 1, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) jsd_row<acc_t>(zs_p + i * vt, zt_p + i * vt, vt, r0 + i, st, c);
+        for (int64_t i = b; i < e; ++i) pair_row<acc_t, K>(zs_p + i * vt, zt_p + i * vt, vt, r0 + i, st, c);
       });
     });
-    for (int64_t r = 0; r < n; ++r) st.D[r] = acc_t(c.beta) * st.Kt[r] + acc_t(1 - c.beta) * st.Ks[r];
+    for (int64_t r = 0; r < n; ++r) st.D[r] = pair_value<acc_t, K>(st.Ks[r], st.Kt[r], acc_t(c.beta));
   }
   {
     std::vector<acc_t> rows(n);
@@ -308,6 +317,9 @@ std::vector<at::Tensor> run(const at::Tensor& hs, const at::Tensor& Ws, const at
         const int64_t r = r0 + i;
         grad_row<acc_t, K>(zs_p + i * vt, zt_p + i * vt, dzs_p ? dzs_p + i * vt : nullptr,
                            dzt_p ? dzt_p + i * vt : nullptr, vt, c.ce ? lab[r] - v0 : -1, r, g[r], st, c);
+        // through the transforms: dZ *= df/dz, from the transformed tile (in place)
+        if (dzs_p && !fs.identity()) chain_row<acc_t>(dzs_p + i * vt, zs_p + i * vt, dzs_p + i * vt, vt, fs);
+        if (dzt_p && !ft.identity()) chain_row<acc_t>(dzt_p + i * vt, zt_p + i * vt, dzt_p + i * vt, vt, ft);
       }
     });
     if (dzs.defined()) {
@@ -337,7 +349,8 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
     const std::optional<at::Tensor>& teacher_bias, const std::optional<at::Tensor>& teacher_logits,
     const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature, int64_t kind,
     double beta, int64_t ignore_index, double ce_weight, double kd_weight, const std::vector<bool>& need,
-    int64_t v_tile, int64_t tile_elements) {
+    int64_t v_tile, int64_t tile_elements, double s_scale, double s_cap, double t_scale, double t_cap) {
+  TORCH_CHECK(s_scale > 0 && t_scale > 0 && s_cap >= 0 && t_cap >= 0, "logit scales must be > 0 and soft-caps >= 0");
   TORCH_CHECK(student_weight.dim() == 2 && student_hidden.size(-1) == student_weight.size(1),
               "fused_linear_kl_forward_cpu: hidden [N, H] (or [B, L, H] rows) and weight [V, H] expected");
   const int64_t rows = row_layout(student_hidden, "student_hidden").rows;
@@ -350,9 +363,9 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
   TORCH_CHECK(teacher_logits.has_value() != (teacher_hidden.has_value() && teacher_weight.has_value()),
               "fused_linear_kl_forward_cpu: teacher logits, or teacher hidden and weight");
   TORCH_CHECK(need.size() == 7, "need: 7 flags");
-  TORCH_CHECK(kind >= 0 && kind <= 2 && temperature > 0 && v_tile > 0 && tile_elements > 0,
+  TORCH_CHECK(kind >= 0 && kind <= 5 && temperature > 0 && v_tile > 0 && tile_elements > 0,
               "fused_linear_kl_forward_cpu: bad arguments");
-  TORCH_CHECK(kind != 2 || (beta > 0 && beta < 1), "jsd needs 0 < beta < 1");
+  TORCH_CHECK(kind < 2 || kind > 4 || (beta > 0 && beta < 1), "jsd and the skew KL need 0 < beta < 1");
   TORCH_CHECK(ce_weight == 0 || (labels.has_value() && labels->defined()), "ce_weight > 0 needs labels");
   const at::Tensor hs = student_hidden, Ws = student_weight.contiguous(), bs = opt(student_bias);
   const at::Tensor ht = opt(teacher_hidden), Wt = teacher_weight.has_value() ? teacher_weight->contiguous()
@@ -374,6 +387,10 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
   c.same_t = temperature == 1.0;
   c.ce_own_lse = c.ce && !c.same_t;
   c.want_s = c.want_t = false;
+  c.s_scale = s_scale;
+  c.s_cap = s_cap;
+  c.t_scale = t_scale;
+  c.t_cap = t_cap;
   auto go = [&](auto acc_tag) {
     using acc_t = decltype(acc_tag);
     switch (static_cast<Kind>(kind)) {
@@ -383,8 +400,17 @@ std::vector<at::Tensor> fused_linear_kl_forward_cpu(
       case Kind::Reverse:
         return run<acc_t, Kind::Reverse>(hs, Ws, bs, ht, Wt, bt, tl, lab, grad_scale, c, need, v_tile,
                                          tile_elements, ignore_index);
-      default:
+      case Kind::JSD:
         return run<acc_t, Kind::JSD>(hs, Ws, bs, ht, Wt, bt, tl, lab, grad_scale, c, need, v_tile, tile_elements,
+                                     ignore_index);
+      case Kind::SkewForward:
+        return run<acc_t, Kind::SkewForward>(hs, Ws, bs, ht, Wt, bt, tl, lab, grad_scale, c, need, v_tile,
+                                             tile_elements, ignore_index);
+      case Kind::SkewReverse:
+        return run<acc_t, Kind::SkewReverse>(hs, Ws, bs, ht, Wt, bt, tl, lab, grad_scale, c, need, v_tile,
+                                             tile_elements, ignore_index);
+      default:
+        return run<acc_t, Kind::TVD>(hs, Ws, bs, ht, Wt, bt, tl, lab, grad_scale, c, need, v_tile, tile_elements,
                                      ignore_index);
     }
   };

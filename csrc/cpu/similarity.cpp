@@ -318,8 +318,8 @@ void sim_rows_jsd(const at::Tensor& S, const at::Tensor& T, const at::Tensor& ls
         c.beta = Vec<acc_t>(static_cast<acc_t>(beta));
         c.beta1 = Vec<acc_t>(static_cast<acc_t>(1.0 - beta));
         Sums<acc_t> sums{Vec<acc_t>(0), Vec<acc_t>(0), Vec<acc_t>(0), Vec<acc_t>(0)};
-        sweep_jsd<acc_t>(sr, tr, nvec, c, sums);
-        if (rem) sweep_jsd<acc_t>(tail.s, tail.t, 1, c, sums);
+        sweep_pair<acc_t, Kind::JSD>(sr, tr, nvec, c, sums);
+        if (rem) sweep_pair<acc_t, Kind::JSD>(tail.s, tail.t, 1, c, sums);
         k1[r] += hsum(sums.a);
         k2[r] += hsum(sums.b);
       }

@@ -13,6 +13,10 @@
 //            dD/ds = (1 - beta) p_s (log p_s - log m - Ks) / T
 //            dD/dt = beta p_t (log p_t - log m - Kt) / T
 //   hard-label CE at temperature 1: CE = logsumexp(s) - s[y], dCE/ds = softmax(s) - onehot(y)
+//   logit transforms (scale k, soft-cap c, before the temperature): s, t above are u = c tanh(k z / c)
+//            (u = k z without a cap) of the raw logits z; dL/dz = dL/du k (1 - (u / c)^2). A row
+//            with a transform is transformed into a per-thread scratch of V floats per side first
+//            (one more sweep, from cache), and its gradients chained through f at the end.
 //   row loss = ce_weight CE + kd_weight D; gradients are scaled by grad_scale (1/rows for "mean").
 //
 // Memory: pass 1 sweeps each row in chunks of kChunk logits: the chunk's max (first read, from
@@ -23,7 +27,8 @@
 // exponentials pass 1 left in a per-thread scratch of 2 V floats (two multiplies per logit, no
 // second read of the logits); otherwise it reads the row again (from L2/L3: a 128k-logit fp32 row
 // pair is 1 MiB) and recomputes them.
-// "jsd" needs Ks and Kt before its gradient and adds one more sweep. DRAM traffic per logit:
+// "jsd" needs Ks and Kt before its gradient and adds one more sweep; so do the skew KL and TVD
+// (their two row sums K1, K2: sweeps.h sweep_pair, derived in kdkernels/_core/divergences.py). DRAM traffic per logit:
 // read student + read teacher + write each requested gradient; nothing of size N x V is allocated
 // besides the gradients.
 //
@@ -197,13 +202,13 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   // (lse_b - lse_a) grouped as (Mb - Ma) + log(zb / za): no cancellation of the maxima
   if (K == Kind::Forward) D = w / zb - ((Mb - Ma) + (std::log(zb) - std::log(za)));
   if (K == Kind::Reverse) D = w / za - ((Ma - Mb) + (std::log(za) - std::log(zb)));
-  if (K == Kind::JSD) {  // Ks, Kt need the normalizers of both rows: one more sweep
+  if (second_sweep(K)) {  // K1, K2 need the normalizers of both rows: one more sweep
     Sums<acc_t> k{Vec(0), Vec(0), Vec(0), Vec(0)};
-    sweep_jsd<acc_t>(s, t, V_full / W, c, k);
-    if (rem) sweep_jsd<acc_t>(tail.s, tail.t, 1, c, k);
+    sweep_pair<acc_t, K>(s, t, V_full / W, c, k);
+    if (rem) sweep_pair<acc_t, K>(tail.s, tail.t, 1, c, k);
     Ks = hsum(k.a);
     Kt = hsum(k.b);
-    D = p.beta * Kt + (acc_t(1) - p.beta) * Ks;
+    D = pair_value<acc_t, K>(Ks, Kt, p.beta);
   }
   const acc_t ce_loss = p.ce ? lse_c - static_cast<acc_t>(s[label]) : acc_t(0);
   const acc_t loss = (p.ce ? p.ce_weight * ce_loss : acc_t(0)) + (p.kd ? p.kd_weight * D : acc_t(0));
@@ -211,8 +216,8 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
 
   // ---- pass 2: gradients, written in the inputs' dtypes ----
   const acc_t cs = p.kd ? p.grad_scale * p.kd_weight * p.inv_t : acc_t(0);
-  c.cs_s = Vec(K == Kind::JSD ? cs * (acc_t(1) - p.beta) : cs);
-  c.cs_t = Vec(K == Kind::JSD ? cs * p.beta : cs);
+  c.cs_s = Vec(K == Kind::JSD ? cs * (acc_t(1) - p.beta) : (K == Kind::TVD ? cs * acc_t(0.5) : cs));
+  c.cs_t = Vec(K == Kind::JSD ? cs * p.beta : (K == Kind::TVD ? cs * acc_t(0.5) : cs));
   c.ce_scale = p.grad_scale * p.ce_weight;
   c.ce = Vec(c.ce_scale);
   c.D = Vec(D);
@@ -244,9 +249,28 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   return loss;
 }
 
+// A row with a logit transform (logit scale, soft-cap; see the header): the transformed row u = f(z)
+// in the accumulation type in a per-thread scratch, the untransformed kernel on it, and the gradient
+// chained through f from u itself: df/dz = scale (1 - (u / cap)^2), or scale without a cap.
+template <typename acc_t, Kind K, typename TS, typename TT>
+acc_t row_transformed(const TS* s, const TT* t, int64_t V, int64_t label, TS* gs, TT* gt, const Params<acc_t>& p,
+                      const Transform<acc_t>& fs, const Transform<acc_t>& ft, std::vector<acc_t>& rows,
+                      std::vector<acc_t>& scratch) {
+  rows.resize(4 * V);
+  acc_t *us = rows.data(), *ut = us + V, *gus = ut + V, *gut = gus + V;
+  transform_row<acc_t>(s, us, V, fs);
+  transform_row<acc_t>(t, ut, V, ft);
+  const acc_t loss = row_loss_and_grad<acc_t, K, acc_t, acc_t>(us, ut, V, label, p.grad_s ? gus : nullptr,
+                                                                p.grad_t ? gut : nullptr, p, scratch);
+  if (p.grad_s) chain_row<acc_t>(gus, us, gs, V, fs);
+  if (p.grad_t) chain_row<acc_t>(gut, ut, gt, V, ft);
+  return loss;
+}
+
 template <typename acc_t, Kind K, typename TS, typename TT>
 void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels, at::Tensor& loss,
-              at::Tensor& grad_s, at::Tensor& grad_t, const Params<acc_t>& p) {
+              at::Tensor& grad_s, at::Tensor& grad_t, const Params<acc_t>& p, const Transform<acc_t>& fs,
+              const Transform<acc_t>& ft) {
   const RowLayout ls = row_layout(student, "student"), lt = row_layout(teacher, "teacher");
   const int64_t N = ls.rows, V = student.size(-1);
   const TS* s_base = student.data_ptr<TS>();
@@ -255,8 +279,9 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
   TT* gt_base = p.grad_t ? grad_t.data_ptr<TT>() : nullptr;
   acc_t* loss_ptr = loss.data_ptr<acc_t>();
 
+  const bool transformed = !fs.identity() || !ft.identity();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch;  // per thread, see row_loss_and_grad
+    std::vector<acc_t> scratch, rows;  // per thread, see row_loss_and_grad and row_transformed
     for (int64_t r = begin; r < end; ++r) {
       TS* gs = gs_base ? gs_base + r * V : nullptr;
       TT* gt = gt_base ? gt_base + r * V : nullptr;
@@ -274,8 +299,13 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
         if (gt) std::fill(gt, gt + V, static_cast<TT>(nan));
         continue;
       }
-      loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + ls.offset(r), t_base + lt.offset(r), V, label,
-                                                         gs, gt, p, scratch);
+      if (transformed) {
+        loss_ptr[r] = row_transformed<acc_t, K, TS, TT>(s_base + ls.offset(r), t_base + lt.offset(r), V, label, gs,
+                                                        gt, p, fs, ft, rows, scratch);
+      } else {
+        loss_ptr[r] = row_loss_and_grad<acc_t, K, TS, TT>(s_base + ls.offset(r), t_base + lt.offset(r), V, label,
+                                                           gs, gt, p, scratch);
+      }
     }
   });
 }
@@ -286,14 +316,17 @@ void run_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_
 std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
     const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
-    double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher) {
+    double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher, double s_scale, double s_cap,
+    double t_scale, double t_cap) {
   TORCH_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "softmax_kl_forward_cpu: CPU tensors expected");
+  TORCH_CHECK(s_scale > 0 && t_scale > 0 && s_cap >= 0 && t_cap >= 0, "logit scales must be > 0 and soft-caps >= 0");
   const RowLayout ls = row_layout(student, "student"), lt = row_layout(teacher, "teacher");
   TORCH_CHECK(ls.rows == lt.rows && student.size(-1) == teacher.size(-1),
               "student and teacher must hold the same [N, V] rows, got ", student.sizes(), " and ", teacher.sizes());
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "kind must be 0 (forward), 1 (reverse) or 2 (jsd)");
-  TORCH_CHECK(kind != 2 || (beta > 0 && beta < 1), "jsd needs 0 < beta < 1");
+  TORCH_CHECK(kind >= 0 && kind <= 5, "kind must be 0 (forward), 1 (reverse), 2 (jsd), 3 (skew forward), "
+              "4 (skew reverse) or 5 (tvd)");
+  TORCH_CHECK(kind < 2 || kind > 4 || (beta > 0 && beta < 1), "jsd and the skew KL need 0 < beta < 1");
   const bool is_double = student.scalar_type() == at::kDouble;
   TORCH_CHECK(is_double == (teacher.scalar_type() == at::kDouble),
               "float64 student and teacher go together; cast both");
@@ -335,10 +368,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softmax_kl_forward_cpu(
         p.kd = kd_weight != 0;
         p.grad_s = need_grad_student;
         p.grad_t = need_grad_teacher;
+        const cpu::Transform<acc_t> fs(s_scale, s_cap), ft(t_scale, t_cap);
         switch (static_cast<Kind>(kind)) {
-          case Kind::Forward: run_rows<acc_t, Kind::Forward, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p); break;
-          case Kind::Reverse: run_rows<acc_t, Kind::Reverse, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p); break;
-          case Kind::JSD: run_rows<acc_t, Kind::JSD, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p); break;
+          case Kind::Forward: run_rows<acc_t, Kind::Forward, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p, fs, ft); break;
+          case Kind::Reverse: run_rows<acc_t, Kind::Reverse, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p, fs, ft); break;
+          case Kind::JSD: run_rows<acc_t, Kind::JSD, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p, fs, ft); break;
+          case Kind::SkewForward: run_rows<acc_t, Kind::SkewForward, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p, fs, ft); break;
+          case Kind::SkewReverse: run_rows<acc_t, Kind::SkewReverse, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p, fs, ft); break;
+          case Kind::TVD: run_rows<acc_t, Kind::TVD, TS, TT>(student, teacher, label_ptr, loss, grad_s, grad_t, p, fs, ft); break;
         }
       }
     });

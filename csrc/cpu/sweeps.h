@@ -1,6 +1,6 @@
 // The vectorized sweeps over a stretch of logits that the CPU kernels share (softmax_kl.cpp,
 // fused_linear_kl.cpp): loads and stores in the accumulation type, the online max / sum-of-
-// exponentials pass, the JSD pass and the gradient pass, each over whole vectors with the partial
+// exponentials pass, the second pass of JSD / skew KL / TVD and the gradient pass, each over whole vectors with the partial
 // last vector padded (Tail). The math is derived in the header comment of softmax_kl.cpp.
 #pragma once
 
@@ -188,22 +188,50 @@ void sweep_sums(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& 
   out.c = vc;
 }
 
-template <typename acc_t, typename TS, typename TT>
-void sweep_jsd(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& c, Sums<acc_t>& out) {
+// sign(x) with sign(0) = 0 (TVD's subgradient where p_s = p_t)
+template <typename acc_t>
+inline Vectorized<acc_t> vsign(const Vectorized<acc_t>& x) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(acc_t(0)), one(acc_t(1));
+  return Vec::blendv(zero, one, x > zero) - Vec::blendv(zero, one, x < zero);
+}
+
+// The two row sums (K1, K2) of the kinds with a second sweep, m = beta p_t + (1 - beta) p_s
+// (kdkernels/_core/divergences.py): JSD Ks, Kt; skew forward R = sum p_s p_t / m, Kt; skew
+// reverse Ks, R; TVD sum p_s sign(p_s - p_t), sum |p_s - p_t|.
+template <typename acc_t, Kind K, typename TS, typename TT>
+void sweep_pair(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& c, Sums<acc_t>& out) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   const Vec inv_t = c.inv_t, lse_a = c.lse_a, lse_b = c.lse_b, beta = c.beta, beta1 = c.beta1;
-  Vec ks = out.a, kt = out.b;
+  Vec k1 = out.a, k2 = out.b;
   for (int64_t i = 0; i < nvec; ++i) {
     const Vec lps = VecIO<acc_t, TS>::load(s + i * W) * inv_t - lse_a;
     const Vec lpt = VecIO<acc_t, TT>::load(t + i * W) * inv_t - lse_b;
     const Vec ps = vexp(lps), pt = vexp(lpt);
+    if (K == Kind::TVD) {
+      const Vec d = ps - pt;
+      k1 = at::vec::fmadd(ps, vsign(d), k1);  // sum p_s sign(p_s - p_t)
+      k2 = k2 + d.abs();                      // sum |p_s - p_t|
+      continue;
+    }
     const Vec lm = at::vec::fmadd(beta, pt, beta1 * ps).log();
-    ks = at::vec::fmadd(ps, where_pos(ps, lps - lm), ks);  // KL(p_s || m)
-    kt = at::vec::fmadd(pt, where_pos(pt, lpt - lm), kt);  // KL(p_t || m)
+    if (K == Kind::JSD || K == Kind::SkewReverse) k1 = at::vec::fmadd(ps, where_pos(ps, lps - lm), k1);  // KL(p_s || m)
+    if (K == Kind::JSD || K == Kind::SkewForward) k2 = at::vec::fmadd(pt, where_pos(pt, lpt - lm), k2);  // KL(p_t || m)
+    if (K == Kind::SkewForward) k1 = at::vec::fmadd(ps, where_pos(ps, vexp(lpt - lm)), k1);  // R = sum p_s p_t / m
+    if (K == Kind::SkewReverse) k2 = at::vec::fmadd(pt, where_pos(pt, vexp(lps - lm)), k2);  // R
   }
-  out.a = ks;
-  out.b = kt;
+  out.a = k1;
+  out.b = k2;
+}
+
+// D from the two sums of sweep_pair.
+template <typename acc_t, Kind K>
+inline acc_t pair_value(acc_t K1, acc_t K2, acc_t beta) {
+  if (K == Kind::JSD) return beta * K2 + (acc_t(1) - beta) * K1;
+  if (K == Kind::SkewForward) return K2;
+  if (K == Kind::SkewReverse) return K1;
+  return acc_t(0.5) * K2;
 }
 
 // label_rel: the label's index relative to s (may lie outside [0, nvec W)).
@@ -226,10 +254,34 @@ void sweep_grad(const TS* s, const TT* t, TS* gs, TT* gt, int64_t nvec, int64_t 
     } else if (K == Kind::Reverse) {
       if (want_s) gsv = cs_s * ps * where_pos(ps, lps - lpt - D);  // p_s (log p_s - log p_t - D) / T
       gtv = cs_t * (pt - ps);                                      // (p_t - p_s) / T
-    } else {
+    } else if (K == Kind::JSD) {
       const Vec lm = at::vec::fmadd(c.beta, pt, c.beta1 * ps).log();
       if (want_s) gsv = cs_s * ps * where_pos(ps, lps - lm - c.Ks);  // (1 - beta) p_s (log p_s - log m - Ks) / T
       if (want_t) gtv = cs_t * pt * where_pos(pt, lpt - lm - c.Kt);  // beta p_t (log p_t - log m - Kt) / T
+    } else if (K == Kind::TVD) {  // Ks = K1 = sum p_s sign, Kt = K2 = sum |p_s - p_t|; cs_* carry the 1/2
+      const Vec sg = vsign(ps - pt);
+      if (want_s) gsv = cs_s * ps * (sg - c.Ks);         // p_s (sign - K1) / 2T
+      if (want_t) gtv = cs_t * pt * (c.Ks - c.Kt - sg);  // p_t (K1 - K2 - sign) / 2T
+    } else {  // skew KL: r = p_t / m (forward) or p_s / m (reverse); R the row sum of p_s p_t / m
+      const Vec lm = at::vec::fmadd(c.beta, pt, c.beta1 * ps).log();
+      const Vec one(acc_t(1));
+      if (K == Kind::SkewForward) {  // Ks = K1 = R, Kt = K2
+        const Vec r = vexp(lpt - lm);
+        // -(1 - beta) p_s (r - R) / T;  p_t (log p_t/m - beta r - Kt + 1 - (1 - beta) R) / T
+        if (want_s) gsv = cs_s * where_pos(ps, ps * (c.Ks - r)) * c.beta1;
+        if (want_t) {
+          const Vec u = lpt - lm - c.beta * r - c.Kt + one - c.beta1 * c.Ks;
+          gtv = cs_t * pt * where_pos(pt, u);
+        }
+      } else {  // SkewReverse: Ks = K1, Kt = K2 = R
+        const Vec r = vexp(lps - lm);
+        // p_s (log p_s/m - (1 - beta) r - Ks + 1 - beta R) / T;  -beta p_t (r - R) / T
+        if (want_s) {
+          const Vec u = lps - lm - c.beta1 * r - c.Ks + one - c.beta * c.Kt;
+          gsv = cs_s * ps * where_pos(ps, u);
+        }
+        if (want_t) gtv = cs_t * where_pos(pt, pt * (c.Kt - r)) * c.beta;
+      }
     }
     if (want_s) {
       if (ce_on) {
@@ -268,6 +320,55 @@ void sweep_grad_cached(const acc_t* ea, const acc_t* eb, TS* gs, int64_t nvec, i
       g = Vec::loadu(buf);
     }
     VecIO<acc_t, TS>::store(gs + i * W, g);
+  }
+}
+
+// ---- the logit transform u = cap tanh(scale z / cap) (u = scale z without a cap) --------------
+template <typename acc_t>
+struct Transform {
+  acc_t scale = 1, cap = 0, inv_cap = 0;
+  Transform(double k, double c) : scale(static_cast<acc_t>(k)), cap(static_cast<acc_t>(c)),
+                                  inv_cap(c > 0 ? static_cast<acc_t>(1.0 / c) : acc_t(0)) {}
+  bool identity() const { return scale == acc_t(1) && cap == acc_t(0); }
+};
+
+// u[i] = f(z[i]) for a row of V logits, in the accumulation type.
+template <typename acc_t, typename T>
+void transform_row(const T* z, acc_t* u, int64_t V, const Transform<acc_t>& f) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec k(f.scale), c(f.cap), ic(f.inv_cap);
+  int64_t i = 0;
+  for (; i + W <= V; i += W) {
+    Vec x = VecIO<acc_t, T>::load(z + i) * k;
+    if (f.cap > 0) x = (x * ic).tanh() * c;
+    x.store(u + i);
+  }
+  for (; i < V; ++i) {
+    acc_t x = static_cast<acc_t>(z[i]) * f.scale;
+    u[i] = f.cap > 0 ? std::tanh(x * f.inv_cap) * f.cap : x;
+  }
+}
+
+// out[i] = g[i] df/dz, df/dz = scale (1 - (u / cap)^2) (scale without a cap), written in T.
+template <typename acc_t, typename T>
+void chain_row(const acc_t* g, const acc_t* u, T* out, int64_t V, const Transform<acc_t>& f) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec k(f.scale), ic(f.inv_cap), one(acc_t(1));
+  int64_t i = 0;
+  for (; i + W <= V; i += W) {
+    Vec d = k;
+    if (f.cap > 0) {
+      const Vec r = Vec::loadu(u + i) * ic;
+      d = (one - r * r) * k;
+    }
+    VecIO<acc_t, T>::store(out + i, Vec::loadu(g + i) * d);
+  }
+  for (; i < V; ++i) {
+    const acc_t r = u[i] * f.inv_cap;
+    const acc_t d = f.cap > 0 ? (acc_t(1) - r * r) * f.scale : f.scale;
+    out[i] = static_cast<T>(g[i] * d);
   }
 }
 

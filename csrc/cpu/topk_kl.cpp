@@ -8,9 +8,15 @@
 //   D = sum_k pt_k (b_k - lse_b - a_k + lse_a)
 //       + pt_tail ((V - k)(b_tail - lse_b + lse_a) - (sum_j a_j - sum_k a_k))      (uniform tail only)
 //   dD/ds_j = (ps_j - pt_j) / T, with pt_j = pt_tail off the top-k (0 for tail = ignore)
+// tail = bucket: the mass outside the top-k is one more bin on both sides (a KL over k + 1 bins):
+// the teacher's b_tail = log(r) / T joins the k values in lse_b; the student's bin is
+// ps_tail = 1 - sum_k ps_k; D adds pt_tail (log pt_tail - log ps_tail), and off the top-k
+// dD/ds_j = ps_j (1 - pt_tail / ps_tail) / T (the tail bin's share of ps_j), on it (ps_k - pt_k) / T.
 // The row's sum of a (for the uniform tail) comes from the same sweep as lse_a. Terms with pt = 0
 // contribute nothing (-inf values are legal). Rows labelled ignore_index: zero loss and gradient. A
 // row with an index outside [0, V) (unchecked under torch.compile): NaN loss and gradient.
+// A student logit transform (scale, soft-cap; sweeps.h Transform): s above is u = f(z), the row
+// transformed into a per-thread scratch first and its gradient chained through f.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,8 +37,8 @@ using namespace kdk::cpu;
 constexpr int64_t kChunk = 2048;
 
 template <typename acc_t, typename TS>
-acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t k, bool uniform, acc_t inv_t,
-          acc_t g, TS* gs) {
+acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t k, bool uniform, bool bucket,
+          acc_t inv_t, acc_t g, TS* gs) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
@@ -77,9 +83,10 @@ acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t
   // ---- the teacher at T from its top-k
   acc_t mb = -kInf;
   for (int64_t i = 0; i < k; ++i) mb = std::max(mb, b_in[i]);
-  const acc_t tail_n = static_cast<acc_t>(V - k);
+  // the tail's entries: V - k of them sharing the uniform tail, one bin for the bucket
+  const acc_t tail_n = bucket ? acc_t(1) : static_cast<acc_t>(V - k);
   acc_t b_tail = -kInf;
-  if (uniform && V > k) {
+  if ((uniform || bucket) && V > k) {
     acc_t mass = 1;
     for (int64_t i = 0; i < k; ++i) mass -= std::exp(b_in[k + i]);  // b_in[k..2k): the raw log-probabilities
     if (mass > 0) b_tail = (std::log(mass) - std::log(tail_n)) * inv_t;
@@ -92,25 +99,35 @@ acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t
   const acc_t lse_b = mt_s + std::log(zt);
   const acc_t pt_tail = b_tail == -kInf ? acc_t(0) : std::exp(b_tail - lse_b);
 
-  acc_t D = 0, sum_ak = 0;
+  acc_t D = 0, sum_ak = 0, ps_k = 0;
   for (int64_t i = 0; i < k; ++i) {
     const acc_t a_k = static_cast<acc_t>(s[idx[i]]) * inv_t;
     sum_ak += a_k;
+    ps_k += std::exp(a_k - lse_a);
     const acc_t lpt = b_in[i] - lse_b, pt = std::exp(lpt);
     if (pt > 0) D += pt * (lpt - (a_k - lse_a));
   }
-  if (pt_tail > 0) D += pt_tail * (tail_n * (b_tail - lse_b + lse_a) - (sum_a - sum_ak));
+  // the bucket: the student's tail bin (clamped: rounding may leave 1 - sum slightly below 0)
+  const acc_t ps_tail = std::max(acc_t(1) - ps_k, acc_t(0));
+  acc_t keep = 1, off = pt_tail;  // off the top-k, dD/da_j = keep ps_j - off
+  if (bucket) {
+    if (pt_tail > 0) D += pt_tail * ((b_tail - lse_b) - std::log(ps_tail));
+    keep = pt_tail > 0 ? acc_t(1) - pt_tail / ps_tail : acc_t(1);
+    off = 0;
+  } else if (pt_tail > 0) {
+    D += pt_tail * (tail_n * (b_tail - lse_b + lse_a) - (sum_a - sum_ak));
+  }
 
   // ---- gradient: g (ps - pt) / T, the tail value everywhere, then the k entries
   if (gs) {
-    const Vec vinv(inv_t), vl(lse_a), vc(g * inv_t), vpt(pt_tail);
+    const Vec vinv(inv_t), vl(lse_a), vc(g * inv_t), vkeep(keep), voff(off);
     for (int64_t i = 0; i < V_full / W; ++i) {
       const Vec a = VecIO<acc_t, TS>::load(s + i * W) * vinv;
-      VecIO<acc_t, TS>::store(gs + i * W, vc * (vexp(a - vl) - vpt));
+      VecIO<acc_t, TS>::store(gs + i * W, vc * (vexp(a - vl) * vkeep - voff));
     }
     for (int64_t j = V_full; j < V; ++j) {
       const acc_t a = static_cast<acc_t>(s[j]) * inv_t;
-      gs[j] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) - pt_tail));
+      gs[j] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) * keep - off));
     }
     for (int64_t i = 0; i < k; ++i) {
       const acc_t a = static_cast<acc_t>(s[idx[i]]) * inv_t;
@@ -127,12 +144,14 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
                                                        const std::optional<at::Tensor>& labels,
                                                        const at::Tensor& grad_scale, bool values_are_logits,
                                                        bool uniform_tail, double temperature, int64_t ignore_index,
-                                                       bool need_grad) {
+                                                       bool need_grad, double s_scale, double s_cap,
+                                                       bool bucket_tail) {
   TORCH_CHECK(student.device().is_cpu(), "topk_kl_forward_cpu: CPU tensors expected");
   const RowLayout ls = row_layout(student, "student");
   TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes() && values.size(0) == ls.rows,
               "topk_kl_forward_cpu: student rows [N, V] (or [B, L, V]), values and indices [N, k] expected");
-  TORCH_CHECK(!(values_are_logits && uniform_tail), "a uniform tail needs log-probabilities");
+  TORCH_CHECK(!(values_are_logits && (uniform_tail || bucket_tail)), "a uniform or bucket tail needs log-probabilities");
+  TORCH_CHECK(!(uniform_tail && bucket_tail), "one tail: uniform or bucket");
   TORCH_CHECK(temperature > 0, "temperature must be > 0");
   const int64_t N = ls.rows, V = student.size(-1), k = values.size(1);
   TORCH_CHECK(k <= V, "k must be <= V");
@@ -156,7 +175,9 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
     const int64_t* idx_base = idx.data_ptr<int64_t>();
     const int64_t* lab_base = lab.defined() ? lab.data_ptr<int64_t>() : nullptr;
     acc_t* loss_ptr = loss.data_ptr<acc_t>();
+    const Transform<acc_t> f(s_scale, s_cap);
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch;  // the transformed row and its gradient, per thread
       for (int64_t r = begin; r < end; ++r) {
         TS* gs = g_base ? g_base + r * V : nullptr;
         if (lab_base && lab_base[r] == ignore_index) {
@@ -171,8 +192,18 @@ std::tuple<at::Tensor, at::Tensor> topk_kl_forward_cpu(const at::Tensor& student
           if (gs) std::fill(gs, gs + V, static_cast<TS>(std::numeric_limits<acc_t>::quiet_NaN()));
           continue;
         }
-        loss_ptr[r] = row<acc_t, TS>(s_base + ls.offset(r), V, b_base + r * 2 * k, ir, k, uniform_tail,
-                                     static_cast<acc_t>(1.0 / temperature), static_cast<acc_t>(g), gs);
+        const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
+        if (f.identity()) {
+          loss_ptr[r] = row<acc_t, TS>(s_base + ls.offset(r), V, b_base + r * 2 * k, ir, k, uniform_tail,
+                                       bucket_tail, inv_t, static_cast<acc_t>(g), gs);
+          continue;
+        }
+        scratch.resize(2 * V);
+        acc_t *u = scratch.data(), *gu = u + V;
+        transform_row<acc_t>(s_base + ls.offset(r), u, V, f);
+        loss_ptr[r] = row<acc_t, acc_t>(u, V, b_base + r * 2 * k, ir, k, uniform_tail, bucket_tail, inv_t,
+                                        static_cast<acc_t>(g), gs ? gu : nullptr);
+        if (gs) chain_row<acc_t>(gu, u, gs, V, f);
       }
     });
   });

@@ -65,10 +65,13 @@ def batch_size(shape) -> int:
 
 
 def grad_scale(N: int, labels: Optional[Tensor], ignore_index: int, reduction: str, dtype, device,
-               batch: Optional[int] = None) -> Tensor:
+               batch: Optional[int] = None, num_items: Optional[Tensor] = None) -> Tensor:
     """The gradient scale of a reduction over rows, a 0-d tensor (no host sync): 1 / (non-ignored
     rows) for ``"mean"``, 1 / ``batch`` (the logits' ``size(0)``, :func:`batch_size`) for
-    ``"batchmean"`` (NaN for an empty batch, as ``F.kl_div`` gives), else 1."""
+    ``"batchmean"`` (NaN for an empty batch, as ``F.kl_div`` gives), else 1. ``num_items`` (a 0-d
+    tensor, :func:`kdkernels._core.logit_options.num_items`) replaces the divisor of ``"mean"``."""
+    if num_items is not None:
+        return num_items.reciprocal().to(dtype).reshape(())
     if reduction == "batchmean":
         if batch is None:
             raise ValueError("reduction='batchmean' needs the logits' size(0)")

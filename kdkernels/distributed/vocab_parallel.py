@@ -8,6 +8,7 @@ each is reduced across ranks with one all-reduce (a = s/T, b = t/T on the local 
     forward:   D = all_reduce(SUM) of sum p_t (b - a)  - lse_b + lse_a
     reverse:   D = all_reduce(SUM) of sum p_s (a - b)  - lse_a + lse_b
     jsd:       Ks, Kt = all_reduce(SUM) of the local terms; D = beta Kt + (1 - beta) Ks
+    skew KL, tvd: the two row sums K1, K2 of kdkernels._core.divergences, one all_reduce(SUM)
 
 The maxima and sums of exponentials travel in one all-reduce each (rows stacked), then one more
 for the divergence terms: three all-reduces of O(rows) values per call, never a logits slice.
@@ -25,16 +26,19 @@ import torch.distributed as dist
 from torch import Tensor
 
 from kdkernels._core.autocast import autocast_operands, without_autocast
-from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, batch_size, grad_scale, log_mix, p_times, safe_max
+from kdkernels._core.divergences import pair_grads, pair_sums, value
+from kdkernels._core.logit_options import IDENTITY, num_items, transform, transform_grad, transforms
+from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, batch_size, grad_scale, p_times, safe_max
 from kdkernels.fused_linear import tiled_forward, validate_fused_linear
-from kdkernels.softmax_divergence import divergence_id, validate
+from kdkernels.softmax_divergence import kernel_divergence, validate
 
 
 class _VocabParallelKL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, valid, temperature, kind, beta, group, grad_scale, want_s, want_t):
+    def forward(ctx, s, t, valid, temperature, kind, beta, group, grad_scale, want_s, want_t, s_tf, t_tf):
         acc = acc_dtype(s, t)
-        a, b = s.to(acc) / temperature, t.to(acc) / temperature
+        us, ut = transform(s.to(acc), *s_tf), transform(t.to(acc), *t_tf)  # the logit transforms, local
+        a, b = us / temperature, ut / temperature
         m = torch.stack([a.max(-1).values, b.max(-1).values])
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
         ma, mb = safe_max(m[0]), safe_max(m[1])
@@ -48,13 +52,12 @@ class _VocabParallelKL(torch.autograd.Function):
             part = p_times(pt, lpt - lps).sum(-1, keepdim=True)
         elif kind == 1:
             part = p_times(ps, lps - lpt).sum(-1, keepdim=True)
-        else:
-            lm = log_mix(lps, lpt, beta)
-            part = torch.stack([p_times(ps, lps - lm).sum(-1), p_times(pt, lpt - lm).sum(-1)], -1)
+        else:  # JSD, skew KL, TVD: the two row sums (kdkernels._core.divergences), one all-reduce
+            part = torch.stack(pair_sums(lps, lpt, kind, beta), -1)
         dist.all_reduce(part, group=group)
-        if kind == 2:
-            Ks, Kt = part[:, 0], part[:, 1]
-            D = beta * Kt + (1.0 - beta) * Ks
+        if kind >= 2:
+            K1, K2 = part[:, 0], part[:, 1]
+            D = value(K1, K2, kind, beta)
         else:
             D = part[:, 0]
         D = torch.where(valid, D, torch.zeros_like(D))
@@ -66,8 +69,11 @@ class _VocabParallelKL(torch.autograd.Function):
             elif kind == 1:
                 ds, dt = p_times(ps, lps - lpt - D[:, None]), pt - ps
             else:
-                ds = (1.0 - beta) * p_times(ps, lps - lm - Ks[:, None])
-                dt = beta * p_times(pt, lpt - lm - Kt[:, None])
+                ds, dt = pair_grads(lps, lpt, K1, K2, kind, beta)
+            if s_tf != IDENTITY:
+                ds = ds * transform_grad(us, *s_tf)
+            if t_tf != IDENTITY:
+                dt = dt * transform_grad(ut, *t_tf)
             gs = (ds * g[:, None]).to(s.dtype) if want_s else None
             gt = (dt * g[:, None]).to(t.dtype) if want_t else None
         ctx.save_for_backward(gs, gt)
@@ -78,31 +84,38 @@ class _VocabParallelKL(torch.autograd.Function):
         gs, gt = ctx.saved_tensors
         out_s = None if gs is None else gs * grad_rows[:, None].to(gs.dtype)
         out_t = None if gt is None else gt * grad_rows[:, None].to(gt.dtype)
-        return out_s, out_t, None, None, None, None, None, None, None, None
+        return out_s, out_t, None, None, None, None, None, None, None, None, None, None
 
 
 def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
                       divergence: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
-                      ignore_index: int = -100, reduction: str = "mean", group=None) -> Tensor:
+                      ignore_index: int = -100, reduction: str = "mean", group=None, skew: float = 0.1,
+                      num_items_in_batch=None,
+                      student_softcap: Optional[float] = None, teacher_softcap: Optional[float] = None,
+                      student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0) -> Tensor:
     """:func:`kdkernels.softmax_kl` for logits whose vocabulary is split across the ranks of
     ``group``: each rank passes its ``[..., V_rank]`` slices (any split, the same rows on every
     rank) and gets the full-row loss, the same on every rank, with gradients for its slices.
 
     ``labels`` (the leading shape, identical on every rank) only mask rows: ``ignore_index`` rows
-    contribute 0 and get zero gradients. Reductions as in :func:`kdkernels.softmax_kl`.
+    contribute 0 and get zero gradients. Divergences (``skew``), reductions, ``num_items_in_batch``
+    and the logit transforms (element-wise, so applied to each rank's slice) as in
+    :func:`kdkernels.softmax_kl`. Three all-reduces of ``[2, rows]`` (maxima, sums of exponentials)
+    and ``[rows]`` (forward / reverse KL) or ``[rows, 2]`` (JSD, skew KL, TVD: their two row sums)
+    values, whatever the divergence.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_kl needs an initialized torch.distributed process group")
     # labels only mask rows here (their range is the global vocabulary, which no rank sees whole)
     temperature, beta, _ = validate(student_logits, teacher_logits, None, temperature, divergence, beta,
-                                        ignore_index, reduction, "auto")
+                                    ignore_index, reduction, "auto", skew=skew)
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError("labels must be an integer tensor or None")
         if labels.shape != student_logits.shape[:-1] or labels.device != student_logits.device:
             raise ValueError(f"labels must have the logits' leading shape {tuple(student_logits.shape[:-1])} and "
                              f"device, got {tuple(labels.shape)} on {labels.device}")
-    kind_id = divergence_id(divergence, beta)
+    kind_id, beta = kernel_divergence(divergence, beta, skew)
     lead, V = student_logits.shape[:-1], student_logits.shape[-1]
     s = student_logits.reshape(-1, V)
     t = teacher_logits.reshape(-1, V)
@@ -111,11 +124,13 @@ def vocab_parallel_kl(student_logits: Tensor, teacher_logits: Tensor, *, tempera
         else labels.reshape(-1) != ignore_index
     red = reduction
     lab = None if labels is None else labels.reshape(-1)
-    scale = grad_scale(N, lab, ignore_index, red, torch.float64, s.device, batch_size(student_logits.shape))
+    s_tf, t_tf = transforms(student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
+    scale = grad_scale(N, lab, ignore_index, red, torch.float64, s.device, batch_size(student_logits.shape),
+                       num_items(num_items_in_batch, red, s.device))
     grad_on = torch.is_grad_enabled()
     rows = _VocabParallelKL.apply(s, t, valid, temperature, kind_id, beta, group,
                                   torch.ones((), device=s.device), grad_on and student_logits.requires_grad,
-                                  grad_on and teacher_logits.requires_grad)
+                                  grad_on and teacher_logits.requires_grad, s_tf, t_tf)
     rows = rows.to(acc_dtype(rows))
     if red == "none":
         return rows.reshape(lead)
@@ -187,24 +202,30 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
                                    *, teacher_logits: Optional[Tensor] = None, student_bias: Optional[Tensor] = None,
                                    teacher_bias: Optional[Tensor] = None, temperature: float = 1.0,
                                    divergence: str = "forward", beta: float = 0.5, labels: Optional[Tensor] = None,
-                                   ignore_index: int = -100, reduction: str = "mean", group=None) -> Tensor:
+                                   ignore_index: int = -100, reduction: str = "mean", group=None,
+                                   skew: float = 0.1, num_items_in_batch=None, student_softcap: Optional[float] = None,
+                                   teacher_softcap: Optional[float] = None, student_logit_scale: float = 1.0,
+                                   teacher_logit_scale: float = 1.0) -> Tensor:
     """:func:`kdkernels.fused_linear_kl` for an lm_head whose vocabulary is split across the ranks
     of ``group`` (column-parallel): each rank passes the full hidden states (the same on every
     rank) and its ``[V_rank, H]`` weight slices (and ``[V_rank]`` bias slices, or ``[..., V_rank]``
     teacher logits), and gets the full-vocabulary loss, the same on every rank.
 
     No logits tile leaves a rank: per row, pass 1's statistics are combined with two all-reduces
-    (maxima, then the rescaled sums), JSD adds one. Gradients: each rank gets those of its own
-    weight and bias slices; the hidden states' gradients are summed over the ranks (an all-reduce),
-    so every rank holds the full gradient of its replicated hidden states. ``labels`` only mask
-    rows (no cross-entropy term: a label's logit lives on one rank). The local work is the tiled
-    PyTorch loop of ``backend="torch"``.
+    (maxima, then the rescaled sums), JSD, the skew KL and TVD add one (their two row sums).
+    Gradients: each rank gets those of its own weight and bias slices; the hidden states' gradients
+    are summed over the ranks (an all-reduce), so every rank holds the full gradient of its
+    replicated hidden states. ``labels`` only mask
+    rows (no cross-entropy term: a label's logit lives on one rank). ``num_items_in_batch`` and the
+    logit transforms (applied inside each rank's tiles) as in :func:`kdkernels.fused_linear_kl`. The
+    local work is the tiled PyTorch loop of ``backend="torch"``.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab_parallel_fused_linear_kl needs an initialized torch.distributed process group")
     temperature, beta, _ = validate_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
-        None, temperature, divergence, beta, 0.0, ignore_index, reduction, "torch", allow_empty_vocab=True)
+        None, temperature, divergence, beta, 0.0, ignore_index, reduction, "torch", allow_empty_vocab=True,
+        skew=skew)
     if labels is not None:
         if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
             raise TypeError("labels must be an integer tensor or None")
@@ -220,12 +241,15 @@ def vocab_parallel_fused_linear_kl(student_hidden: Tensor, student_weight: Tenso
     lab = None if labels is None else labels.reshape(-1).to(torch.int64)
     red = reduction
     scale = grad_scale(hs.shape[0], lab, ignore_index, red, acc_dtype(hs, student_weight, ht, teacher_weight, tl),
-                       hs.device, batch_size((*lead, student_weight.shape[0])))
+                       hs.device, batch_size((*lead, student_weight.shape[0])),
+                       num_items(num_items_in_batch, red, hs.device))
+    s_tf, t_tf = transforms(student_softcap, teacher_softcap, student_logit_scale, teacher_logit_scale)
     grad_on = torch.is_grad_enabled()
     srcs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits)
     need = tuple(bool(grad_on and x is not None and x.requires_grad) for x in srcs)
-    kw = dict(temperature=temperature, kind=divergence_id(divergence, beta), beta=beta, ignore_index=ignore_index,
-              ce_weight=0.0, kd_weight=temperature * temperature)
+    kind, beta_k = kernel_divergence(divergence, beta, skew)
+    kw = dict(temperature=temperature, kind=kind, beta=beta_k, ignore_index=ignore_index,
+              ce_weight=0.0, kd_weight=temperature * temperature, s_tf=s_tf, t_tf=t_tf)
     loss = _VocabParallelFusedLinearKL.apply(hs, student_weight, student_bias, ht, teacher_weight, teacher_bias, tl,
                                              lab, scale, kw, REDUCTION_IDS[red], need, group)
     return loss.reshape(lead) if red == "none" else loss

@@ -8,12 +8,16 @@ Constants
 Element-wise divergence helpers (``@triton.jit``; the math is in the header of
     :mod:`kdkernels.triton.softmax_kl`, they work on 1-D rows and 2-D tiles alike)
     ``_safe_max``, ``_logaddexp2``, ``_log2_mix``, ``_log_ratios``, ``_divergence_terms``,
-    ``_divergence_grads``.
+    ``_divergence_value`` (and its host twin ``divergence_value``), ``_divergence_grads``.
 Matmul-tile helpers (``@triton.jit``; the fused-linear, similarity and projected-feature kernels)
     ``_cast``, ``_dot`` (operand cast, ``tl.dot`` at the requested precision), ``_logits_tile``
     (``h Wᵀ + b`` over slices of K), ``_online`` (online max / sum of 2^x over a tile's rows),
     ``_accumulate`` (``dz W`` into ``dh``, ``dzᵀ h`` into ``dW``, ``Σ dz`` into ``db``, atomically).
+Logit transforms (``@triton.jit``; kdkernels._core.logit_options)
+    ``_xform`` (logit scale and soft-cap of a loaded tile, masked lanes kept at -inf), ``_xform_grad``
+    (a gradient chained through it); host side ``xform_flag`` (the ``XF`` constexpr), ``xform_args``.
 Host helpers
+    ``hi_lo`` (a Python float as two fp32 halves, for fp64 kernels),
     ``_layout`` ([N, V] / [B, L, V] rows as the kernels take them, kdkernels._core.rows),
     ``_contig_last`` (last dim contiguous), ``dot_launch_config`` (the ``tl.dot`` tiles and warps),
     ``_dot_dtype``, ``_precision`` (matmul operand dtype and fp32 precision), ``_splits`` (column
@@ -21,6 +25,8 @@ Host helpers
 """
 
 from __future__ import annotations
+
+import struct
 
 import torch
 import triton
@@ -36,6 +42,7 @@ LOG2E = tl.constexpr(1.4426950408889634)
 KIND_FORWARD = 0
 KIND_REVERSE = 1
 KIND_JSD = 2
+KIND_SKEW_FORWARD, KIND_SKEW_REVERSE, KIND_TVD = 3, 4, 5
 
 # torch dtype -> triton dtype name (signatures, DOT constexprs)
 _TL_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -75,7 +82,12 @@ def _log_ratios(lps2, lpt2, l2b, l2nb, KIND: tl.constexpr):
     elif KIND == 1:
         x = (lps2 - lpt2) * LN2  # log ps - log pt
         y = x
+    elif KIND == 5:
+        # TVD: sign(ps - pt) (0 where equal, both -inf included)
+        x = tl.where(lps2 == lpt2, 0.0, tl.where(lps2 > lpt2, 1.0, -1.0))
+        y = x
     else:
+        # JSD, skew KL: m = beta pt + (1 - beta) ps
         lm2 = _log2_mix(lps2, lpt2, l2b, l2nb)
         x = (lps2 - lm2) * LN2  # log ps - log m
         y = (lpt2 - lm2) * LN2  # log pt - log m
@@ -84,31 +96,71 @@ def _log_ratios(lps2, lpt2, l2b, l2nb, KIND: tl.constexpr):
 
 @triton.jit
 def _divergence_terms(ps, pt, x, y, KIND: tl.constexpr):
-    # per-element terms whose row sums give D (KIND 0 / 1) or (Ks, Kt) (KIND 2); 0 where p == 0
+    # per-element terms whose row sums give D (KIND 0 / 1) or (K1, K2) (the kinds with a second
+    # sweep, kdkernels/_core/divergences.py); 0 where p == 0
     if KIND == 0:
         d1 = tl.where(pt == 0.0, 0.0, pt * x)  # pt (log pt - log ps)
         d2 = d1
     elif KIND == 1:
         d1 = tl.where(ps == 0.0, 0.0, ps * x)  # ps (log ps - log pt)
         d2 = d1
-    else:
+    elif KIND == 2:
         d1 = tl.where(ps == 0.0, 0.0, ps * x)  # ps (log ps - log m)  -> Ks
         d2 = tl.where(pt == 0.0, 0.0, pt * y)  # pt (log pt - log m)  -> Kt
+    elif KIND == 3:
+        d1 = tl.where(ps == 0.0, 0.0, ps * tl.exp(y))  # ps pt / m          -> R
+        d2 = tl.where(pt == 0.0, 0.0, pt * y)          # pt (log pt - log m) -> Kt
+    elif KIND == 4:
+        d1 = tl.where(ps == 0.0, 0.0, ps * x)          # ps (log ps - log m) -> Ks
+        d2 = tl.where(pt == 0.0, 0.0, pt * tl.exp(x))  # pt ps / m          -> R
+    else:
+        d1 = ps * x                  # ps sign(ps - pt)
+        d2 = tl.abs(ps - pt)         # |ps - pt|
     return d1, d2
 
 
 @triton.jit
+def _divergence_value(K1, K2, beta, KIND: tl.constexpr):
+    # D of the kinds with a second sweep, from its two row sums
+    if KIND == 2:
+        D = beta * K2 + (1.0 - beta) * K1
+    elif KIND == 3:
+        D = K2
+    elif KIND == 4:
+        D = K1
+    else:
+        D = 0.5 * K2
+    return D
+
+
+def divergence_value(K1, K2, beta: float, kind: int):
+    """:func:`_divergence_value` on the host (tensors of row sums)."""
+    return {2: lambda: beta * K2 + (1.0 - beta) * K1, 3: lambda: K2, 4: lambda: K1, 5: lambda: 0.5 * K2}[kind]()
+
+
+@triton.jit
 def _divergence_grads(ps, pt, x, y, D, Ks, Kt, beta, KIND: tl.constexpr):
-    # T dD/ds and T dD/dt
+    # T dD/ds and T dD/dt (Ks, Kt: the row sums K1, K2 of the kinds with a second sweep)
     if KIND == 0:
         ds = ps - pt                                            # ps - pt
         dt = tl.where(pt == 0.0, 0.0, pt * (x - D))             # pt (log pt - log ps - D)
     elif KIND == 1:
         ds = tl.where(ps == 0.0, 0.0, ps * (x - D))             # ps (log ps - log pt - D)
         dt = pt - ps                                            # pt - ps
-    else:
+    elif KIND == 2:
         ds = (1.0 - beta) * tl.where(ps == 0.0, 0.0, ps * (x - Ks))  # (1-beta) ps (log ps - log m - Ks)
         dt = beta * tl.where(pt == 0.0, 0.0, pt * (y - Kt))          # beta pt (log pt - log m - Kt)
+    elif KIND == 3:
+        r = tl.exp(y)  # pt / m; R = Ks
+        ds = (1.0 - beta) * tl.where(ps == 0.0, 0.0, ps * (Ks - r))  # -(1-beta) ps (r - R)
+        dt = tl.where(pt == 0.0, 0.0, pt * (y - beta * r - Kt + 1.0 - (1.0 - beta) * Ks))
+    elif KIND == 4:
+        r = tl.exp(x)  # ps / m; R = Kt
+        ds = tl.where(ps == 0.0, 0.0, ps * (x - (1.0 - beta) * r - Ks + 1.0 - beta * Kt))
+        dt = beta * tl.where(pt == 0.0, 0.0, pt * (Kt - r))          # -beta pt (r - R)
+    else:
+        ds = 0.5 * ps * (x - Ks)                                # ps (sign - K1) / 2
+        dt = 0.5 * pt * (Ks - Kt - x)                           # pt (K1 - K2 - sign) / 2
     return ds, dt
 
 
@@ -194,6 +246,54 @@ def _accumulate(dz, x_ptr, x_idx, x_off, x_mask, w_ptr, w_idx, w_mask, stride_w,
                                   mask=x_mask[:, None] & kmask[None, :], other=0.0), DOT)
                 part = _dot(tl.trans(dzc), x, tl.zeros([BLOCK_V, BLOCK_K], ACC), DOT, PREC)
                 tl.atomic_add(dw_ptr + w_off * K + ks[None, :], part, mask=w_mask[:, None] & kmask[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# the logit transform u = c tanh(k z / c) (u = k z without a cap; kdkernels._core.logit_options)
+# XF: 0 none, 1 scale only, 2 scale and soft-cap (constexpr, so the default compiles to nothing)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _xform(z, k, ic, c, mask, XF: tl.constexpr):
+    # masked lanes (loaded as -inf) stay -inf: a soft-cap would make them -c, and give them mass
+    u = z
+    if XF >= 1:
+        u = z * k
+    if XF == 2:
+        # tanh(y) = 1 - 2 / (e^(2y) + 1): exact at +-inf, NaN kept
+        u = c * (1.0 - 2.0 / (tl.exp2((u * ic) * (2.0 * LOG2E)) + 1.0))
+        u = tl.where(mask, u, float("-inf"))
+    return u
+
+
+@triton.jit
+def _xform_grad(g, u, k, ic, XF: tl.constexpr):
+    # g du/dz with du/dz = k (1 - (u / c)^2), or k
+    out = g
+    if XF == 1:
+        out = g * k
+    if XF == 2:
+        r = u * ic
+        out = g * (k * (1.0 - r * r))
+    return out
+
+
+def hi_lo(x):
+    """``x = hi + lo`` with both fp32 (triton passes Python floats as fp32): a kernel that
+    accumulates in fp64 adds them back at fp64 precision; in fp32, hi + lo rounds back to hi."""
+    x = float(x)
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+def xform_flag(scale: float, cap: float) -> int:
+    """The ``XF`` constexpr of a ``(scale, cap)`` transform (:func:`_xform`)."""
+    return 2 if cap else (1 if scale != 1.0 else 0)
+
+
+def xform_args(scale: float, cap: float):
+    """``k, k_lo, c, c_lo`` (:func:`hi_lo` pairs) of a ``(scale, cap)`` transform; the kernel forms
+    ``1 / c`` itself."""
+    return (*hi_lo(scale), *hi_lo(cap if cap else 1.0))
 
 
 # --------------------------------------------------------------------------------------------

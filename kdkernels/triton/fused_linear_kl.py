@@ -54,6 +54,8 @@ import triton.language as tl
 from kdkernels.triton._common import (
     _TL_NAME,
     KIND_JSD,
+    KIND_SKEW_FORWARD,
+    KIND_SKEW_REVERSE,
     LOG2E,
     _accumulate,
     _contig_last,
@@ -67,14 +69,18 @@ from kdkernels.triton._common import (
     _online,
     _precision,
     _splits,
+    _xform,
+    _xform_grad,
+    divergence_value,
     dot_launch_config as launch_config,
     safe_max,
+    xform_flag,
 )
 
 __all__ = ["fused_linear_kl_forward", "launch_config", "aot_cases"]
 
 # parameters read from a small tensor (in the accumulation dtype, so fp64 runs keep every digit)
-P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA = (tl.constexpr(i) for i in range(4))
+P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA, P_SK, P_SIC, P_SC, P_TK, P_TIC, P_TC = (tl.constexpr(i) for i in range(10))
 
 # statistics rows written by PHASE 0 (per split, per row position; the kept rows, the first n, only)
 S_MA, S_ZA, S_MB, S_ZB, S_W, S_MC, S_ZC, S_LABEL = (tl.constexpr(i) for i in range(8))
@@ -85,13 +91,16 @@ N_STATS = 8
 # tile helpers (the shared ones, _logits_tile, _online, _accumulate, are in triton/_common.py)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols, cmask,
+def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, params_ptr, off_s, off_t, rmask, cols, cmask,
                 H, Ht, stride_ws, stride_wt,
                 HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
                 DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                S_XF: tl.constexpr, T_XF: tl.constexpr):
     # off_s, off_t: element offsets of the rows of the student's hidden states and of the teacher's
-    # hidden states or logits (computed on the host: offs_ptr of the kernels)
+    # hidden states or logits (computed on the host: offs_ptr of the kernels). The tiles come back
+    # through the models' logit transforms (S_XF / T_XF, _common._xform); the columns past V stay
+    # finite here and are masked by the callers.
     zs = _logits_tile(hs_ptr, ws_ptr, bs_ptr, off_s, rmask, cols, cmask, H, 1, stride_ws,
                       HAS_BS, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     if TEACHER_LOGITS:
@@ -100,6 +109,12 @@ def _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, o
     else:
         zt = _logits_tile(ht_ptr, wt_ptr, bt_ptr, off_t, rmask, cols, cmask, Ht, 1, stride_wt,
                           HAS_BT, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    if S_XF != 0:
+        zs = _xform(zs, tl.load(params_ptr + P_SK), tl.load(params_ptr + P_SIC), tl.load(params_ptr + P_SC), True,
+                    S_XF)
+    if T_XF != 0:
+        zt = _xform(zt, tl.load(params_ptr + P_TK), tl.load(params_ptr + P_TIC), tl.load(params_ptr + P_TC), True,
+                    T_XF)
     return zs, zt
 
 
@@ -114,6 +129,7 @@ def _stats_kernel(
     HAS_BS: tl.constexpr, TEACHER_LOGITS: tl.constexpr, HAS_BT: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_XF: tl.constexpr = 0, T_XF: tl.constexpr = 0,
 ):
     # N: the rows (kept ones first, launcher); n_ptr: the kept count, read here (never on the host)
     ACC = out_ptr.dtype.element_ty
@@ -149,9 +165,10 @@ def _stats_kernel(
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             cmask = cols < v_hi
-            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols,
-                                 cmask, H, Ht, stride_ws, stride_wt,
-                                 HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, params_ptr, off_s, off_t,
+                                 rmask, cols, cmask, H, Ht, stride_ws, stride_wt,
+                                 HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K,
+                                 S_XF, T_XF)
             a2 = tl.where(cmask[None, :], zs * scale, NEG_INF)
             b2 = tl.where(cmask[None, :], zt * scale, NEG_INF)
             ma, za, ea, fa = _online(ma, za, a2)
@@ -185,9 +202,10 @@ def _stats_kernel(
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             cmask = cols < v_hi
-            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols,
-                                 cmask, H, Ht, stride_ws, stride_wt,
-                                 HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+            zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, params_ptr, off_s, off_t,
+                                 rmask, cols, cmask, H, Ht, stride_ws, stride_wt,
+                                 HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K,
+                                 S_XF, T_XF)
             lps2 = tl.where(cmask[None, :], zs * scale - lse2_a[:, None], NEG_INF)
             lpt2 = tl.where(cmask[None, :], zt * scale - lse2_b[:, None], NEG_INF)
             x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
@@ -209,6 +227,7 @@ def _grad_kernel(
     NEED_HT: tl.constexpr, NEED_WT: tl.constexpr, NEED_BT: tl.constexpr, NEED_ZT: tl.constexpr,
     DOT_S: tl.constexpr, DOT_T: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    S_XF: tl.constexpr = 0, T_XF: tl.constexpr = 0,
 ):
     # row_ptr: per row position, [lse2_a, lse2_b, lse2_c, D, Ks, Kt, g_kd, g_ce] each of length N (the
     # first n, n = *n_ptr, are the kept rows' and the only ones read)
@@ -237,9 +256,10 @@ def _grad_kernel(
     Kt = tl.load(row_ptr + 5 * N + r, mask=rmask, other=0.0)
     g_kd = tl.load(row_ptr + 6 * N + r, mask=rmask, other=0.0)
 
-    zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, off_s, off_t, rmask, cols, cmask,
-                         H, Ht, stride_ws, stride_wt,
-                         HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
+    zs, zt = _both_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, zt_ptr, params_ptr, off_s, off_t, rmask,
+                         cols, cmask, H, Ht, stride_ws, stride_wt,
+                         HAS_BS, TEACHER_LOGITS, HAS_BT, DOT_S, DOT_T, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K,
+                         S_XF, T_XF)
     tile = rmask[:, None] & cmask[None, :]
     lps2 = tl.where(cmask[None, :], zs * scale - lse2_a[:, None], NEG_INF)
     lpt2 = tl.where(cmask[None, :], zt * scale - lse2_b[:, None], NEG_INF)
@@ -262,11 +282,16 @@ def _grad_kernel(
                 pc = ps
             onehot = (cols[None, :] == label[:, None]).to(ACC)
             dzs += g_ce[:, None] * (pc - onehot)
+        if S_XF != 0:  # through the student's logit transform
+            dzs = _xform_grad(dzs, zs, tl.load(params_ptr + P_SK), tl.load(params_ptr + P_SIC), S_XF)
         dzs = tl.where(tile, dzs, 0.0)
         _accumulate(dzs, hs_ptr, rows, off_s, rmask, ws_ptr, cols, cmask, stride_ws, dhs_ptr, dws_ptr, dbs_ptr,
                     H, NEED_HS, NEED_WS, NEED_BS, DOT_S, PREC, ACC, BLOCK_N, BLOCK_V, BLOCK_K)
     if NEED_T:
-        dzt = tl.where(tile, dt * g_kd[:, None], 0.0)
+        dzt = dt * g_kd[:, None]
+        if T_XF != 0:
+            dzt = _xform_grad(dzt, zt, tl.load(params_ptr + P_TK), tl.load(params_ptr + P_TIC), T_XF)
+        dzt = tl.where(tile, dzt, 0.0)
         if NEED_ZT:
             tl.store(dzt_ptr + rows[:, None] * stride_dzt + cols[None, :], dzt.to(dzt_ptr.dtype.element_ty),
                      mask=tile)
@@ -293,7 +318,8 @@ def _cast_grads(outs, acc_grads, sources):
 
 
 def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale, *, temperature, kind, beta,
-                            ignore_index, ce_weight, kd_weight, need, splits=None):
+                            ignore_index, ce_weight, kd_weight, need, splits=None, s_scale=1.0, s_cap=0.0,
+                            t_scale=1.0, t_cap=0.0):
     """The contract of :func:`kdkernels.fused_linear.tiled_forward` (same arguments and
     outputs), on CUDA tensors or under ``TRITON_INTERPRET=1``. ``splits`` forces the number of
     vocabulary splits of the statistics pass (tests)."""
@@ -347,10 +373,13 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     BN, BV, BK = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_K"]
     ce = ce_weight != 0.0
     ce_sep = ce and temperature != 1.0
-    lb = math.log2(beta) if kind == KIND_JSD else 0.0
-    lnb = math.log2(1.0 - beta) if kind == KIND_JSD else 0.0
-    params = torch.tensor([math.log2(math.e) / temperature, lb, lnb, beta if kind == KIND_JSD else 0.5],
-                          dtype=acc, device=dev)  # at P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA
+    mixed = kind in (KIND_JSD, KIND_SKEW_FORWARD, KIND_SKEW_REVERSE)  # m = beta pt + (1 - beta) ps
+    lb = math.log2(beta) if mixed else 0.0
+    lnb = math.log2(1.0 - beta) if mixed else 0.0
+    params = torch.tensor([math.log2(math.e) / temperature, lb, lnb, beta if mixed else 0.5,
+                           s_scale, 1.0 / s_cap if s_cap else 0.0, s_cap,
+                           t_scale, 1.0 / t_cap if t_cap else 0.0, t_cap],
+                          dtype=acc, device=dev)  # at P_SCALE, P_LOG2_BETA, P_LOG2_1MBETA, P_BETA, P_SK ... P_TC
     teacher_logits = t_logits is not None
     dot_s = _TL_NAME[_dot_dtype(hs, Ws)]
     dot_t = _TL_NAME[_dot_dtype(ht, Wt)] if not teacher_logits else dot_s
@@ -369,7 +398,8 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
     strides = (Ws.stride(0), Wt.stride(0) if Wt is not None else 0)
     common = dict(KIND=kind, CE=ce, CE_SEP=ce_sep, HAS_BS=bs is not None, TEACHER_LOGITS=teacher_logits,
                   HAS_BT=bt is not None, DOT_S=dot_s, DOT_T=dot_t, PREC=prec, BLOCK_N=BN, BLOCK_V=BV,
-                  BLOCK_K=BK, num_warps=cfg["num_warps"])
+                  BLOCK_K=BK, S_XF=xform_flag(s_scale, s_cap), T_XF=xform_flag(t_scale, t_cap),
+                  num_warps=cfg["num_warps"])
 
     # every row position gets a row block (those past n exit at once); the splits are sized for N rows
     row_blocks = triton.cdiv(N, BN)
@@ -402,7 +432,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
         kk = torch.empty((2, S, N), dtype=acc, device=dev)
         _stats_kernel[(row_blocks, S)](*ptrs, lse, kk, N, V, H, Ht, *strides, split_cols, PHASE=1, **common)
         Ks, Kt = kk[0].sum(0), kk[1].sum(0)
-        D = beta * Kt + (1.0 - beta) * Ks
+        D = divergence_value(Ks, Kt, beta, kind)
     rows_loss = kd_weight * D
     bad = bad_labels(lab_k, V) if ce else None  # NaN rows (labels are unchecked under torch.compile)
     if ce:
@@ -435,7 +465,7 @@ def fused_linear_kl_forward(hs, Ws, bs, ht, Wt, bt, t_logits, labels, grad_scale
 _SCALARS = ("N", "V", "H", "Ht", "stride_ws", "stride_wt")
 
 
-def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=None, phase=0, prec="tf32x3"):
+def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=None, phase=0, prec="tf32x3", xf=0):
     """(signature, constexprs, num_warps) of one variant of ``kernel`` ("stats" or "grad") for inputs of
     dtype ``dt``, with biases, as the launcher passes them (every pointer 16-byte aligned)."""
     acc = "fp64" if dt == torch.float64 else "fp32"
@@ -459,7 +489,7 @@ def aot_case(kernel, dt, *, teacher_logits, kind, ce_weight, temperature, need=N
     if kernel == "grad":
         flags.update(zip(("NEED_HS", "NEED_WS", "NEED_BS", "NEED_HT", "NEED_WT", "NEED_BT", "NEED_ZT"), need))
     flags.update(DOT_S=name, DOT_T=name, PREC=prec, BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"],
-                 BLOCK_K=cfg["BLOCK_K"])
+                 BLOCK_K=cfg["BLOCK_K"], S_XF=xf, T_XF=xf)
     sig.update({k: "constexpr" for k in flags})
     return sig, flags, cfg["num_warps"]
 
@@ -468,8 +498,9 @@ def aot_cases() -> list:
     """(kernel, signature, constexprs, num_warps) of the variants that matter for registers, per
     dtype: the statistics pass (forward KL, CE at T != 1, teacher from hidden states), JSD's second
     phase, the gradient kernel with every student and teacher gradient, and the gradient kernel for
-    a teacher given as logits (JSD, its gradient stored). fp16 is left out: it compiled to the same
-    registers as bf16 in every variant (229/189, 232/235, 246/224, 246/229 on sm_80/sm_90)."""
+    a teacher given as logits (JSD, its gradient stored), and bf16 with both sides soft-capped. fp16
+    is left out: it compiled to the same registers as bf16 in every variant (229/189, 232/235,
+    246/224, 246/229 on sm_80/sm_90)."""
     cases = []
     for dt in (torch.bfloat16, torch.float32, torch.float64):
         cases.append(("fused_linear_kl_stats",
@@ -487,4 +518,8 @@ def aot_cases() -> list:
         cases.append(("fused_linear_kl_" + kernel,
                       *aot_case(kernel, torch.float32, teacher_logits=False, kind=1, ce_weight=0.5, temperature=2.0,
                                 need=need, prec="tf32")))
+    for kernel, need in (("stats", None), ("grad", (True,) * 6 + (False,))):  # bf16, both sides soft-capped
+        cases.append(("fused_linear_kl_" + kernel,
+                      *aot_case(kernel, torch.bfloat16, teacher_logits=False, kind=0, ce_weight=0.5, temperature=2.0,
+                                need=need, xf=2)))
     return cases

@@ -29,6 +29,9 @@ KIND 2, generalized JSD (0 < beta < 1):  m = beta pt + (1-beta) ps,
     dD/ds = (1-beta) ps (log ps - log m - Ks) / T
     dD/dt = beta pt (log pt - log m - Kt) / T
     (the dm/ds terms cancel: sum_j (beta pt_j + (1-beta) ps_j)/m_j dm_j = d(sum m) = 0)
+KIND 3, 4, 5 (skew forward KL, skew reverse KL, TVD): the two row sums K1, K2 of
+    kdkernels/_core/divergences.py (with m of the JSD, beta = skew for KIND 3, 1 - skew for KIND 4),
+    the same passes and bytes as the JSD below; their gradients there (triton/_common.py).
 Hard-label CE (temperature 1, ``CE``):  CE = lse(s) - s[label]
     dCE/ds = softmax(s) - onehot(label)        (= ps when T == 1: ``SAME_T`` reuses lse(a))
 
@@ -51,15 +54,13 @@ gradient writes are counted only when that gradient is requested):
     streaming (tiles of BLOCK; pass 1 = online, rescaled log-sum-exp of a, b (and s when CE and
     T != 1), plus for KIND 0 / 1 the running sum  sum e^(b-mb)(b-a)  /  sum e^(a-ma)(a-b)):
         KIND 0, 1:        2 (bs + bt) (pass 1, pass 2) + bs + bt
-        KIND 2 (JSD):     3 (bs + bt)                  + bs + bt
+        KIND 2-5 (JSD, skew KL, TVD): 3 (bs + bt)      + bs + bt
         JSD needs Ks, Kt inside its gradient, and they depend on lse(a), lse(b) through log m,
         so it takes 3 passes: lse, then Ks/Kt, then gradients.
     Loss only (no gradient requested): KIND 0/1 streaming stop after pass 1, JSD after pass 2.
     Per row on top: 8 B label (when given) + 4 B (8 B fp64) loss. Ignored rows: writes only.
     Nothing of size N x V is allocated except the gradient outputs.
 """
-
-import struct
 
 import torch
 import triton
@@ -72,13 +73,22 @@ from kdkernels.triton._common import (
     KIND_FORWARD,
     KIND_JSD,
     KIND_REVERSE,
+    KIND_SKEW_FORWARD,
+    KIND_SKEW_REVERSE,
+    KIND_TVD,
     LN2,
     LOG2E,
     _divergence_grads,
     _divergence_terms,
+    _divergence_value,
     _layout,
     _log_ratios,
     _safe_max,
+    _xform,
+    _xform_grad,
+    hi_lo,
+    xform_args,
+    xform_flag,
 )
 
 __all__ = ["softmax_kl_forward", "launch_config", "documented_traffic", "aot_cases", "MAX_SINGLE_BLOCK",
@@ -89,15 +99,25 @@ __all__ = ["softmax_kl_forward", "launch_config", "documented_traffic", "aot_cas
 # math helpers (inlined into the kernel; the shared element-wise ones are in triton/_common.py)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb, ACC: tl.constexpr, KIND: tl.constexpr):
-    # one tile of a row after pass 1: raw student logits, ps, pt and the log ratios of KIND
-    mask = offs < V
+def _load_pair(s_row, t_row, offs, mask, sk, sic, sc, tk, tic, tc, ACC: tl.constexpr, S_XF: tl.constexpr,
+               T_XF: tl.constexpr):
+    # a tile of student and teacher logits (-inf past the row), through their logit transforms
     s = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(ACC)
     t = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(ACC)
+    return _xform(s, sk, sic, sc, mask, S_XF), _xform(t, tk, tic, tc, mask, T_XF)
+
+
+@triton.jit
+def _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb, sk, sic, sc, tk, tic, tc,
+                ACC: tl.constexpr, KIND: tl.constexpr, S_XF: tl.constexpr, T_XF: tl.constexpr):
+    # one tile of a row after pass 1: (transformed) student and teacher logits, ps, pt and the log
+    # ratios of KIND
+    mask = offs < V
+    s, t = _load_pair(s_row, t_row, offs, mask, sk, sic, sc, tk, tic, tc, ACC, S_XF, T_XF)
     lps2 = s * scale - lse2_a
     lpt2 = t * scale - lse2_b
     x, y = _log_ratios(lps2, lpt2, l2b, l2nb, KIND)
-    return mask, s, tl.exp2(lps2), tl.exp2(lpt2), x, y
+    return mask, s, t, tl.exp2(lps2), tl.exp2(lpt2), x, y
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,8 +129,10 @@ def _softmax_kl_kernel(
     stride_s0, stride_s, inner_s, stride_t0, stride_t, inner_t, stride_gs, stride_gt,
     V, ignore_index,
     inv_T, inv_T_lo, beta, beta_lo, ce_weight, ce_weight_lo, kd_weight, kd_weight_lo,
+    s_k, s_k_lo, s_c, s_c_lo, t_k, t_k_lo, t_c, t_c_lo,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, CE: tl.constexpr, SAME_T: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, SINGLE_PASS: tl.constexpr, BLOCK: tl.constexpr,
+    S_XF: tl.constexpr, T_XF: tl.constexpr,
 ):
     ACC = loss_ptr.dtype.element_ty  # fp32, or fp64 for fp64 inputs
     NEG_INF: tl.constexpr = float("-inf")
@@ -152,8 +174,8 @@ def _softmax_kl_kernel(
                 return
 
     zero = tl.zeros([], dtype=ACC)
-    # float arguments arrive as fp32 (hi) + fp32 (lo) pairs so that fp64 accumulation sees them
-    # at fp64 precision; in fp32, hi + lo rounds back to hi
+    # float arguments arrive as fp32 (hi) + fp32 (lo) pairs (_common.hi_lo) so that fp64
+    # accumulation sees them at fp64 precision; in fp32, hi + lo rounds back to hi
     inv_t = (zero + inv_T) + inv_T_lo
     scale = inv_t * LOG2E  # a2 = s * log2(e) / T
     beta_a = (zero + beta) + beta_lo
@@ -164,15 +186,21 @@ def _softmax_kl_kernel(
     g = tl.load(grad_scale_ptr).to(ACC)
     g_kd = g * kd_w * inv_t  # grad_scale * kd_weight / T
     g_ce = g * ce_w
+    # the logit transforms (S_XF / T_XF: 0 none, 1 scale, 2 scale and soft-cap)
+    sk = (zero + s_k) + s_k_lo
+    sc = (zero + s_c) + s_c_lo
+    sic = 1.0 / sc
+    tk = (zero + t_k) + t_k_lo
+    tc = (zero + t_c) + t_c_lo
+    tic = 1.0 / tc
     s_label = zero
     if CE:
-        s_label = tl.load(s_row + label).to(ACC)
+        s_label = _xform(tl.load(s_row + label).to(ACC), sk, sic, sc, True, S_XF)
 
     if SINGLE_PASS:
         # ---- the whole row in registers: one read, everything from there ----
         mask = cols < V
-        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(ACC)
-        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(ACC)
+        s, t = _load_pair(s_row, t_row, cols, mask, sk, sic, sc, tk, tic, tc, ACC, S_XF, T_XF)
         a2 = s * scale
         b2 = t * scale
         ma = _safe_max(tl.max(a2, axis=0))
@@ -191,8 +219,8 @@ def _softmax_kl_kernel(
         d1, d2 = _divergence_terms(ps, pt, x, y, KIND)
         K1 = tl.sum(d1, axis=0)
         K2 = tl.sum(d2, axis=0)
-        if KIND == 2:
-            D = beta_a * K2 + (1.0 - beta_a) * K1
+        if KIND >= 2:
+            D = _divergence_value(K1, K2, beta_a, KIND)
         else:
             D = K1
         loss = kd_w * D
@@ -217,9 +245,11 @@ def _softmax_kl_kernel(
                 gs = g_kd * ds
                 if CE:
                     gs += g_ce * (pc - tl.where(cols == label, 1.0, 0.0))  # softmax(s) - onehot
+                gs = _xform_grad(gs, s, sk, sic, S_XF)
                 tl.store(gs_row + cols, gs.to(gs_ptr.dtype.element_ty), mask=mask)
             if GRAD_T:
-                tl.store(gt_row + cols, (g_kd * dt).to(gt_ptr.dtype.element_ty), mask=mask)
+                gt = _xform_grad(g_kd * dt, t, tk, tic, T_XF)
+                tl.store(gt_row + cols, gt.to(gt_ptr.dtype.element_ty), mask=mask)
     else:
         # ---- pass 1: online (rescaled) log-sum-exp of a, b (and s for CE at T != 1) ----
         m_a = zero + NEG_INF
@@ -232,8 +262,7 @@ def _softmax_kl_kernel(
         for start in range(0, V, BLOCK):
             offs = start + cols
             mask = offs < V
-            s = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(ACC)
-            t = tl.load(t_row + offs, mask=mask, other=NEG_INF).to(ACC)
+            s, t = _load_pair(s_row, t_row, offs, mask, sk, sic, sc, tk, tic, tc, ACC, S_XF, T_XF)
             a2 = s * scale
             b2 = t * scale
             ma_new = tl.maximum(m_a, tl.max(a2, axis=0))
@@ -268,15 +297,15 @@ def _softmax_kl_kernel(
         elif KIND == 1:
             D = (w / z_a - lse2_a + lse2_b) * LN2  # sum ps (a - b) - lse(a) + lse(b)
         else:
-            # ---- JSD pass 2: Ks, Kt ----
+            # ---- pass 2 of JSD, skew KL, TVD: the row sums K1, K2 ----
             for start in range(0, V, BLOCK):
                 offs = start + cols
-                mask, s, ps, pt, x, y = _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb,
-                                                    ACC, KIND)
+                mask, s, t, ps, pt, x, y = _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb,
+                                                       sk, sic, sc, tk, tic, tc, ACC, KIND, S_XF, T_XF)
                 d1, d2 = _divergence_terms(ps, pt, x, y, KIND)
                 K1 += tl.sum(d1, axis=0)
                 K2 += tl.sum(d2, axis=0)
-            D = beta_a * K2 + (1.0 - beta_a) * K1
+            D = _divergence_value(K1, K2, beta_a, KIND)
         loss = kd_w * D
         lse2_c = lse2_a
         if CE:
@@ -290,8 +319,8 @@ def _softmax_kl_kernel(
             # ---- last pass: gradients ----
             for start in range(0, V, BLOCK):
                 offs = start + cols
-                mask, s, ps, pt, x, y = _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb,
-                                                    ACC, KIND)
+                mask, s, t, ps, pt, x, y = _tile_probs(s_row, t_row, offs, V, scale, lse2_a, lse2_b, l2b, l2nb,
+                                                       sk, sic, sc, tk, tic, tc, ACC, KIND, S_XF, T_XF)
                 ds, dt = _divergence_grads(ps, pt, x, y, D, K1, K2, beta_a, KIND)
                 if GRAD_S:
                     gs = g_kd * ds
@@ -301,9 +330,11 @@ def _softmax_kl_kernel(
                         else:
                             pc = tl.exp2(s * LOG2E - lse2_c)
                         gs += g_ce * (pc - tl.where(offs == label, 1.0, 0.0))  # softmax(s) - onehot
+                    gs = _xform_grad(gs, s, sk, sic, S_XF)
                     tl.store(gs_row + offs, gs.to(gs_ptr.dtype.element_ty), mask=mask)
                 if GRAD_T:
-                    tl.store(gt_row + offs, (g_kd * dt).to(gt_ptr.dtype.element_ty), mask=mask)
+                    gt = _xform_grad(g_kd * dt, t, tk, tic, T_XF)
+                    tl.store(gt_row + offs, gt.to(gt_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,13 +389,13 @@ def documented_traffic(V: int, student_dtype, teacher_dtype, kind: int, need_gra
     bs = torch.empty((), dtype=student_dtype).element_size()
     bt = torch.empty((), dtype=teacher_dtype).element_size()
     single = launch_config(V, student_dtype, teacher_dtype)["SINGLE_PASS"]
-    reads = 1 if single else (3 if kind == KIND_JSD else 2)
+    reads = 1 if single else (3 if kind >= KIND_JSD else 2)
     if not (need_grad_student or need_grad_teacher) and not single:
         reads -= 1  # loss only: the gradient pass is skipped
     return reads * (bs + bt), bs * bool(need_grad_student) + bt * bool(need_grad_teacher)
 
 
-def _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg):
+def _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg, s_xf=0, t_xf=0):
     return {
         "KIND": int(kind),
         "HAS_LABELS": bool(has_labels),
@@ -374,22 +405,18 @@ def _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_gra
         "GRAD_T": bool(need_grad_teacher),
         "SINGLE_PASS": bool(cfg["SINGLE_PASS"]),
         "BLOCK": int(cfg["BLOCK"]),
+        "S_XF": int(s_xf),
+        "T_XF": int(t_xf),
     }
 
 
 # --------------------------------------------------------------------------------------------
 # the launcher
 # --------------------------------------------------------------------------------------------
-def _hi_lo(x):
-    # x = hi + lo with both fp32 (triton passes python floats as fp32)
-    x = float(x)
-    hi = struct.unpack("f", struct.pack("f", x))[0]
-    return hi, x - hi
-
-
 def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: float, kind: int, beta: float,
                        ignore_index: int, ce_weight: float, kd_weight: float,
-                       need_grad_student: bool, need_grad_teacher: bool):
+                       need_grad_student: bool, need_grad_teacher: bool, s_scale: float = 1.0, s_cap: float = 0.0,
+                       t_scale: float = 1.0, t_cap: float = 0.0):
     """student, teacher: [N, V] or [B, L, V] rows (kdkernels._core.rows: the leading strides are free,
     the last dim contiguous; the two may be laid out differently), same device, possibly different
     float dtypes. labels: None or int64 [N]. grad_scale: 0-dim or 1-element float32 tensor on the
@@ -398,8 +425,8 @@ def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: flo
     lay_s, lay_t = _layout(student), _layout(teacher)
     assert lay_s[0] == lay_t[0] and student.shape[-1] == teacher.shape[-1]
     assert student.stride(-1) == 1 and teacher.stride(-1) == 1
-    assert kind in (KIND_FORWARD, KIND_REVERSE, KIND_JSD)
-    assert kind != KIND_JSD or 0.0 < beta < 1.0
+    assert kind in (KIND_FORWARD, KIND_REVERSE, KIND_JSD, KIND_SKEW_FORWARD, KIND_SKEW_REVERSE, KIND_TVD)
+    assert kind not in (KIND_JSD, KIND_SKEW_FORWARD, KIND_SKEW_REVERSE) or 0.0 < beta < 1.0
     assert temperature > 0
     assert ce_weight <= 0 or labels is not None
     assert grad_scale.numel() == 1
@@ -416,8 +443,9 @@ def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: flo
         assert labels.dtype == torch.int64 and labels.shape == (N,)
         labels = labels.contiguous()
     cfg = launch_config(V, student.dtype, teacher.dtype)
-    flags = _flags(kind, labels is not None, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg)
-    b = float(beta) if kind == KIND_JSD else 0.5  # beta only read by the JSD kernel
+    flags = _flags(kind, labels is not None, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg,
+                   xform_flag(s_scale, s_cap), xform_flag(t_scale, t_cap))
+    b = float(beta) if kind in (KIND_JSD, KIND_SKEW_FORWARD, KIND_SKEW_REVERSE) else 0.5  # the mixture weight
     _softmax_kl_kernel[(N,)](
         student, teacher,
         labels if labels is not None else loss,  # unused placeholders keep the argument list fixed
@@ -428,7 +456,8 @@ def softmax_kl_forward(student, teacher, labels, grad_scale, *, temperature: flo
         grad_s.stride(0) if grad_s is not None else 0,
         grad_t.stride(0) if grad_t is not None else 0,
         V, int(ignore_index),
-        *_hi_lo(1.0 / float(temperature)), *_hi_lo(b), *_hi_lo(ce_weight), *_hi_lo(kd_weight),
+        *hi_lo(1.0 / float(temperature)), *hi_lo(b), *hi_lo(ce_weight), *hi_lo(kd_weight),
+        *xform_args(s_scale, s_cap), *xform_args(t_scale, t_cap),
         num_warps=cfg["num_warps"], **flags,
     )
     return loss, grad_s, grad_t
@@ -460,6 +489,8 @@ def _signature(student_dtype, teacher_dtype, has_labels, grad_s, grad_t, flags, 
         "V": i, "ignore_index": "i32",
         "inv_T": "fp32", "inv_T_lo": "fp32", "beta": "fp32", "beta_lo": "fp32",
         "ce_weight": "fp32", "ce_weight_lo": "fp32", "kd_weight": "fp32", "kd_weight_lo": "fp32",
+        "s_k": "fp32", "s_k_lo": "fp32", "s_c": "fp32", "s_c_lo": "fp32",
+        "t_k": "fp32", "t_k_lo": "fp32", "t_c": "fp32", "t_c_lo": "fp32",
     })
     for k in flags:
         sig[k] = "constexpr"
@@ -467,10 +498,11 @@ def _signature(student_dtype, teacher_dtype, has_labels, grad_s, grad_t, flags, 
 
 
 def aot_case(V, student_dtype, teacher_dtype, kind, has_labels, ce_weight, temperature, need_grad_student,
-             need_grad_teacher):
-    """(signature, constexprs, num_warps) of the kernel variant the launcher runs for this call."""
+             need_grad_teacher, xf=0):
+    """(signature, constexprs, num_warps) of the kernel variant the launcher runs for this call
+    (``xf``: the XF constexpr of both sides' logit transforms)."""
     cfg = launch_config(V, student_dtype, teacher_dtype)
-    flags = _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg)
+    flags = _flags(kind, has_labels, ce_weight, temperature, need_grad_student, need_grad_teacher, cfg, xf, xf)
     sig = _signature(student_dtype, teacher_dtype, has_labels, need_grad_student, need_grad_teacher, flags,
                      aligned=V % 16 == 0)
     return sig, flags, cfg["num_warps"]
@@ -483,7 +515,8 @@ def aot_cases() -> list:
     teacher and fp64) x the feature combinations that matter for registers: each kind with
     labels + CE at T != 1 + both gradients (the heaviest), forward KL without labels and student
     gradient only, forward KL with CE at T == 1. Variants that compile to the same code are
-    listed once (131073 and 262144 differ only in the divisibility of V and the strides)."""
+    listed once (131073 and 262144 differ only in the divisibility of V and the strides); and the
+    heaviest variant with both sides' logits soft-capped."""
     combos = [
         # kind, has_labels, ce_weight, temperature, grad_s, grad_t
         (0, True, 0.5, 2.0, True, True),
@@ -511,4 +544,6 @@ def aot_cases() -> list:
     for V in (1000, 131073):
         add(V, torch.bfloat16, torch.float32, combos[2])
         add(V, torch.float64, torch.float64, combos[2])
+    for V in (MAX_SINGLE_BLOCK[torch.bfloat16], 262144):  # both sides soft-capped, the heaviest variant
+        add(V, torch.bfloat16, torch.bfloat16, (*combos[2], 2))
     return cases

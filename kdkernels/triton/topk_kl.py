@@ -19,7 +19,9 @@ Pass 2 writes ``g (ps_j - pt_tail) / T`` over the row; after a block barrier the
 overwritten with ``g (ps_k - pt_k) / T``. Terms with ``pt == 0`` add nothing (``-inf`` values are
 legal padding). A row labelled ``ignore_index`` gets a zero loss and a zero gradient row. NaN in
 the student row reaches ``lse2_a``, hence the loss and the whole gradient row. This is the
-computation of the C++ kernel (csrc/cpu/topk_kl.cpp), in base 2.
+computation of the C++ kernel (csrc/cpu/topk_kl.cpp), in base 2. With a student logit transform
+(``XF``: scale, soft-cap) ``s`` is ``u = f(z)`` of each loaded logit and the gradient is chained
+through it (``_common._xform_grad``), at no extra read.
 
 Bytes moved per row: the student row twice (2 bs V), the gradient row once (bs V), the k values
 and indices twice, plus k gathered student entries twice.
@@ -31,11 +33,11 @@ import triton.language as tl
 
 from kdkernels._core.debug import new_output
 from kdkernels._core.numerics import acc_dtype
-from kdkernels.triton._common import _TL_NAME, LN2, _layout, _safe_max
+from kdkernels.triton._common import _TL_NAME, LN2, _layout, _safe_max, _xform, _xform_grad, xform_flag
 
 __all__ = ["topk_kl_forward", "launch_config", "aot_cases"]
 
-P_SCALE, P_INV_T = tl.constexpr(0), tl.constexpr(1)
+P_SCALE, P_INV_T, P_K, P_IC, P_C = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3), tl.constexpr(4)
 
 
 @triton.jit
@@ -43,7 +45,7 @@ def _topk_kl_kernel(
     s_ptr, v_ptr, i_ptr, labels_ptr, params_ptr, grad_scale_ptr, loss_ptr, gs_ptr,
     stride_s0, stride_s, inner_s, stride_v, stride_i, stride_gs, V, k, ignore_index,
     UNIFORM: tl.constexpr, HAS_LABELS: tl.constexpr, GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, XF: tl.constexpr = 0,
 ):
     ACC = loss_ptr.dtype.element_ty
     NEG_INF: tl.constexpr = float("-inf")
@@ -64,6 +66,10 @@ def _topk_kl_kernel(
             return
     scale = tl.load(params_ptr + P_SCALE)
     inv_t = tl.load(params_ptr + P_INV_T)
+    # the student's logit transform (XF: 0 none, 1 scale, 2 scale and soft-cap; triton/_common.py)
+    xk = tl.load(params_ptr + P_K)
+    xic = tl.load(params_ptr + P_IC)
+    xc = tl.load(params_ptr + P_C)
 
     # ---- pass 1: the student's normalizer (and row sum, for the uniform tail)
     m = tl.full([], NEG_INF, ACC)
@@ -71,7 +77,7 @@ def _topk_kl_kernel(
     sum_a = tl.zeros([], ACC)
     for v0 in range(0, V, BLOCK_V):
         mask = v0 + cols < V
-        a2 = tl.load(s_row + v0 + cols, mask=mask, other=NEG_INF).to(ACC) * scale
+        a2 = _xform(tl.load(s_row + v0 + cols, mask=mask, other=NEG_INF).to(ACC), xk, xic, xc, mask, XF) * scale
         m_new = tl.maximum(m, tl.max(a2, axis=0))
         z = z * tl.exp2(m - _safe_max(m_new)) + tl.sum(tl.exp2(a2 - _safe_max(m_new)), axis=0)
         m = m_new
@@ -111,7 +117,7 @@ def _topk_kl_kernel(
         inside = (idx >= 0) & (idx < V)
         n_bad += tl.sum((kmask & ~inside).to(tl.int32), axis=0)
         kmask = kmask & inside
-        a2k = tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC) * scale
+        a2k = _xform(tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC), xk, xic, xc, kmask, XF) * scale
         lpt2 = tl.load(v_row + k0 + ks, mask=kmask, other=NEG_INF).to(ACC) * scale - lse2_b
         pt = tl.exp2(lpt2)
         d += tl.sum(tl.where(pt == 0.0, 0.0, pt * (lpt2 - a2k + lse2_a)), axis=0)
@@ -127,17 +133,17 @@ def _topk_kl_kernel(
         g = tl.load(grad_scale_ptr).to(ACC) * inv_t * nan_if_bad
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
-            a2 = tl.load(s_row + v0 + cols, mask=mask, other=NEG_INF).to(ACC) * scale
-            tl.store(gs_row + v0 + cols, (g * (tl.exp2(a2 - lse2_a) - pt_tail)).to(gs_ptr.dtype.element_ty),
-                     mask=mask)
+            u = _xform(tl.load(s_row + v0 + cols, mask=mask, other=NEG_INF).to(ACC), xk, xic, xc, mask, XF)
+            gv = _xform_grad(g * (tl.exp2(u * scale - lse2_a) - pt_tail), u, xk, xic, XF)
+            tl.store(gs_row + v0 + cols, gv.to(gs_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the k entries below overwrite values other threads stored above
         for k0 in range(0, k, BLOCK_K):
             kmask = k0 + ks < k
             idx = tl.load(i_row + k0 + ks, mask=kmask, other=0)
             kmask = kmask & (idx >= 0) & (idx < V)
-            a2k = tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC) * scale
+            uk = _xform(tl.load(s_row + idx, mask=kmask, other=0.0).to(ACC), xk, xic, xc, kmask, XF)
             b2 = tl.load(v_row + k0 + ks, mask=kmask, other=NEG_INF).to(ACC) * scale
-            gk = g * (tl.exp2(a2k - lse2_a) - tl.exp2(b2 - lse2_b))
+            gk = _xform_grad(g * (tl.exp2(uk * scale - lse2_a) - tl.exp2(b2 - lse2_b)), uk, xk, xic, XF)
             tl.store(gs_row + idx, gk.to(gs_ptr.dtype.element_ty), mask=kmask)
 
 
@@ -150,7 +156,8 @@ def launch_config(V: int, k: int, dtype) -> dict:
 
 
 def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_logits: bool, uniform_tail: bool,
-                    temperature: float, ignore_index: int, need_grad: bool):
+                    temperature: float, ignore_index: int, need_grad: bool, s_scale: float = 1.0,
+                    s_cap: float = 0.0):
     """student [N, V] or [B, L, V] rows (last dim contiguous), values / indices [N, k], labels int64 [N] or None,
     grad_scale a 1-element tensor. Returns (loss rows [N] fp32 (fp64 for fp64 students),
     gradient [N, V] in the student's dtype or None), as the C++ kernel does."""
@@ -170,7 +177,8 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
     values = values if values.stride(-1) == 1 else values.contiguous()
     indices = indices.to(torch.int64)
     indices = indices if indices.stride(-1) == 1 else indices.contiguous()
-    params = torch.tensor([math.log2(math.e) / temperature, 1.0 / temperature], dtype=acc, device=dev)
+    params = torch.tensor([math.log2(math.e) / temperature, 1.0 / temperature, s_scale, 1.0 / s_cap if s_cap else 0.0,
+                           s_cap], dtype=acc, device=dev)
     cfg = launch_config(V, k, student.dtype)
     _topk_kl_kernel[(N,)](
         student, values, indices, labels if labels is not None else indices, params, grad_scale, loss,
@@ -178,17 +186,17 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
         *lay[1:], values.stride(0), indices.stride(0), grad.stride(0) if grad is not None else 0,
         V, k, int(ignore_index),
         UNIFORM=bool(uniform_tail), HAS_LABELS=labels is not None, GRAD=bool(need_grad),
-        BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+        BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], XF=xform_flag(s_scale, s_cap), num_warps=cfg["num_warps"])
     return loss, grad
 
 
 def aot_cases() -> list:
     """(signature, constexprs, num_warps) at V = 131072, k = 64 and V = 1000, k = 1000: every
-    student dtype with labels and the gradient, each tail."""
+    student dtype with labels and the gradient, each tail, and a soft-capped student."""
     cases = []
     for V, k in ((131072, 64), (1000, 1000)):
         for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            for uniform in (False, True):
+            for uniform, xf in ((False, 0), (True, 0), (False, 2)):  # xf 2: a soft-capped student
                 name = _TL_NAME[dt]
                 acc = "fp64" if dt == torch.float64 else "fp32"
                 sig = {"s_ptr": "*" + name, "v_ptr": "*fp32", "i_ptr": "*i64", "labels_ptr": "*i64",
@@ -199,7 +207,7 @@ def aot_cases() -> list:
                                                    "stride_gs", "V", "k", "ignore_index")})
                 cfg = launch_config(V, k, dt)
                 flags = {"UNIFORM": uniform, "HAS_LABELS": True, "GRAD": True, "BLOCK_V": cfg["BLOCK_V"],
-                         "BLOCK_K": cfg["BLOCK_K"]}
+                         "BLOCK_K": cfg["BLOCK_K"], "XF": xf}
                 sig.update({key: "constexpr" for key in flags})
                 cases.append((sig, flags, cfg["num_warps"]))
     return cases
