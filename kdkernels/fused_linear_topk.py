@@ -9,7 +9,9 @@ csrc/cpu/topk_kl.cpp):
             sum_j a_j = (h . sum_j W_j + sum_j b_j) / T.
     loss    D = sum_k pt_k (b_k - lse_b - a_k + lse_a)
                 + pt_tail ((V - k)(b_tail - lse_b + lse_a) - (sum_j a_j - sum_k a_k))
-    pass 2  per tile: dZ = c (softmax(a) - pt_tail), c = g / T, overwritten with c (softmax(a) - pt_k)
+    bucket  D += pt_tail (log pt_tail - log ps_tail), ps_tail = 1 - sum_k exp(a_k - lse_a)
+    pass 2  per tile: dZ = c (softmax(a) - pt_tail), c = g / T (bucket: c softmax(a) (1 - pt_tail /
+            ps_tail)), overwritten with c (softmax(a) - pt_k)
             at the teacher's columns in the tile, then into dh, dW, db as in the fused-linear loss.
 
 Memory beyond the gradients: O(rows · k) statistics and tiles of at most TILE_ELEMENTS values;
@@ -39,15 +41,18 @@ __all__ = ["fused_linear_topk_kl", "tiled_forward"]
 backends.register("fused_linear_topk_kl", cpu=False, triton=False, cuda=False)
 
 
-def _teacher(values: Tensor, V: int, acc, *, uniform_tail: bool, temperature: float):
-    """(b [n, k], lse_b [n], b_tail [n], pt_tail [n]) of the teacher at T; b_tail is -inf without a tail."""
+def _teacher(values: Tensor, V: int, acc, *, uniform_tail: bool, temperature: float, bucket: bool = False):
+    """(b [n, k], lse_b [n], b_tail [n], pt_tail [n]) of the teacher at T; b_tail is -inf without a
+    tail. The uniform tail is V - k entries of b_tail each, the bucket one bin."""
     raw = values.to(acc)
     b = raw / temperature
     n, k = raw.shape
     tail_n = V - k
     b_tail = torch.full((n,), -math.inf, dtype=acc, device=raw.device)
-    if uniform_tail and tail_n > 0:
+    if (uniform_tail or bucket) and tail_n > 0:
         mass = 1.0 - raw.exp().sum(1)
+        if bucket:
+            tail_n = 1
         b_tail = torch.where(mass > 0, (torch.log(mass.clamp_min(0)) - math.log(tail_n)) / temperature, b_tail)
     with_tail = torch.cat([b, (b_tail + math.log(tail_n) if tail_n > 0 else b_tail)[:, None]], 1)
     lse_b = torch.logsumexp(with_tail, 1)
@@ -65,7 +70,7 @@ def _topk_in_tile(idx: Tensor, v0: int, v1: int):
 @without_autocast
 def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, indices: Tensor,
                   labels: Optional[Tensor], grad_scale: Tensor, *, uniform_tail: bool, temperature: float,
-                  ignore_index: int, need: tuple, s_tf=IDENTITY):
+                  ignore_index: int, need: tuple, s_tf=IDENTITY, bucket: bool = False):
     """[loss rows, d hs, d Ws, d bs] (None where not needed; gradients pre-multiplied by
     ``grad_scale``, a scalar or one value per row). ``need`` = which of (hs, Ws, bs) get one.
     ``values`` are log-probabilities or logits: both enter as ``b_k = values / T``; only the
@@ -117,10 +122,16 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
 
     # ---- the teacher, the loss
     b, lse_b, b_tail, pt_tail = _teacher(values.index_select(0, keep), V, acc, uniform_tail=uniform_tail,
-                                         temperature=temperature)
+                                         temperature=temperature, bucket=bucket)
     lpt = b - lse_b[:, None]
     pt = lpt.exp()
     D = torch.where(pt == 0, torch.zeros_like(pt), pt * (lpt - a_k + lse_a[:, None])).sum(1)
+    keep_tail, off = torch.ones_like(pt_tail), pt_tail  # off the top-k, dD/da = keep_tail ps - off
+    if bucket:  # the student's tail bin, 1 - its top-k mass (topk_teacher's docstring)
+        ps_tail = (1.0 - torch.exp(a_k - lse_a[:, None]).sum(1)).clamp_min(0.0)
+        D = D + torch.where(pt_tail == 0, 0.0, pt_tail * ((b_tail - lse_b) - torch.log(ps_tail)))
+        keep_tail = torch.where(pt_tail == 0, 1.0, 1.0 - pt_tail / ps_tail)
+        off = torch.zeros_like(pt_tail)
     if uniform_tail and V > k:
         tail = pt_tail * ((V - k) * (b_tail - lse_b + lse_a) - (sum_a - a_k.sum(1)))
         D = D + torch.where(pt_tail == 0, torch.zeros_like(tail), tail)
@@ -143,11 +154,11 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
             for rb in blocks:
                 u = logits(rb, v0, v1, w)
                 ps = torch.exp(u * inv_t - lse_a[rb, None])
-                dz = (ps - pt_tail[rb, None]) * c[rb, None]
+                dz = (ps * keep_tail[rb, None] - off[rb, None]) * c[rb, None]
                 inside, col = _topk_in_tile(idx[rb], v0, v1)
-                # at the teacher's columns c (ps - pt_k) instead of c (ps - pt_tail): the indices of
+                # at the teacher's columns c (ps - pt_k) instead of c (keep ps - off): the indices of
                 # a row are distinct, so adding the difference (0 outside the tile) is exact
-                fix = (pt_tail[rb, None] - pt[rb]) * c[rb, None]
+                fix = (ps.gather(1, col) * (1.0 - keep_tail[rb, None]) + off[rb, None] - pt[rb]) * c[rb, None]
                 dz.scatter_add_(1, col, torch.where(inside, fix, 0.0))
                 if s_tf != IDENTITY:
                     dz = dz * transform_grad(u, *s_tf)
@@ -157,17 +168,19 @@ def tiled_forward(hs: Tensor, Ws: Tensor, bs: Optional[Tensor], values: Tensor, 
     return finish(outs, acc_grads, sources)
 
 
-def _kernel(backend, inputs, extras, scale, need, *, uniform_tail, temperature, ignore_index, s_scale, s_cap):
+def _kernel(backend, inputs, extras, scale, need, *, uniform_tail, temperature, ignore_index, s_scale, s_cap,
+            bucket):
     hs, Ws, bs = inputs
     values, indices, labels = extras
     return tiled_forward(hs, Ws, bs, values, indices, labels, scale, uniform_tail=uniform_tail,
-                         temperature=temperature, ignore_index=ignore_index, need=need, s_tf=(s_scale, s_cap))
+                         temperature=temperature, ignore_index=ignore_index, need=need, s_tf=(s_scale, s_cap),
+                         bucket=bucket)
 
 
 fused_linear_topk_kl_op = FusedOp("kdkernels::fused_linear_topk_kl", inputs=("hs", "Ws", "bs"),
                                   extras=("values", "indices", "labels"),
                                   params=dict(uniform_tail=bool, temperature=float, ignore_index=int, s_scale=float,
-                                              s_cap=float),
+                                              s_cap=float, bucket=bool),
                                   kernel=_kernel, none="recompute")
 
 
@@ -219,7 +232,7 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
     scale = grad_scale(hs.shape[0] * hs.shape[1], lab, ignore_index, reduction,
                        acc_dtype(student_hidden, student_weight), hs.device, batch_size((*lead, V)), items)
     params = dict(uniform_tail=tail == "uniform", temperature=temperature, ignore_index=ignore_index, s_scale=s_scale,
-                  s_cap=s_cap)
+                  s_cap=s_cap, bucket=tail == "bucket")
     loss = fused_linear_topk_kl_op((hs, student_weight, student_bias), (vals, idx, lab), scale, params,
                                    REDUCTION_IDS[reduction], backend)
     return loss.reshape(lead) if reduction == "none" else loss

@@ -227,6 +227,29 @@ def topk_teacher_log_probs(values: torch.Tensor, indices: torch.Tensor, V: int, 
     return torch.where(bad, torch.full_like(out, math.nan), out)
 
 
+def _topk_bucket_rows(student_logits, values, indices, temperature, logit_scale, softcap):
+    """``tail="bucket"``: KL over k + 1 bins, the top-k entries and the mass outside them, for both:
+    the teacher's ``softmax([values, log(1 - Σ exp(values))] / T)``, the student's ``p_s`` at the
+    indices and ``1 - Σ`` of those."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = logit_transform(student_logits.to(dtype), logit_scale, softcap)
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    V = s.shape[-1]
+    inside = (indices >= 0) & (indices < V)
+    safe = torch.where(inside, indices.long(), torch.zeros_like(indices.long()))
+    ps_k = log_ps.gather(-1, safe).exp()
+    ps_tail = (1.0 - ps_k.sum(-1, keepdim=True)).clamp_min(0.0)
+    v = values.to(dtype)
+    mass = (1.0 - v.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    if values.shape[-1] == V:  # the top-k is the whole vocabulary: no tail, whatever the rounding left
+        mass = torch.zeros_like(mass)
+    log_pt = torch.log_softmax(torch.cat([v, _log_of(mass)], -1) / temperature, dim=-1)
+    q = torch.cat([ps_k, ps_tail], -1)  # the student's k + 1 bins
+    rows = _plogp_ratio(log_pt.exp(), log_pt, _log_of(q))
+    bad = ~inside.all(-1)  # an index out of range: a NaN row
+    return torch.where(bad, torch.full_like(rows, math.nan), rows)
+
+
 def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, topk_format="logprobs", tail="ignore",
             temperature=1.0, labels=None, ignore_index=-100, reduction="mean", num_items_in_batch=None,
             vocab_size=None, student_softcap=None, student_logit_scale=1.0):
@@ -236,6 +259,13 @@ def topk_kl(student_logits, teacher_topk_values, teacher_topk_indices, *, topk_f
     if vocab_size is not None:
         student_logits = student_logits[..., :vocab_size]
     V = student_logits.shape[-1]
+    if tail == "bucket":
+        rows = _topk_bucket_rows(student_logits, teacher_topk_values, teacher_topk_indices, temperature,
+                                 student_logit_scale, student_softcap)
+        if labels is not None:
+            rows = torch.where(labels != ignore_index, rows, torch.zeros_like(rows))
+        return reduce_rows(rows, labels, ignore_index, reduction, batch=student_logits.shape[0],
+                           num_items_in_batch=num_items_in_batch)
     log_pt = topk_teacher_log_probs(teacher_topk_values, teacher_topk_indices, V, topk_format=topk_format, tail=tail,
                                     temperature=temperature)
     dtype = torch.promote_types(student_logits.dtype, log_pt.dtype)

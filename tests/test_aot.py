@@ -174,10 +174,11 @@ else:
 @pytest.mark.skipif(triton is None or not os.path.exists(CUOBJDUMP), reason="needs triton and its cuobjdump")
 def test_topk_kl_compiles_without_spills():
     """The top-k teacher kernel for every student dtype and tail, sm_80 and sm_90: no spills."""
-    _compile_without_spills("topk", [("topk_kl", *case) for case in TOPK_CASES],
-                            lambda k, sig, flags, w: f"{sig['s_ptr'].split(':')[0][1:]}-"
-                                                     f"{'uniform' if flags['UNIFORM'] else 'ignore'}-"
-                                                     f"V{flags['BLOCK_V']}")
+    def name(k, sig, flags, w):
+        tail = "uniform" if flags["UNIFORM"] else "bucket" if flags["BUCKET"] else "ignore"
+        return f"{sig['s_ptr'].split(':')[0][1:]}-{tail}-{'softcap-' if flags['XF'] else ''}V{flags['BLOCK_V']}"
+
+    _compile_without_spills("topk", [("topk_kl", *case) for case in TOPK_CASES], name)
 
 
 def _compile_without_spills(label, cases, case_id):

@@ -181,3 +181,43 @@ def test_causal_shift_view_is_read_in_place(backend, seed):
     rg, = torch.autograd.grad(ref, s64)
     assert_close(out, ref, torch.float32, f"loss seed={seed}")
     assert_close(g, rg, torch.float32, f"grad seed={seed}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("V,k", [(7, 3), (1000, 16), (9000, 64), (50, 50)])
+@pytest.mark.parametrize("T", [1.0, 2.5])
+def test_bucket_tail(backend, V, k, T, seed):
+    """tail="bucket": a KL over k + 1 bins (the top-k and the mass outside them) against the
+    reference's definition, loss and gradient, float64 and float32, and the fused-linear form."""
+    s = torch.randn(5, V, dtype=torch.float64) * 3
+    lp = torch.log_softmax(s + torch.randn(5, V, dtype=torch.float64) * 2, -1)
+    vals, idx = lp.topk(k, -1)
+    labels = torch.tensor([1, -100, 2, 3, 4])
+    for dtype in (torch.float64, torch.float32):
+        s1 = s.to(dtype).requires_grad_()
+        out = kdkernels.topk_kl(s1, vals.to(dtype), idx, tail="bucket", temperature=T, labels=labels,
+                                reduction="none", backend=backend)
+        go = torch.rand(5, dtype=torch.float64) + 0.5
+        (g,) = torch.autograd.grad(out, [s1], go.to(out.dtype))
+        s2 = s.clone().requires_grad_()
+        ref = reference.topk_kl(s2, vals, idx, tail="bucket", temperature=T, labels=labels, reduction="none")
+        (rg,) = torch.autograd.grad(ref, [s2], go)
+        assert_close(out, ref, dtype, f"loss {dtype}")
+        assert_close(g, rg, dtype, f"grad {dtype}")
+    hs = torch.randn(5, 16, dtype=torch.float64).requires_grad_()
+    Ws = torch.randn(V, 16, dtype=torch.float64).requires_grad_()
+    out = kdkernels.fused_linear_topk_kl(hs, Ws, vals, idx, tail="bucket", temperature=T, labels=labels)
+    grads = torch.autograd.grad(out, [hs, Ws])
+    h2, W2 = hs.detach().clone().requires_grad_(), Ws.detach().clone().requires_grad_()
+    ref = reference.fused_linear_topk_kl(h2, W2, vals, idx, tail="bucket", temperature=T, labels=labels)
+    rgrads = torch.autograd.grad(ref, [h2, W2])
+    assert_close(out, ref, torch.float64, "fused loss")
+    for a, b in zip(grads, rgrads):
+        assert_close(a, b, torch.float64, "fused grad")
+
+
+def test_bucket_tail_needs_log_probabilities():
+    s = torch.randn(2, 10)
+    vals, idx = s.topk(3, -1)
+    with pytest.raises(ValueError, match="tail='bucket' needs topk_format='logprobs'"):
+        kdkernels.topk_kl(s, vals, idx, tail="bucket", topk_format="logits")

@@ -56,6 +56,7 @@ from kdkernels.triton._common import (
     KIND_JSD,
     KIND_SKEW_FORWARD,
     KIND_SKEW_REVERSE,
+    KIND_TVD,
     LOG2E,
     _accumulate,
     _contig_last,
@@ -498,7 +499,8 @@ def aot_cases() -> list:
     """(kernel, signature, constexprs, num_warps) of the variants that matter for registers, per
     dtype: the statistics pass (forward KL, CE at T != 1, teacher from hidden states), JSD's second
     phase, the gradient kernel with every student and teacher gradient, and the gradient kernel for
-    a teacher given as logits (JSD, its gradient stored), and bf16 with both sides soft-capped. fp16
+    a teacher given as logits (JSD, its gradient stored), bf16 with both sides soft-capped, and the
+    skew KL and TVD in bf16 (second phase, gradients). fp16
     is left out: it compiled to the same registers as bf16 in every variant (229/189, 232/235,
     246/224, 246/229 on sm_80/sm_90)."""
     cases = []
@@ -522,4 +524,11 @@ def aot_cases() -> list:
         cases.append(("fused_linear_kl_" + kernel,
                       *aot_case(kernel, torch.bfloat16, teacher_logits=False, kind=0, ce_weight=0.5, temperature=2.0,
                                 need=need, xf=2)))
+    for kind in (KIND_SKEW_FORWARD, KIND_SKEW_REVERSE, KIND_TVD):  # bf16: their second phase and gradients
+        cases.append(("fused_linear_kl_stats",
+                      *aot_case("stats", torch.bfloat16, teacher_logits=False, kind=kind, ce_weight=0.0,
+                                temperature=2.0, phase=1)))
+        cases.append(("fused_linear_kl_grad",
+                      *aot_case("grad", torch.bfloat16, teacher_logits=False, kind=kind, ce_weight=0.5,
+                                temperature=2.0, need=(True,) * 6 + (False,))))
     return cases

@@ -516,7 +516,7 @@ def aot_cases() -> list:
     labels + CE at T != 1 + both gradients (the heaviest), forward KL without labels and student
     gradient only, forward KL with CE at T == 1. Variants that compile to the same code are
     listed once (131073 and 262144 differ only in the divisibility of V and the strides); and the
-    heaviest variant with both sides' logits soft-capped."""
+    heaviest variant with both sides' logits soft-capped, and with the skew KL and TVD."""
     combos = [
         # kind, has_labels, ce_weight, temperature, grad_s, grad_t
         (0, True, 0.5, 2.0, True, True),
@@ -546,4 +546,6 @@ def aot_cases() -> list:
         add(V, torch.float64, torch.float64, combos[2])
     for V in (MAX_SINGLE_BLOCK[torch.bfloat16], 262144):  # both sides soft-capped, the heaviest variant
         add(V, torch.bfloat16, torch.bfloat16, (*combos[2], 2))
+        for kind in (KIND_SKEW_FORWARD, KIND_SKEW_REVERSE, KIND_TVD):  # the other two-sum kinds, heaviest
+            add(V, torch.bfloat16, torch.bfloat16, (kind, *combos[2][1:]))
     return cases

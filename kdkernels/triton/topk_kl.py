@@ -15,7 +15,13 @@ missing mass ``r = 1 - sum exp(v_k)`` is spread over the ``V - k`` other entries
                + pt_tail ((V - k)(b2_tail - lse2_b + lse2_a) - (sum_j a2_j - sum_k a2_k))
     dD/ds_j = (ps_j - pt_j) / T,  pt_j = pt_tail off the top-k (0 for tail = ignore)
 
-Pass 2 writes ``g (ps_j - pt_tail) / T`` over the row; after a block barrier the k entries are
+``tail = bucket`` (``BUCKET``): the tail is one bin on both sides, ``b2_tail = log2(r) log2(e)/T``
+among the k values for the teacher, ``ps_tail = 1 - sum_k 2^(a2_k - lse2_a)`` for the student;
+``D / ln 2`` adds ``pt_tail (b2_tail - lse2_b - log2 ps_tail)`` and the gradient off the top-k is
+``ps_j (1 - pt_tail / ps_tail) / T`` (csrc/cpu/topk_kl.cpp derives it).
+
+Pass 2 writes ``g (keep ps_j - off) / T`` over the row (``keep = 1, off = pt_tail``, or for the
+bucket ``keep = 1 - pt_tail / ps_tail, off = 0``); after a block barrier the k entries are
 overwritten with ``g (ps_k - pt_k) / T``. Terms with ``pt == 0`` add nothing (``-inf`` values are
 legal padding). A row labelled ``ignore_index`` gets a zero loss and a zero gradient row. NaN in
 the student row reaches ``lse2_a``, hence the loss and the whole gradient row. This is the
@@ -45,7 +51,7 @@ def _topk_kl_kernel(
     s_ptr, v_ptr, i_ptr, labels_ptr, params_ptr, grad_scale_ptr, loss_ptr, gs_ptr,
     stride_s0, stride_s, inner_s, stride_v, stride_i, stride_gs, V, k, ignore_index,
     UNIFORM: tl.constexpr, HAS_LABELS: tl.constexpr, GRAD: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, XF: tl.constexpr = 0,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, XF: tl.constexpr = 0, BUCKET: tl.constexpr = False,
 ):
     ACC = loss_ptr.dtype.element_ty
     NEG_INF: tl.constexpr = float("-inf")
@@ -92,12 +98,15 @@ def _topk_kl_kernel(
         kmask = k0 + ks < k
         vals = tl.load(v_row + k0 + ks, mask=kmask, other=NEG_INF).to(ACC)
         mb = tl.maximum(mb, tl.max(vals * scale, axis=0))
-        if UNIFORM:
+        if UNIFORM or BUCKET:
             mass -= tl.sum(tl.exp(vals), axis=0)
     tail_n = tl.zeros([], ACC) + (V - k)
     b2_tail = tl.full([], NEG_INF, ACC)
     if UNIFORM:
         b2_tail = tl.where((mass > 0) & (tail_n > 0), tl.log(mass / tail_n) * scale, NEG_INF)
+    if BUCKET:  # one bin for the whole tail
+        b2_tail = tl.where((mass > 0) & (tail_n > 0), tl.log(mass) * scale, NEG_INF)
+        tail_n = tl.zeros([], ACC) + 1.0
     mt = tl.maximum(mb, b2_tail + tl.log2(tail_n))
     zt = tl.where(b2_tail == NEG_INF, 0.0, tail_n * tl.exp2(b2_tail - _safe_max(mt)))
     for k0 in range(0, k, BLOCK_K):
@@ -110,6 +119,7 @@ def _topk_kl_kernel(
     # ---- the divergence
     d = tl.zeros([], ACC)
     sum_ak = tl.zeros([], ACC)
+    ps_k = tl.zeros([], ACC)  # the student's mass on the top-k (the bucket's complement)
     n_bad = tl.zeros([], tl.int32)  # indices outside [0, V) (unchecked under torch.compile): never read
     for k0 in range(0, k, BLOCK_K):
         kmask = k0 + ks < k
@@ -123,6 +133,15 @@ def _topk_kl_kernel(
         d += tl.sum(tl.where(pt == 0.0, 0.0, pt * (lpt2 - a2k + lse2_a)), axis=0)
         if UNIFORM:
             sum_ak += tl.sum(tl.where(kmask, a2k, 0.0), axis=0)
+        if BUCKET:
+            ps_k += tl.sum(tl.where(kmask, tl.exp2(a2k - lse2_a), 0.0), axis=0)
+    keep = tl.full([], 1.0, ACC)  # off the top-k, the gradient is g (keep ps - off)
+    off = pt_tail
+    if BUCKET:
+        ps_tail = tl.maximum(1.0 - ps_k, 0.0)
+        d += tl.where(pt_tail == 0.0, 0.0, pt_tail * ((b2_tail - lse2_b) - tl.log2(ps_tail)))
+        keep = tl.where(pt_tail == 0.0, 1.0, 1.0 - pt_tail / ps_tail)
+        off = tl.zeros([], ACC)
     if UNIFORM:
         d += tl.where(pt_tail == 0.0, 0.0, pt_tail * (tail_n * (b2_tail - lse2_b + lse2_a) - (sum_a - sum_ak)))
     nan_if_bad = tl.where(n_bad > 0, float("nan"), 1.0).to(ACC)  # such a row: NaN loss and gradient
@@ -134,7 +153,7 @@ def _topk_kl_kernel(
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             u = _xform(tl.load(s_row + v0 + cols, mask=mask, other=NEG_INF).to(ACC), xk, xic, xc, mask, XF)
-            gv = _xform_grad(g * (tl.exp2(u * scale - lse2_a) - pt_tail), u, xk, xic, XF)
+            gv = _xform_grad(g * (tl.exp2(u * scale - lse2_a) * keep - off), u, xk, xic, XF)
             tl.store(gs_row + v0 + cols, gv.to(gs_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # the k entries below overwrite values other threads stored above
         for k0 in range(0, k, BLOCK_K):
@@ -148,16 +167,18 @@ def _topk_kl_kernel(
 
 
 def launch_config(V: int, k: int, dtype) -> dict:
-    """BLOCK_V (student tile, up to 4096 elements, 2048 for fp64), BLOCK_K (up to 1024) and warps."""
+    """BLOCK_V (student tile, up to 4096 elements, 2048 for fp64), BLOCK_K (up to 1024, 512 for fp64)
+    and warps."""
     cap = 2048 if dtype == torch.float64 else 4096
     block_v = min(triton.next_power_of_2(max(V, 1)), cap)
-    block_k = min(triton.next_power_of_2(max(k, 1)), 1024)
+    # fp64 k-blocks of 1024 spilled 16 bytes on sm_90 with the bucket tail (tests/test_aot.py)
+    block_k = min(triton.next_power_of_2(max(k, 1)), 512 if dtype == torch.float64 else 1024)
     return {"BLOCK_V": block_v, "BLOCK_K": block_k, "num_warps": max(1, min(8, block_v // 256))}
 
 
 def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_logits: bool, uniform_tail: bool,
                     temperature: float, ignore_index: int, need_grad: bool, s_scale: float = 1.0,
-                    s_cap: float = 0.0):
+                    s_cap: float = 0.0, bucket_tail: bool = False):
     """student [N, V] or [B, L, V] rows (last dim contiguous), values / indices [N, k], labels int64 [N] or None,
     grad_scale a 1-element tensor. Returns (loss rows [N] fp32 (fp64 for fp64 students),
     gradient [N, V] in the student's dtype or None), as the C++ kernel does."""
@@ -186,7 +207,8 @@ def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_
         *lay[1:], values.stride(0), indices.stride(0), grad.stride(0) if grad is not None else 0,
         V, k, int(ignore_index),
         UNIFORM=bool(uniform_tail), HAS_LABELS=labels is not None, GRAD=bool(need_grad),
-        BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], XF=xform_flag(s_scale, s_cap), num_warps=cfg["num_warps"])
+        BLOCK_V=cfg["BLOCK_V"], BLOCK_K=cfg["BLOCK_K"], XF=xform_flag(s_scale, s_cap), BUCKET=bool(bucket_tail),
+        num_warps=cfg["num_warps"])
     return loss, grad
 
 
@@ -196,7 +218,8 @@ def aot_cases() -> list:
     cases = []
     for V, k in ((131072, 64), (1000, 1000)):
         for dt in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-            for uniform, xf in ((False, 0), (True, 0), (False, 2)):  # xf 2: a soft-capped student
+            # each tail (ignore, uniform, bucket); xf 2: a soft-capped student
+            for uniform, bucket, xf in ((False, False, 0), (True, False, 0), (False, True, 0), (False, False, 2)):
                 name = _TL_NAME[dt]
                 acc = "fp64" if dt == torch.float64 else "fp32"
                 sig = {"s_ptr": "*" + name, "v_ptr": "*fp32", "i_ptr": "*i64", "labels_ptr": "*i64",
@@ -207,7 +230,7 @@ def aot_cases() -> list:
                                                    "stride_gs", "V", "k", "ignore_index")})
                 cfg = launch_config(V, k, dt)
                 flags = {"UNIFORM": uniform, "HAS_LABELS": True, "GRAD": True, "BLOCK_V": cfg["BLOCK_V"],
-                         "BLOCK_K": cfg["BLOCK_K"], "XF": xf}
+                         "BLOCK_K": cfg["BLOCK_K"], "XF": xf, "BUCKET": bucket}
                 sig.update({key: "constexpr" for key in flags})
                 cases.append((sig, flags, cfg["num_warps"]))
     return cases
