@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import torch
 
-from bench.common import CompiledProvider, Family, Provider, kdkernels_providers
-from bench.softmax_kl import make_inputs, min_bytes
+from bench.softmax_kl import variant_family
 
 TEMPERATURE = 2.0
 SKEW = 0.1
 
 SHAPES = [(256, 32000), (64, 131072), (512, 131072)]
-QUICK_SHAPES = [(256, 32000)]
 
 
 def eager_loss(s, t):
@@ -41,21 +39,8 @@ def kdkernels_loss(backend):
     return loss
 
 
-def providers(device, notes):
-    ours = [p for p in kdkernels_providers(device, kdkernels_loss, notes) if p.name != "kdkernels-cuda"]
-    if device == "cuda":
-        notes.append("kdkernels-cuda skipped: the CUDA C++ kernel has forward, reverse KL and JSD only (Triton "
-                     "has the skew KL)")
-    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss), *ours]
-
-
-FAMILY = Family(
-    name="skew_kl",
-    title=f"skew forward KL(p_t || {SKEW:g} p_t + {1 - SKEW:g} p_s), T={TEMPERATURE}, batch mean, forward+backward",
-    shapes=SHAPES,
-    quick_shapes=QUICK_SHAPES,
-    tiny_shape=(2, 5000),
-    make_inputs=make_inputs,
-    min_bytes=min_bytes,
-    providers=providers,
-)
+FAMILY = variant_family(
+    "skew_kl",
+    f"skew forward KL(p_t || {SKEW:g} p_t + {1 - SKEW:g} p_s), T={TEMPERATURE}, batch mean, forward+backward",
+    eager_loss, kdkernels_loss, SHAPES,
+    cuda_note="the CUDA C++ kernel has forward, reverse KL and JSD only (Triton has the skew KL)")

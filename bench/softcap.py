@@ -13,14 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import CompiledProvider, Family, Provider, kdkernels_providers
-from bench.softmax_kl import min_bytes
+from bench.softmax_kl import variant_family
 
 TEMPERATURE = 2.0
 CAP = 30.0
 
 SHAPES = [(256, 32000), (64, 131072), (512, 131072)]
-QUICK_SHAPES = [(256, 32000)]
 
 
 def make_inputs(shape, dtype, device, seed=0):
@@ -47,20 +45,7 @@ def kdkernels_loss(backend):
     return loss
 
 
-def providers(device, notes):
-    ours = [p for p in kdkernels_providers(device, kdkernels_loss, notes) if p.name != "kdkernels-cuda"]
-    if device == "cuda":
-        notes.append("kdkernels-cuda skipped: the CUDA C++ kernel has no soft-cap (Triton's has)")
-    return [Provider("eager", eager_loss), CompiledProvider("compile", eager_loss), *ours]
-
-
-FAMILY = Family(
-    name="softcap",
-    title=f"soft-capped (c={CAP:g}) forward KL(p_t || p_s), T={TEMPERATURE}, batch mean, forward+backward",
-    shapes=SHAPES,
-    quick_shapes=QUICK_SHAPES,
-    tiny_shape=(2, 5000),
-    make_inputs=make_inputs,
-    min_bytes=min_bytes,
-    providers=providers,
-)
+FAMILY = variant_family(
+    "softcap", f"soft-capped (c={CAP:g}) forward KL(p_t || p_s), T={TEMPERATURE}, batch mean, forward+backward",
+    eager_loss, kdkernels_loss, SHAPES, inputs=make_inputs,
+    cuda_note="the CUDA C++ kernel has no soft-cap (Triton's has)")

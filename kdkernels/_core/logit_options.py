@@ -69,22 +69,21 @@ def num_items(value, reduction: str, device) -> Optional[Tensor]:
     return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
+def _positive(name: str, value, default: float, none_ok: bool) -> float:
+    """A finite real number > 0 (``default`` for None where ``none_ok``)."""
+    if value is None and none_ok:
+        return default
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number{' or None' if none_ok else ''}, got {type(value).__name__}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be a finite number > 0{' or None' if none_ok else ''}, got {value!r}")
+    return v
+
+
 def _one(side: str, softcap, logit_scale) -> Tuple[float, float]:
-    scale = 1.0
-    if logit_scale is not None:
-        if isinstance(logit_scale, bool) or not isinstance(logit_scale, Real):
-            raise TypeError(f"{side}_logit_scale must be a real number, got {type(logit_scale).__name__}")
-        scale = float(logit_scale)
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"{side}_logit_scale must be a finite number > 0, got {logit_scale!r}")
-    cap = 0.0
-    if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, Real):
-            raise TypeError(f"{side}_softcap must be a real number or None, got {type(softcap).__name__}")
-        cap = float(softcap)
-        if not (math.isfinite(cap) and cap > 0):
-            raise ValueError(f"{side}_softcap must be a finite number > 0 or None, got {softcap!r}")
-    return scale, cap
+    return (_positive(f"{side}_logit_scale", logit_scale, 1.0, True),
+            _positive(f"{side}_softcap", softcap, 0.0, True))
 
 
 def transforms(student_softcap=None, teacher_softcap=None, student_logit_scale=1.0,
