@@ -8,7 +8,7 @@ One module per loss family holds its math, public functions and op: :mod:`kdkern
 and :mod:`kdkernels.kl_div`.
 """
 
-from kdkernels import nn, reference
+from kdkernels import distributed, nn, reference  # distributed: registers the DTensor handlers
 from kdkernels._core.backends import available_backends
 from kdkernels._core.ext import build_info
 from kdkernels.contrastive import clip_distill, info_nce
@@ -24,4 +24,4 @@ __version__ = "0.1.0"
 
 __all__ = ["softmax_kl", "distill_loss", "fused_linear_kl", "topk_kl", "fused_linear_topk_kl", "info_nce",
            "similarity_kd", "clip_distill", "projected_feature_loss", "kl_div_sum", "logprob_jsd_sum",
-           "available_backends", "build_info", "nn", "reference", "__version__"]
+           "available_backends", "build_info", "distributed", "nn", "reference", "__version__"]

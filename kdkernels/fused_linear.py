@@ -53,6 +53,7 @@ from kdkernels._core.numerics import (
     safe_max,
 )
 from kdkernels._core.rows import row_count, rows3, take_rows
+from kdkernels._core.sharded import any_dtensor, handler as sharded_handler
 from kdkernels.softmax_divergence import kernel_divergence, validate as validate_logits
 
 __all__ = ["fused_linear_kl", "fused_linear_distill", "validate_fused_linear", "tiled_forward", "accumulate",
@@ -474,7 +475,15 @@ def fused_linear_kl(student_hidden: Tensor, student_weight: Tensor, teacher_hidd
             tile inside the kernels, so that a soft-capped model (Gemma 2/3) or a scaled one
             (Cohere) is distilled on its own objective and the logits still never exist. Given
             ``teacher_logits`` get ``teacher_softcap`` / ``teacher_logit_scale`` too.
+
+    DTensor weights (tensor parallelism; FSDP2 parameters outside their module's forward): sharded
+    on the vocabulary (``Shard(0)``) with the same rows on every rank, the vocab-parallel loss over
+    the mesh's group; otherwise gathered for the call, their gradients returned with their own
+    placement (:mod:`kdkernels.distributed.sharded`).
     """
+    if any_dtensor(student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias,
+                   teacher_bias):  # sharded weights (kdkernels.distributed.sharded)
+        return sharded_handler("fused_linear_kl")(fused_linear_kl, dict(locals()))
     temperature, beta, alpha = validate_fused_linear(
         student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits, student_bias, teacher_bias,
         labels, temperature, divergence, beta, alpha, ignore_index, reduction, backend, vocab_size=vocab_size,

@@ -33,6 +33,7 @@ from kdkernels._core.fused_op import FusedOp
 from kdkernels._core.logit_options import IDENTITY, num_items, transform, transform_grad, transforms
 from kdkernels._core.numerics import REDUCTION_IDS, acc_dtype, batch_size, grad_scale, kept_rows, safe_max
 from kdkernels._core.rows import row_count, rows3, take_rows
+from kdkernels._core.sharded import any_dtensor, handler as sharded_handler
 from kdkernels.fused_linear import TILE_ELEMENTS, V_TILE, accumulate, check_bias, check_student_linear, finish
 from kdkernels.topk_teacher import validate_topk
 
@@ -205,9 +206,13 @@ def fused_linear_topk_kl(student_hidden: Tensor, student_weight: Tensor, teacher
         num_items_in_batch, student_softcap, student_logit_scale: as in :func:`kdkernels.softmax_kl`,
             the transforms applied inside the tiles.
 
-    Gradients go to the hidden states, the weight and the bias. Peak extra memory: the gradients,
-    O(rows · k) statistics and tiles of a fixed size, independent of V.
+    A DTensor weight is gathered for the call, its gradient returned with its placement
+    (:mod:`kdkernels.distributed.sharded`). Gradients go to the hidden states, the weight and the
+    bias. Peak extra memory: the gradients, O(rows · k) statistics and tiles of a fixed size,
+    independent of V.
     """
+    if any_dtensor(student_hidden, student_weight, student_bias):  # kdkernels.distributed.sharded: gathered
+        return sharded_handler("fused_linear_topk_kl")(fused_linear_topk_kl, dict(locals()))
     lead, V = check_student_linear(student_hidden, student_weight)
     check_bias("student_bias", student_bias, V)
     checks.one_device(student_hidden=student_hidden, student_weight=student_weight, student_bias=student_bias)

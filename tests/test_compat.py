@@ -305,6 +305,14 @@ def test_open_clip_losses(n, d, seed):
                      torch.float32, "installed open_clip SigLipLoss")
 
 
-def test_open_clip_single_process_only():
-    with pytest.raises(ValueError, match="only world_size=1"):
-        koc.ClipLoss(world_size=2)
+def test_open_clip_bad_arguments():
+    """world_size > 1 needs a process group (tests/test_distributed.py runs it with one)."""
+    img, txt = _feats(4, 8), _feats(4, 8)
+    with pytest.raises(RuntimeError, match="initialized torch.distributed"):
+        koc.ClipLoss(world_size=2)(img, txt, torch.tensor(10.0))
+    with pytest.raises(ValueError, match="rank must be in"):
+        koc.ClipLoss(rank=2, world_size=2)
+    with pytest.raises(ValueError, match="use_horovod"):
+        koc.DistillClipLoss(use_horovod=True)
+    with pytest.raises(ValueError, match="dist_impl"):
+        koc.SigLipLoss(dist_impl="ring")

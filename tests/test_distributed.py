@@ -233,3 +233,245 @@ def test_global_batch_similarity_losses_two_processes():
         for rank in range(2):
             for case, errs in zip(SIM_CASES, torch.load(os.path.join(d, f"sim_rank{rank}.pt"))):
                 assert max(errs.values()) < 1e-9, (rank, case, errs)
+
+
+def _dtensor_worker(rank, world, init_file, out_dir):
+    """DTensor weights: vocab-sharded with the same rows everywhere (the vocab-parallel path),
+    Replicate / Shard(1) (gathered), different rows per rank (data parallel: gathered, the
+    gradient averaged), FSDP2's fully_shard, and a top-k teacher; against the float64 reference."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    import kdkernels
+    import kdkernels.distributed.sharded as sharded
+
+    calls = []  # which calls took the vocab-parallel path
+    vp = sharded.vocab_parallel_fused_linear_kl
+    sharded.vocab_parallel_fused_linear_kl = lambda *a, **k: calls.append(1) or vp(*a, **k)
+    mesh = init_device_mesh("cpu", (world,))
+    ref_fl = kdkernels.reference.fused_linear_kl
+    errs = {}
+    rel = lambda a, b: ((a.double() - b).norm() / max(b.norm().item(), 1e-12)).item()  # noqa: E731
+
+    def tensors(seed, N=7, H=12, Ht=10, V=1001):
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+        return r(N, H), r(V, H), r(V), r(N, Ht), r(V, Ht), torch.randint(0, V, (N,), generator=g)
+
+    # 1. vocab-sharded weights, the same rows on both ranks: the vocab-parallel loss
+    hs, Ws, bs, ht, Wt, labels = tensors(1)
+    labels[2] = -100
+    kw = dict(temperature=2.0, divergence="jsd", labels=labels, student_softcap=5.0, num_items_in_batch=9)
+    Wd = distribute_tensor(Ws, mesh, [Shard(0)]).requires_grad_()
+    bd = distribute_tensor(bs, mesh, [Shard(0)]).requires_grad_()
+    h1 = hs.clone().requires_grad_()
+    out = kdkernels.fused_linear_kl(h1, Wd, ht, distribute_tensor(Wt, mesh, [Shard(0)]), student_bias=bd, **kw)
+    out.backward()
+    r = [x.clone().requires_grad_() for x in (hs, Ws, bs)]
+    ref = ref_fl(r[0], r[1], ht, Wt, student_bias=r[2], **kw)
+    ref.backward()
+    errs["shard0 loss"] = rel(out, ref.detach())
+    errs["shard0 dW"] = rel(Wd.grad.full_tensor(), r[1].grad)
+    errs["shard0 db"] = rel(bd.grad.full_tensor(), r[2].grad)
+    errs["shard0 dh"] = rel(h1.grad, r[0].grad)
+    errs["shard0 placement"] = float(tuple(Wd.grad.placements) != (Shard(0),))
+    errs["shard0 took the vocab-parallel path"] = float(calls != [1])
+
+    # 2. Replicate and Shard(1) weights with a CE term: gathered, gradients in each placement
+    kw = dict(temperature=1.5, alpha=0.3, labels=labels)
+    Wd = distribute_tensor(Ws, mesh, [Replicate()]).requires_grad_()
+    Wtd = distribute_tensor(Wt, mesh, [Shard(1)]).requires_grad_()
+    out = kdkernels.fused_linear_kl(hs, Wd, ht, Wtd, **kw)
+    out.backward()
+    r = [x.clone().requires_grad_() for x in (Ws, Wt)]
+    ref = ref_fl(hs, r[0], ht, r[1], **kw)
+    ref.backward()
+    errs["gathered loss"] = rel(out, ref.detach())
+    errs["gathered dW"] = rel(Wd.grad.full_tensor(), r[0].grad)
+    errs["gathered dWt"] = rel(Wtd.grad.full_tensor(), r[1].grad)
+    errs["gathered placement"] = float(tuple(Wtd.grad.placements) != (Shard(1),))
+
+    # 3. different rows per rank (data parallel): gathered, the weight's gradient averaged over ranks
+    hs_r, _, _, ht_r, _, lab_r = tensors(10 + rank)
+    Wd = distribute_tensor(Ws, mesh, [Shard(0)]).requires_grad_()
+    out = kdkernels.fused_linear_kl(hs_r, Wd, ht_r, Wt, labels=lab_r, divergence="skew_forward")
+    out.backward()
+    w = Ws.clone().requires_grad_()
+    ref = ref_fl(hs_r, w, ht_r, Wt, labels=lab_r, divergence="skew_forward")
+    ref.backward()
+    mean = w.grad.clone()
+    dist.all_reduce(mean)
+    errs["dp loss"] = rel(out, ref.detach())
+    errs["dp and Replicate gathered"] = float(calls != [1])
+    errs["dp dW"] = rel(Wd.grad.full_tensor(), mean / world)
+
+    # 4. FSDP2: the root's parameters are unsharded from its forward to its backward
+    class Student(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = torch.nn.Linear(12, 12, dtype=torch.float64)
+            self.lm_head = torch.nn.Linear(12, 1001, bias=False, dtype=torch.float64)
+
+        def forward(self, x):
+            return torch.tanh(self.trunk(x))
+
+    torch.manual_seed(0)
+    plain = Student()
+    model = Student()
+    model.load_state_dict(plain.state_dict())
+    fully_shard(model, mesh=mesh)
+    x = tensors(20 + rank)[0]
+    out = kdkernels.fused_linear_kl(model(x), model.lm_head.weight, ht_r, Wt, labels=lab_r, temperature=2.0)
+    out.backward()
+    ref = ref_fl(plain(x), plain.lm_head.weight, ht_r, Wt, labels=lab_r, temperature=2.0)
+    ref.backward()
+    for name, p in plain.named_parameters():
+        dist.all_reduce(p.grad)
+        errs[f"fsdp2 d{name}"] = rel(dict(model.named_parameters())[name].grad.full_tensor(), p.grad / world)
+    errs["fsdp2 loss"] = rel(out, ref.detach())
+
+    # 5. a top-k teacher with a vocab-sharded weight (gathered)
+    vals, idx = torch.log_softmax(torch.randn(7, 1001, dtype=torch.float64), -1).topk(8, -1)
+    Wd = distribute_tensor(Ws, mesh, [Shard(0)]).requires_grad_()
+    out = kdkernels.fused_linear_topk_kl(hs, Wd, vals, idx, tail="bucket")
+    out.backward()
+    w = Ws.clone().requires_grad_()
+    ref = kdkernels.reference.fused_linear_topk_kl(hs, w, vals, idx, tail="bucket")
+    ref.backward()
+    errs["topk loss"] = rel(out, ref.detach())
+    errs["topk dW"] = rel(Wd.grad.full_tensor(), w.grad)
+    torch.save(errs, os.path.join(out_dir, f"dt_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_dtensor_weights_two_processes():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_dtensor_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        for rank in range(2):
+            errs = torch.load(os.path.join(d, f"dt_rank{rank}.pt"))
+            bad = {k: v for k, v in errs.items() if not v < 1e-10}
+            assert not bad, (rank, bad)
+
+
+def _open_clip_loss_module():
+    """open_clip's loss.py loaded on its own (the package imports torchvision); None when absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def _oc_gather(x, local_loss, with_grad, rank, world):
+    """open_clip 3.3's gather_features for one tensor, restated."""
+    if with_grad:
+        return torch.cat(torch.distributed.nn.functional.all_gather(x), 0)
+    parts = [torch.zeros_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    if not local_loss:
+        parts[rank] = x
+    return torch.cat(parts, 0)
+
+
+def _oc_losses(img, txt, scale, t_img, t_txt, t_scale, bias, local_loss, with_grad, rank, world):
+    """open_clip 3.3's ClipLoss, DistillClipLoss (distill term) and SigLipLoss with world_size > 1,
+    restated: logits materialized, torch.distributed's gathers."""
+    import torch.nn.functional as F
+
+    g = lambda x: _oc_gather(x, local_loss, with_grad, rank, world)  # noqa: E731
+    n = img.shape[0]
+    all_img, all_txt = g(img), g(txt)
+    if local_loss:
+        S_i, S_t = scale * img @ all_txt.t(), scale * txt @ all_img.t()
+        y = torch.arange(n) + n * rank
+    else:
+        S_i = scale * all_img @ all_txt.t()
+        S_t = S_i.t()
+        y = torch.arange(S_i.shape[0])
+    clip = (F.cross_entropy(S_i, y) + F.cross_entropy(S_t, y)) / 2
+    out = {"clip": clip}
+    if not local_loss:
+        T_i = t_scale * g(t_img) @ g(t_txt).t()
+        soft_ce = lambda t, s: -(t.softmax(1) * s.log_softmax(1)).sum(1).mean(0)  # noqa: E731
+        out["distill"] = (soft_ce(T_i, S_i) + soft_ce(T_i.t(), S_t)) / 2
+    everyone = torch.cat(torch.distributed.nn.functional.all_gather(txt), 0)
+    z = -torch.ones(n, everyone.shape[0], dtype=img.dtype)
+    z[torch.arange(n), torch.arange(n) + n * rank] = 1.0
+    out["siglip"] = -F.logsigmoid(z * (scale * img @ everyone.t() + bias)).sum() / n
+    return out
+
+
+def _open_clip_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import torch.nn.functional as F
+
+    from kdkernels.compat import open_clip as koc
+
+    original = _open_clip_loss_module()
+    errs = {}
+    rel = lambda a, b: ((a.detach() - b.detach()).norm() / max(b.detach().norm().item(), 1e-12)).item()  # noqa: E731
+    for local_loss in (False, True):
+        for with_grad in (False, True):
+            g = torch.Generator().manual_seed(7 + rank)
+            f = lambda d: F.normalize(torch.randn(6, d, generator=g, dtype=torch.float64), dim=-1)  # noqa: E731
+            base = dict(img=f(16), txt=f(16), t_img=f(24), t_txt=f(24))
+            scale0, t_scale, bias0 = 12.0, torch.tensor(25.0, dtype=torch.float64), -4.0
+            kw = dict(local_loss=local_loss, gather_with_grad=with_grad, rank=rank, world_size=world)
+
+            def run(impl):
+                img = base["img"].clone().requires_grad_()
+                txt = base["txt"].clone().requires_grad_()
+                scale = torch.tensor(scale0, dtype=torch.float64, requires_grad=True)
+                bias = torch.tensor(bias0, dtype=torch.float64, requires_grad=True)
+                if impl == "restated":
+                    out = _oc_losses(img, txt, scale, base["t_img"], base["t_txt"], t_scale, bias, local_loss,
+                                     with_grad, rank, world)
+                else:
+                    mod = koc if impl == "kdkernels" else original
+                    out = {"clip": mod.ClipLoss(**kw)(img, txt, scale),
+                           "siglip": mod.SigLipLoss(rank=rank, world_size=world)(img, txt, scale, bias)}
+                    if not local_loss:
+                        out["distill"] = mod.DistillClipLoss(**kw)(img, txt, scale, base["t_img"], base["t_txt"],
+                                                                   t_scale)[1]
+                grads = {}
+                for name in sorted(out):
+                    leaves = [img, txt, scale] + ([bias] if name == "siglip" else [])
+                    gi, gt, gs, *gb = torch.autograd.grad(out[name], leaves, retain_graph=True)  # shared gathers
+                    grads[name] = (out[name], gi, gt, gs, *gb)
+                return grads
+
+            ours = run("kdkernels")
+            refs = {"restated": run("restated")}
+            if original is not None:
+                refs["open_clip"] = run("open_clip")
+            for ref_name, ref in refs.items():
+                for name in ours:
+                    for i, (a, b) in enumerate(zip(ours[name], ref[name])):
+                        errs[(ref_name, name, local_loss, with_grad, i)] = rel(a, b)
+    torch.save(errs, os.path.join(out_dir, f"oc_rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_open_clip_losses_world_size_two():
+    """kdkernels.compat.open_clip with world_size 2 (local_loss, gather_with_grad both ways) against
+    open_clip's definitions restated (and the installed open_clip when present): losses and the
+    gradients of the features, logit_scale and logit_bias."""
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_open_clip_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        for rank in range(2):
+            errs = torch.load(os.path.join(d, f"oc_rank{rank}.pt"))
+            assert len(errs) >= 4 * 2 * 4  # (local_loss, with_grad) x losses x (loss, 3 grads)
+            bad = {k: v for k, v in errs.items() if not v < 1e-9}
+            assert not bad, (rank, bad)

@@ -9,8 +9,12 @@
 * :func:`info_nce` and :func:`similarity_kd`: the contrastive and relational losses over the global
   batch of a data-parallel job (embeddings all-gathered with gradients; no rank forms an ``N x N``
   matrix).
+* :mod:`~kdkernels.distributed.sharded`: ``kdkernels.fused_linear_kl`` and
+  ``kdkernels.fused_linear_topk_kl`` with DTensor weights (the vocab-parallel loss for weights
+  sharded on the vocabulary, else the weights gathered for the call).
 """
 
+from kdkernels.distributed import sharded  # noqa: F401  (registers the DTensor handlers)
 from kdkernels.distributed.similarity import info_nce, similarity_kd
 from kdkernels.distributed.vocab_parallel import vocab_parallel_fused_linear_kl, vocab_parallel_kl
 
