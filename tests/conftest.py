@@ -136,3 +136,19 @@ class LargeOutputs:
 
     def __exit__(self, *exc):
         return self._mode.__exit__(*exc)
+
+
+def open_clip_loss_module():
+    """open_clip's loss.py, loaded on its own (the package imports torchvision); None when absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
+    if not os.path.exists(path):
+        return None
+    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close
+from conftest import assert_close, open_clip_loss_module
 
 from kdkernels.compat import trl as ktrl
 
@@ -231,24 +231,7 @@ def test_torchtune_chunked_output_losses(loss, seed):
 
 from kdkernels.compat import open_clip as koc  # noqa: E402
 
-
-def _open_clip_loss_module():
-    """open_clip's loss.py, loaded on its own (the package imports torchvision); None when absent."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if not os.path.exists(path):
-        return None
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
-
-
-OPEN_CLIP = _open_clip_loss_module()
+OPEN_CLIP = open_clip_loss_module()
 
 
 def oc_clip(img, txt, scale):

@@ -356,22 +356,6 @@ def test_dtensor_weights_two_processes():
             assert not bad, (rank, bad)
 
 
-def _open_clip_loss_module():
-    """open_clip's loss.py loaded on its own (the package imports torchvision); None when absent."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "loss.py")
-    if not os.path.exists(path):
-        return None
-    mod_spec = importlib.util.spec_from_file_location("_open_clip_loss", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod
-
-
 def _oc_gather(x, local_loss, with_grad, rank, world):
     """open_clip 3.3's gather_features for one tensor, restated."""
     if with_grad:
@@ -414,10 +398,11 @@ def _oc_losses(img, txt, scale, t_img, t_txt, t_scale, bias, local_loss, with_gr
 def _open_clip_worker(rank, world, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     import torch.nn.functional as F
+    from conftest import open_clip_loss_module
 
     from kdkernels.compat import open_clip as koc
 
-    original = _open_clip_loss_module()
+    original = open_clip_loss_module()
     errs = {}
     rel = lambda a, b: ((a.detach() - b.detach()).norm() / max(b.detach().norm().item(), 1e-12)).item()  # noqa: E731
     for local_loss in (False, True):
