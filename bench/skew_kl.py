@@ -42,5 +42,4 @@ def kdkernels_loss(backend):
 FAMILY = variant_family(
     "skew_kl",
     f"skew forward KL(p_t || {SKEW:g} p_t + {1 - SKEW:g} p_s), T={TEMPERATURE}, batch mean, forward+backward",
-    eager_loss, kdkernels_loss, SHAPES,
-    cuda_note="the CUDA C++ kernel has forward, reverse KL and JSD only (Triton has the skew KL)")
+    eager_loss, kdkernels_loss, SHAPES)

@@ -47,5 +47,4 @@ def kdkernels_loss(backend):
 
 FAMILY = variant_family(
     "softcap", f"soft-capped (c={CAP:g}) forward KL(p_t || p_s), T={TEMPERATURE}, batch mean, forward+backward",
-    eager_loss, kdkernels_loss, SHAPES, inputs=make_inputs,
-    cuda_note="the CUDA C++ kernel has no soft-cap (Triton's has)")
+    eager_loss, kdkernels_loss, SHAPES, inputs=make_inputs)

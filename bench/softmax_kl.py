@@ -125,18 +125,12 @@ FAMILY = Family(
 )
 
 
-def variant_family(name: str, title: str, eager, kdkernels_loss, shapes, inputs=make_inputs,
-                   cuda_note: str = "") -> Family:
+def variant_family(name: str, title: str, eager, kdkernels_loss, shapes, inputs=make_inputs) -> Family:
     """A family for a variant of this loss (the same inputs and minimum traffic): eager PyTorch,
-    torch.compile of it and kdkernels' backends, less the CUDA C++ kernel when ``cuda_note`` says
-    why it cannot run the variant."""
+    torch.compile of it and kdkernels' backends."""
 
     def providers(device, notes):
         ours = kdkernels_providers(device, kdkernels_loss, notes)
-        if cuda_note:
-            ours = [p for p in ours if p.name != "kdkernels-cuda"]
-            if device == "cuda":
-                notes.append(f"kdkernels-cuda skipped: {cuda_note}")
         return [Provider("eager", eager), CompiledProvider("compile", eager), *ours]
 
     return Family(name=name, title=title, shapes=shapes, quick_shapes=shapes[:1], tiny_shape=(2, 5000),

@@ -234,7 +234,6 @@ def _kernel(backend, inputs, extras, scale, need, *, temperature, kind, beta, ig
     kw = dict(temperature=temperature, kind=kind, beta=beta, ignore_index=ignore_index, ce_weight=ce_weight,
               kd_weight=kd_weight, need_grad_student=need[0], need_grad_teacher=need[1])
     tf = dict(s_scale=s_scale, s_cap=s_cap, t_scale=t_scale, t_cap=t_cap)
-    transformed = (s_scale, s_cap, t_scale, t_cap) != (*IDENTITY, *IDENTITY)
     if backend == "cpu":
         return _ext.require("softmax_kl(backend='cpu')").softmax_kl_forward_cpu(student, teacher, labels, scale, **kw,
                                                                                **tf)
@@ -243,12 +242,8 @@ def _kernel(backend, inputs, extras, scale, need, *, temperature, kind, beta, ig
 
         return softmax_kl_forward(student, teacher, labels, scale, **kw, **tf)
     if backend == "cuda":
-        if transformed or kind > 2:
-            raise ValueError("softmax_kl(backend='cuda'): the CUDA C++ kernels take no logit scale or soft-cap and "
-                             "no divergence beyond forward, reverse and jsd; use backend='triton' (what 'auto' "
-                             "picks on CUDA) or backend='torch'")
         rows, grad_s, grad_t, _plan = _ext.require("softmax_kl(backend='cuda')").softmax_kl_forward_cuda(
-            student, teacher, labels, scale, **kw, **cuda_plan_override())
+            student, teacher, labels, scale, **kw, **tf, **cuda_plan_override())
         return rows, grad_s, grad_t
     return _torch_rows(student, teacher, labels, scale, **kw, s_tf=(s_scale, s_cap), t_tf=(t_scale, t_cap))
 

@@ -25,14 +25,16 @@ bool built_with_cuda() {
 auto softmax_kl_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                              const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale,
                              double temperature, int64_t kind, double beta, int64_t ignore_index, double ce_weight,
-                             double kd_weight, bool need_grad_student, bool need_grad_teacher, int64_t force_mode,
-                             int64_t force_cluster, int64_t force_threads) {
+                             double kd_weight, bool need_grad_student, bool need_grad_teacher, double s_scale,
+                             double s_cap, double t_scale, double t_cap, int64_t force_mode, int64_t force_cluster,
+                             int64_t force_threads) {
   TORCH_CHECK(student.is_cuda(), "softmax_kl (cuda): the logits must be CUDA tensors, got ", student.device());
   const c10::cuda::CUDAGuard guard(student.device());
   void* stream = c10::cuda::getCurrentCUDAStream().stream();
   return kdk::softmax_kl_forward_device(
       student, teacher, labels, grad_scale, temperature, kind, beta, ignore_index, ce_weight, kd_weight,
-      need_grad_student, need_grad_teacher, force_mode, force_cluster, force_threads, kdk::new_output,
+      need_grad_student, need_grad_teacher, s_scale, s_cap, t_scale, t_cap, force_mode, force_cluster, force_threads,
+      kdk::new_output,
       [stream](const kdk::cuda::SoftmaxKLArgs& a, kdk::cuda::Plan* plan) {
         return kdk::cuda::softmax_kl_launch(a, stream, plan);
       });
@@ -98,7 +100,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_kl_forward_cuda", &softmax_kl_forward_cuda, py::arg("student"), py::arg("teacher"),
         py::arg("labels"), py::arg("grad_scale"), py::arg("temperature"), py::arg("kind"), py::arg("beta"),
         py::arg("ignore_index"), py::arg("ce_weight"), py::arg("kd_weight"), py::arg("need_grad_student"),
-        py::arg("need_grad_teacher"), py::arg("force_mode") = -1, py::arg("force_cluster") = 0,
+        py::arg("need_grad_teacher"), py::arg("s_scale") = 1.0, py::arg("s_cap") = 0.0, py::arg("t_scale") = 1.0,
+        py::arg("t_cap") = 0.0, py::arg("force_mode") = -1, py::arg("force_cluster") = 0,
         py::arg("force_threads") = 0,
         "Fused softmax-KL with the CUDA C++ kernels: returns (loss_rows, grad_student|None, grad_teacher|None, "
         "plan) with plan = (mode 0 streaming / 1 staged, cluster, threads, logits per block, shared bytes).",

@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int6
 softmax_kl_forward_device(const at::Tensor& student_rows, const at::Tensor& teacher_rows,
                           const std::optional<at::Tensor>& labels, const at::Tensor& grad_scale, double temperature,
                           int64_t kind, double beta, int64_t ignore_index, double ce_weight, double kd_weight,
-                          bool need_grad_student, bool need_grad_teacher, int64_t force_mode, int64_t force_cluster,
+                          bool need_grad_student, bool need_grad_teacher, double s_scale, double s_cap,
+                          double t_scale, double t_cap, int64_t force_mode, int64_t force_cluster,
                           int64_t force_threads, Alloc&& alloc, Launch&& launch) {
   at::Tensor student = student_rows, teacher = teacher_rows;
   RowLayout ls = row_layout(student, "softmax_kl (cuda): student");
@@ -57,8 +58,13 @@ softmax_kl_forward_device(const at::Tensor& student_rows, const at::Tensor& teac
               "softmax_kl (cuda): student, teacher and grad_scale must be on one device");
   TORCH_CHECK(grad_scale.scalar_type() == at::kFloat && grad_scale.numel() == 1,
               "softmax_kl (cuda): grad_scale must be one float32 element");
-  TORCH_CHECK(kind >= 0 && kind <= 2, "softmax_kl (cuda): kind must be 0, 1 or 2, got ", kind);
-  TORCH_CHECK(kind != 2 || (beta > 0.0 && beta < 1.0), "softmax_kl (cuda): JSD needs 0 < beta < 1, got ", beta);
+  TORCH_CHECK(kind >= 0 && kind <= 5, "softmax_kl (cuda): kind must be 0 (forward), 1 (reverse), 2 (jsd), "
+              "3 (skew forward), 4 (skew reverse) or 5 (tvd), got ", kind);
+  TORCH_CHECK(kind < 2 || kind > 4 || (beta > 0.0 && beta < 1.0),
+              "softmax_kl (cuda): jsd and the skew KL need 0 < beta < 1, got ", beta);
+  TORCH_CHECK(s_scale > 0.0 && t_scale > 0.0 && s_cap >= 0.0 && t_cap >= 0.0,
+              "softmax_kl (cuda): logit scales must be > 0 and soft-caps >= 0, got ", s_scale, ", ", t_scale, ", ",
+              s_cap, ", ", t_cap);
   TORCH_CHECK(temperature > 0.0, "softmax_kl (cuda): temperature must be > 0, got ", temperature);
   TORCH_CHECK(ce_weight <= 0.0 || labels.has_value(), "softmax_kl (cuda): ce_weight > 0 needs labels");
   const int s_code = cuda_dtype_code(student, "student"), t_code = cuda_dtype_code(teacher, "teacher");
@@ -101,7 +107,11 @@ softmax_kl_forward_device(const at::Tensor& student_rows, const at::Tensor& teac
   a.teacher_dtype = t_code;
   a.kind = static_cast<int>(kind);
   a.inv_temperature = 1.0 / temperature;
-  a.beta = kind == 2 ? beta : 0.5;
+  a.beta = kind >= 2 && kind <= 4 ? beta : 0.5;
+  a.s_scale = s_scale;
+  a.s_cap = s_cap;
+  a.t_scale = t_scale;
+  a.t_cap = t_cap;
   a.ce_weight = ce_weight;
   a.kd_weight = kd_weight;
   a.ignore_index = ignore_index;

@@ -21,7 +21,8 @@ from conftest import RTOL, assert_close
 from kdkernels import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KINDS = {0: "forward", 1: "reverse", 2: "jsd"}
+KINDS = {0: "forward", 1: "reverse", 2: "jsd", 3: "skew_forward", 4: "skew_reverse", 5: "tvd"}
+IDENTITY = (1.0, 0.0, 1.0, 0.0)  # (student scale, student cap, teacher scale, teacher cap): no transform
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
 H100 = (9, 227 * 1024, 16, 227 * 1024 // 3)  # cc major, max shared / block, max cluster, target shared
 A100 = (8, 163 * 1024, 1, 163 * 1024 // 3)
@@ -45,29 +46,34 @@ def limits(target_kib=None, gpu=H100):
 
 
 def run(emu, s, t, labels=None, *, kind=0, beta=0.5, T=1.0, ce=0.0, kd=1.0, grad_t=True, gscale=0.37,
-        gpu=limits(), force=(-1, 0, 0), seed=1):
+        gpu=limits(), force=(-1, 0, 0), seed=1, tf=IDENTITY):
     g = torch.tensor(gscale, dtype=torch.float32)
     loss, gs, gt, plan = emu.softmax_kl_forward_emu(s, t, labels, g, T, kind, beta, -100, ce, kd, True, grad_t,
-                                                    *gpu, *force, seed)
+                                                    *tf, *gpu, *force, seed)
     return loss, gs, gt, plan
 
 
-def reference_of(s, t, labels, *, kind, beta, T, ce, kd, gscale):
+def reference_of(s, t, labels, *, kind, beta, T, ce, kd, gscale, tf=IDENTITY):
+    """The float64 reference of one kernel call; ``beta`` is the kernel's mixture weight (for the
+    skew KL: ``skew`` for kind 3, ``1 - skew`` for kind 4)."""
     s64 = s.detach().double().requires_grad_()
     t64 = t.detach().double().requires_grad_()
-    rows = reference.softmax_kl_rows(s64, t64, labels, temperature=T, divergence=KINDS[kind], beta=beta,
-                                     ignore_index=-100, ce_weight=ce, kd_weight=kd)
+    skew = {3: beta, 4: 1.0 - beta}.get(kind, 0.1)
+    rows = reference.softmax_kl_rows(s64, t64, labels, temperature=T, divergence=KINDS[kind], beta=beta, skew=skew,
+                                     ignore_index=-100, ce_weight=ce, kd_weight=kd, student_logit_scale=tf[0],
+                                     student_softcap=tf[1] or None, teacher_logit_scale=tf[2],
+                                     teacher_softcap=tf[3] or None)
     g = float(torch.tensor(gscale, dtype=torch.float32))  # the kernel reads grad_scale as float32
     gs, gt = torch.autograd.grad(rows.sum() * g, [s64, t64], allow_unused=True)
     return rows.detach(), gs, (torch.zeros_like(t64) if gt is None else gt)
 
 
 def check(emu, s, t, labels=None, *, kind=0, beta=0.5, T=1.0, ce=0.0, kd=1.0, gpu=limits(), force=(-1, 0, 0),
-          what=""):
+          what="", tf=IDENTITY):
     gscale = random.uniform(0.2, 2.0)
     loss, gs, gt, plan = run(emu, s, t, labels, kind=kind, beta=beta, T=T, ce=ce, kd=kd, gscale=gscale, gpu=gpu,
-                             force=force)
-    r, rgs, rgt = reference_of(s, t, labels, kind=kind, beta=beta, T=T, ce=ce, kd=kd, gscale=gscale)
+                             force=force, tf=tf)
+    r, rgs, rgt = reference_of(s, t, labels, kind=kind, beta=beta, T=T, ce=ce, kd=kd, gscale=gscale, tf=tf)
     loose = max(s.dtype, t.dtype, key=lambda d: RTOL[d])
     assert loss.dtype == (torch.float64 if s.dtype == torch.float64 else torch.float32)
     assert gs.dtype == s.dtype and gt.dtype == t.dtype
@@ -97,7 +103,7 @@ PLANS = [
 
 @pytest.mark.parametrize("plan_name,V,gpu,force,expect", PLANS, ids=[p[0] for p in PLANS])
 @pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
-@pytest.mark.parametrize("kind", [0, 1, 2], ids=["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("kind", [0, 1, 2, 3, 4, 5], ids=list(KINDS.values()))
 def test_matches_reference(emu, plan_name, V, gpu, force, expect, dtypes, kind, seed):
     N = 5
     sd, td = dtypes
@@ -114,17 +120,58 @@ def test_matches_reference(emu, plan_name, V, gpu, force, expect, dtypes, kind, 
     assert plan[0] == mode and fewest <= plan[1] <= most, f"{plan_name}: plan {plan}"
 
 
+# (student scale, student cap, teacher scale, teacher cap): Gemma's soft-cap on both sides, a Cohere
+# style scale on the student, both, and a cap on one side only
+TRANSFORMS = [(1.0, 30.0, 1.0, 30.0), (0.0625, 0.0, 1.0, 0.0), (1.7, 4.0, 0.8, 0.0), (1.0, 0.0, 1.0, 2.5)]
+
+
+@pytest.mark.parametrize("plan_name,V,gpu,force,expect", PLANS, ids=[p[0] for p in PLANS])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float64)], ids=["fp32", "bf16-fp32", "fp64"])
+def test_logit_transforms(emu, plan_name, V, gpu, force, expect, dtypes, seed):
+    """Scale and soft-cap (the XF kernels) in every plan, on both sides, CE included, against the
+    float64 reference through the same transforms."""
+    N = 5
+    rng = random.Random(seed)
+    tf, kind = rng.choice(TRANSFORMS), rng.randrange(6)
+    s = torch.randn(N, V, dtype=torch.float64) * 8
+    t = s + torch.randn(N, V, dtype=torch.float64) * 4
+    s, t = s.to(dtypes[0]), t.to(dtypes[1])
+    labels = torch.randint(0, V, (N,))
+    labels[2] = -100
+    T, ce = rng.choice([1.0, 2.0]), rng.choice([0.0, 0.3])
+    plan = check(emu, s, t, labels, kind=kind, beta=0.3, T=T, ce=ce, kd=1.0 - ce, gpu=gpu, force=force, tf=tf,
+                 what=f"seed={seed} kind={kind} tf={tf} T={T} ce={ce}")
+    mode, fewest, most = expect
+    assert plan[0] == mode and fewest <= plan[1] <= most, f"{plan_name}: plan {plan}"
+
+
+def test_soft_cap_of_padded_and_nan_logits(emu):
+    """A soft-cap sends -inf logits to -cap, as c tanh(z / c) does (the reference agrees), and keeps
+    NaN: the row's loss is NaN."""
+    V = 64
+    s, t = torch.randn(3, V) * 50, torch.randn(3, V) * 50
+    s[0, :10] = float("-inf")
+    t[1, 5:9] = float("-inf")
+    tf = (1.0, 30.0, 1.0, 30.0)
+    for kind in (0, 2):
+        check(emu, s, t, kind=kind, tf=tf, what=f"padded kind={kind}")
+    s[2, 3] = float("nan")
+    loss, _, _, _ = run(emu, s, t, kind=0, tf=tf)
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
+
+
 @pytest.mark.parametrize("V", [1, 2, 7, 8, 33])
 @pytest.mark.parametrize("force", [(-1, 0, 0), (0, 0, 32)], ids=["auto", "stream32"])
 def test_tiny_vocabularies(emu, V, force, seed):
     s, t = torch.randn(3, V), torch.randn(3, V)
-    for kind in (0, 1, 2):
+    for kind in KINDS:
         check(emu, s, t, kind=kind, beta=0.6, T=1.3, force=force, what=f"V={V} kind={kind} seed={seed}")
 
 
 def test_identical_rows_give_zero(emu):
     s = torch.randn(4, 512)
-    for kind in (0, 1, 2):
+    for kind in KINDS:
         loss, gs, gt, _ = run(emu, s, s.clone(), kind=kind, beta=0.5)
         assert loss.abs().max().item() < 1e-6, kind
         assert gs.abs().max().item() < 1e-6 and gt.abs().max().item() < 1e-6, kind
@@ -137,7 +184,7 @@ def test_padded_vocabulary_and_nan(emu):
     s[:, 1000:] = float("-inf")
     t[:, 1000:] = float("-inf")
     for gpu, force in [(limits(), (-1, 0, 0)), (limits(target_kib=4), (-1, 0, 0)), (limits(), (0, 0, 0))]:
-        for kind in (0, 1, 2):
+        for kind in KINDS:
             loss, gs, gt, plan = run(emu, s, t, kind=kind, gpu=gpu, force=force)
             assert torch.isfinite(loss).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all(), plan
             ref, _, _ = reference_of(s, t, None, kind=kind, beta=0.5, T=1.0, ce=0.0, kd=1.0, gscale=0.37)
@@ -210,7 +257,7 @@ def test_loss_only_and_student_only(emu):
     g = torch.tensor(1.0)
     for kind in (0, 2):
         loss, gs, gt, _ = emu.softmax_kl_forward_emu(s, t, None, g, 1.5, kind, 0.5, -100, 0.0, 1.0, False, False,
-                                                     *limits(), -1, 0, 0, 1)
+                                                     *IDENTITY, *limits(), -1, 0, 0, 1)
         assert gs is None and gt is None
         ref, _, _ = reference_of(s, t, None, kind=kind, beta=0.5, T=1.5, ce=0.0, kd=1.0, gscale=1.0)
         assert_close(loss, ref, torch.float32, f"loss only kind={kind}")
@@ -220,15 +267,22 @@ def test_rejects_bad_arguments(emu):
     s, t, g = torch.randn(2, 8), torch.randn(2, 8), torch.tensor(1.0)
     with pytest.raises(RuntimeError, match=r"the same \[N, V\] rows"):
         emu.softmax_kl_forward_emu(s, torch.randn(2, 9), None, g, 1.0, 0, 0.5, -100, 0.0, 1.0, True, False,
-                                   *limits(), -1, 0, 0, 1)
+                                   *IDENTITY, *limits(), -1, 0, 0, 1)
     with pytest.raises(RuntimeError, match="float64 logits pair"):
         emu.softmax_kl_forward_emu(s.double(), t, None, g, 1.0, 0, 0.5, -100, 0.0, 1.0, True, False,
-                                   *limits(), -1, 0, 0, 1)
+                                   *IDENTITY, *limits(), -1, 0, 0, 1)
     with pytest.raises(RuntimeError, match="staged plan is impossible"):
         emu.softmax_kl_forward_emu(torch.randn(2, 7), torch.randn(2, 7), None, g, 1.0, 0, 0.5, -100, 0.0, 1.0, True,
-                                   False, *limits(), 1, 0, 0, 1)
+                                   False, *IDENTITY, *limits(), 1, 0, 0, 1)
+    for kind, beta, tf, match in [(6, 0.5, IDENTITY, "kind must be"), (3, 0.0, IDENTITY, "need 0 < beta < 1"),
+                                  (0, 0.5, (0.0, 0.0, 1.0, 0.0), "scales must be > 0"),
+                                  (0, 0.5, (1.0, -1.0, 1.0, 0.0), "soft-caps >= 0")]:
+        with pytest.raises(RuntimeError, match=match):
+            emu.softmax_kl_forward_emu(s, t, None, g, 1.0, kind, beta, -100, 0.0, 1.0, True, False, *tf, *limits(),
+                                       -1, 0, 0, 1)
     with pytest.raises(RuntimeError, match="ce_weight > 0 needs labels"):
-        emu.softmax_kl_forward_emu(s, t, None, g, 1.0, 0, 0.5, -100, 0.5, 0.5, True, False, *limits(), -1, 0, 0, 1)
+        emu.softmax_kl_forward_emu(s, t, None, g, 1.0, 0, 0.5, -100, 0.5, 0.5, True, False, *IDENTITY, *limits(),
+                                   -1, 0, 0, 1)
 
 
 # ---------------------------------------------------------------- plans and traffic
@@ -249,26 +303,28 @@ def test_plans_for_llm_vocabularies(emu):
 
 
 def documented_bytes(plan, kind, V, bs, bt, grad_s, grad_t):
-    reads = 1 if plan[0] == 1 else (3 if kind == 2 else 2)
+    reads = 1 if plan[0] == 1 else (3 if kind >= 2 else 2)
     if not (grad_s or grad_t) and plan[0] == 0:
         reads -= 1
     return reads * (bs + bt) * V, (bs * grad_s + bt * grad_t) * V
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", [0, 2], ids=["forward", "jsd"])
+@pytest.mark.parametrize("kind,tf", [(0, IDENTITY), (2, IDENTITY), (5, IDENTITY), (3, (1.0, 30.0, 1.0, 30.0))],
+                         ids=["forward", "jsd", "tvd", "skew-forward-softcap"])
 @pytest.mark.parametrize("mode", ["staged", "staged-cluster", "stream"])
-def test_traffic_matches_documentation(emu, dtype, kind, mode):
+def test_traffic_matches_documentation(emu, dtype, kind, tf, mode):
     """Bytes moved in global memory per row element, counted by the emulation: staged plans read
     each logit once (bf16: 4 B read + 2 B gradient = 6 B, the minimum); streaming reads twice
-    (forward) or three times (JSD). Per-row scalars (label, grad_scale, loss) come on top."""
+    (forward) or three times (JSD, skew KL, TVD); the logit transforms move nothing more. Per-row
+    scalars (label, grad_scale, loss) come on top."""
     N, V = 4, 4096
     s, t = torch.randn(N, V).to(dtype), torch.randn(N, V).to(dtype)
     labels = torch.randint(0, V, (N,))
     gpu = {"staged": limits(), "staged-cluster": limits(target_kib=6), "stream": limits()}[mode]
     force = (0, 0, 0) if mode == "stream" else (-1, 0, 0)
     emu.take_traffic()
-    _, _, _, plan = run(emu, s, t, labels, kind=kind, grad_t=False, gpu=gpu, force=force)
+    _, _, _, plan = run(emu, s, t, labels, kind=kind, grad_t=False, gpu=gpu, force=force, tf=tf)
     read, written = emu.take_traffic()
     b = s.element_size()
     doc_r, doc_w = documented_bytes(plan, kind, V, b, b, True, False)
@@ -314,18 +370,21 @@ def test_gpu_every_plan(spec, V, dtype, monkeypatch, seed):
     t = (torch.randn(N, V, device="cuda") * 3).to(dtype)
     labels = torch.randint(0, V, (N,), device="cuda")
     labels[0] = -100
-    for kind in ("forward", "reverse", "jsd"):
+    # every kind; the skew KL and TVD soft-capped (the XF kernels), the skew KL at skew 0.2
+    for kind, cap in [("forward", None), ("reverse", None), ("jsd", None), ("skew_forward", 3.0),
+                      ("skew_reverse", None), ("tvd", 3.0)]:
+        opts = dict(temperature=2.0, alpha=0.3, divergence=kind, beta=0.4, skew=0.2, student_softcap=cap,
+                    teacher_softcap=cap)
         s1, t1 = s.clone().requires_grad_(), t.clone().requires_grad_()
         try:
-            out = kdkernels.distill_loss(s1, t1, labels, temperature=2.0, alpha=0.3, kind=kind, beta=0.4,
-                                         backend="cuda")
+            out = kdkernels.distill_loss(s1, t1, labels, **opts, backend="cuda")
         except RuntimeError as e:  # a plan this GPU cannot hold (shared memory, cluster size)
             if "impossible" in str(e) or "cannot be resident" in str(e):
                 pytest.skip(str(e))
             raise
         out.backward()
         s2, t2 = s.double().requires_grad_(), t.double().requires_grad_()
-        ref = reference.distill_loss(s2, t2, labels, temperature=2.0, alpha=0.3, kind=kind, beta=0.4)
+        ref = reference.distill_loss(s2, t2, labels, **opts)
         ref.backward()
         assert_close(out, ref, dtype, f"{spec} {kind} loss")
         assert_close(s1.grad, s2.grad, dtype, f"{spec} {kind} grad student")

@@ -356,17 +356,6 @@ def test_transform_bad_input():
             kdkernels.softmax_kl(s, s, teacher_logit_scale=bad)
 
 
-@pytest.mark.skipif(not HAS_EXT, reason="the C++ extension was not built")
-def test_cuda_backend_names_the_alternative():
-    from kdkernels.softmax_divergence import softmax_kl_op
-
-    s = torch.randn(2, 10)
-    with pytest.raises(ValueError, match="use backend='triton'"):
-        softmax_kl_op.kernel("cuda", (s.reshape(1, 2, 10), s.reshape(1, 2, 10)), (None,), torch.ones(()),
-                             (True, False), temperature=1.0, kind=0, beta=0.5, ignore_index=-100, ce_weight=0.0,
-                             kd_weight=1.0, s_scale=1.0, s_cap=30.0, t_scale=1.0, t_cap=0.0)
-
-
 def test_compiles_fullgraph_with_options():
     s, t = torch.randn(4, 100, requires_grad=True), torch.randn(4, 120)
     labels = torch.tensor([1, -100, 3, 4])

@@ -32,7 +32,7 @@ const DeviceLimits& limits_of(int device) {
     d.max_cluster = d.cc_major >= 9 ? 16 : 1;
     // the binary this GPU runs must itself be sm_90+ code (not sm_80 PTX JIT-compiled for it)
     cudaFuncAttributes attr{};
-    if (cudaFuncGetAttributes(&attr, softmax_kl_staged<float, float, float, 0>) != cudaSuccess ||
+    if (cudaFuncGetAttributes(&attr, softmax_kl_staged<float, float, float, 0, false>) != cudaSuccess ||
         attr.binaryVersion < 90) {
       cudaGetLastError();
       d.max_cluster = 1;

@@ -1,5 +1,6 @@
-// Softmax-KL distillation losses as raw CUDA kernels: forward KL, reverse KL, generalized JSD, with
-// an optional hard-label cross-entropy; the loss and both input gradients from one launch.
+// Softmax-KL distillation losses as raw CUDA kernels: forward KL, reverse KL, generalized JSD, skew
+// KL (forward and reverse), total variation, with an optional hard-label cross-entropy and logit
+// transforms (scale, soft-cap); the loss and both input gradients from one launch.
 // Same contract and math as kdkernels/triton/softmax_kl.py (its header derives every gradient):
 //
 //   a2 = s * log2(e)/T, b2 = t * log2(e)/T; ps = exp2(a2 - lse2(a2)), pt = exp2(b2 - lse2(b2))
@@ -7,6 +8,13 @@
 //   KIND 1  D = KL(ps||pt):  dD/ds = ps (log ps - log pt - D)/T  dD/dt = (pt - ps)/T
 //   KIND 2  D = beta KL(pt||m) + (1-beta) KL(ps||m), m = beta pt + (1-beta) ps:
 //           dD/ds = (1-beta) ps (log ps - log m - Ks)/T   dD/dt = beta pt (log pt - log m - Kt)/T
+//   KIND 3  D = KL(pt||m) (skew forward KL, beta = skew), KIND 4  D = KL(ps||m) (skew reverse KL,
+//           beta = 1 - skew), m as for KIND 2; KIND 5  D = 1/2 sum |pt - ps| (TVD): each from two
+//           row sums K1, K2 of a second pass, as in kdkernels/_core/divergences.py, with the
+//           gradients there (the Triton helpers _divergence_terms / _divergence_grads)
+//   Logit transforms (the XF kernels): z -> u = cap tanh(scale z / cap) (u = scale z without a
+//   cap) on both sides before the temperature, CE included; every gradient above is taken with
+//   respect to u and chained through du/dz = scale (1 - (u / cap)^2) (scale without a cap).
 //   CE (T = 1): lse(s) - s[label];  dCE/ds = softmax(s) - onehot(label)
 //   row loss = ce_weight CE + kd_weight D;  grad_s = g (ce_weight dCE/ds + kd_weight dD/ds),
 //   grad_t = g kd_weight dD/dt, g = *grad_scale. Ignored rows: zero loss and gradients, no exp.
@@ -20,7 +28,7 @@
 //              the running sum w that gives KL in closed form), reduced over the block with warp
 //              shuffles and over the cluster through distributed shared memory (each block reads
 //              every peer's partial, in rank order, so all blocks hold bit-identical totals).
-//              JSD adds pass 2 for Ks, Kt. The gradient pass reads shared memory and writes
+//              KIND 2-5 add pass 2 for K1, K2. The gradient pass reads shared memory and writes
 //              16-byte vectors.
 //   streaming  the same passes, each reading the row from global memory (vector loads when
 //              rows are 16-byte aligned, scalar otherwise).
@@ -29,11 +37,12 @@
 // when that gradient is requested):
 //   staged:                 bs + bt (read) + bs + bt (write)                 = 6 B for bf16
 //   streaming KIND 0, 1:  2 (bs + bt)      + bs + bt                         = 10 B for bf16
-//   streaming KIND 2:     3 (bs + bt)      + bs + bt                         = 14 B for bf16
+//   streaming KIND 2-5:   3 (bs + bt)      + bs + bt                         = 14 B for bf16
 //   loss only (no gradient): one read fewer when streaming.
 // Per row on top: the label (8 B), the loss (4 B, 8 B for fp64); for CE, s[label] (one logit), parked
 // in the loss slot until the end (the loss written twice and read once: 8 B, 16 B for fp64, more).
 // Accumulation in fp32 (fp64 for fp64 inputs); exp2 / log2 with log2(e)/T folded into the scale.
+// The transforms move no extra bytes: they are recomputed from the logits on every pass.
 #pragma once
 
 #include <type_traits>
@@ -107,12 +116,91 @@ KDK_DEVICE void log_ratios(Acc lps2, Acc lpt2, Acc l2b, Acc l2nb, Acc& x, Acc& y
   } else if constexpr (KIND == 1) {
     x = (lps2 - lpt2) * Acc(kLn2);  // log ps - log pt
     y = x;
+  } else if constexpr (KIND == 5) {
+    x = lps2 == lpt2 ? Acc(0) : (lps2 > lpt2 ? Acc(1) : Acc(-1));  // sign(ps - pt), 0 where equal
+    y = x;
   } else {
     // log2 m, m = beta pt + (1-beta) ps; exactly log2 ps where ps == pt (D == 0 for equal rows)
     const Acc lm2 = lps2 == lpt2 ? lps2 : logaddexp2(lpt2 + l2b, lps2 + l2nb);
     x = (lps2 - lm2) * Acc(kLn2);  // log ps - log m
     y = (lpt2 - lm2) * Acc(kLn2);  // log pt - log m
   }
+}
+
+// Per-element terms of the second pass whose row sums are K1, K2 (KIND 2-5); 0 where p == 0.
+template <class Acc, int KIND> KDK_DEVICE void pair_terms(Acc ps, Acc pt, Acc x, Acc y, Acc& d1, Acc& d2) {
+  if constexpr (KIND == 2) {
+    d1 = ps == Acc(0) ? Acc(0) : ps * x;  // ps (log ps - log m)  -> Ks
+    d2 = pt == Acc(0) ? Acc(0) : pt * y;  // pt (log pt - log m)  -> Kt
+  } else if constexpr (KIND == 3) {
+    d1 = ps == Acc(0) ? Acc(0) : ps * dev::exp2(y * Acc(kLog2e));  // ps pt / m           -> R
+    d2 = pt == Acc(0) ? Acc(0) : pt * y;                           // pt (log pt - log m) -> Kt
+  } else if constexpr (KIND == 4) {
+    d1 = ps == Acc(0) ? Acc(0) : ps * x;                           // ps (log ps - log m) -> Ks
+    d2 = pt == Acc(0) ? Acc(0) : pt * dev::exp2(x * Acc(kLog2e));  // pt ps / m           -> R
+  } else {
+    d1 = ps * x;                          // ps sign(ps - pt)
+    d2 = ps > pt ? ps - pt : pt - ps;     // |ps - pt|
+  }
+}
+
+// D of KIND 2-5 from its row sums
+template <class Acc, int KIND> KDK_DEVICE Acc pair_value(Acc K1, Acc K2, Acc beta) {
+  if constexpr (KIND == 2) return beta * K2 + (Acc(1) - beta) * K1;
+  if constexpr (KIND == 3) return K2;
+  if constexpr (KIND == 4) return K1;
+  return Acc(0.5) * K2;
+}
+
+// T dD/ds and T dD/dt of every kind (K1, K2: the row sums of KIND 2-5)
+template <class Acc, int KIND>
+KDK_DEVICE void divergence_grads(Acc ps, Acc pt, Acc x, Acc y, Acc D, Acc K1, Acc K2, Acc beta, Acc& ds, Acc& dt) {
+  if constexpr (KIND == 0) {
+    ds = ps - pt;                                                   // ps - pt
+    dt = pt == Acc(0) ? Acc(0) : pt * (x - D);                      // pt (log pt - log ps - D)
+  } else if constexpr (KIND == 1) {
+    ds = ps == Acc(0) ? Acc(0) : ps * (x - D);                      // ps (log ps - log pt - D)
+    dt = pt - ps;                                                   // pt - ps
+  } else if constexpr (KIND == 2) {
+    ds = (Acc(1) - beta) * (ps == Acc(0) ? Acc(0) : ps * (x - K1));  // (1-beta) ps (log ps - log m - Ks)
+    dt = beta * (pt == Acc(0) ? Acc(0) : pt * (y - K2));             // beta pt (log pt - log m - Kt)
+  } else if constexpr (KIND == 3) {
+    const Acc r = dev::exp2(y * Acc(kLog2e));                       // pt / m; K1 = R
+    ds = (Acc(1) - beta) * (ps == Acc(0) ? Acc(0) : ps * (K1 - r));  // -(1-beta) ps (r - R)
+    dt = pt == Acc(0) ? Acc(0) : pt * (y - beta * r - K2 + Acc(1) - (Acc(1) - beta) * K1);
+  } else if constexpr (KIND == 4) {
+    const Acc r = dev::exp2(x * Acc(kLog2e));                       // ps / m; K2 = R
+    ds = ps == Acc(0) ? Acc(0) : ps * (x - (Acc(1) - beta) * r - K1 + Acc(1) - beta * K2);
+    dt = beta * (pt == Acc(0) ? Acc(0) : pt * (K2 - r));             // -beta pt (r - R)
+  } else {
+    ds = Acc(0.5) * ps * (x - K1);                                  // ps (sign - K1) / 2
+    dt = Acc(0.5) * pt * (K1 - K2 - x);                             // pt (K1 - K2 - sign) / 2
+  }
+}
+
+// ---------------------------------------------------------------- logit transforms
+// u = c tanh(k z / c), or u = k z where c == 0 (ic = 1 / c). tanh(y) = sign(y) (1 - e) / (1 + e)
+// with e = 2^(-2 |y| log2 e) in (0, 1]: the division is by [1, 2] (div_sum), -inf goes to -c, NaN
+// stays NaN.
+template <class Acc> struct Xf { Acc k, c, ic; };
+
+
+template <class Acc> KDK_DEVICE Acc xform(Acc z, const Xf<Acc>& f) {
+  Acc u = z * f.k;
+  if (f.c != Acc(0)) {
+    const Acc y = u * f.ic, ay = y < Acc(0) ? -y : y;
+    const Acc e = dev::exp2(Acc(-2.0 * kLog2e) * ay);
+    const Acc th = div_sum(Acc(1) - e, Acc(1) + e);
+    u = f.c * (y < Acc(0) ? -th : th);
+  }
+  return u;
+}
+
+// g du/dz, from u
+template <class Acc> KDK_DEVICE Acc xform_grad(Acc g, Acc u, const Xf<Acc>& f) {
+  if (f.c == Acc(0)) return g * f.k;
+  const Acc r = u * f.ic;
+  return g * (f.k * (Acc(1) - r * r));
 }
 
 // ---------------------------------------------------------------- reductions
@@ -148,7 +236,7 @@ template <class Acc, int KIND> KDK_DEVICE Stats<Acc> merge(Stats<Acc> x, const S
   return x;
 }
 
-template <class Acc> struct Pair { Acc k1, k2; };  // JSD: Ks, Kt
+template <class Acc> struct Pair { Acc k1, k2; };  // the row sums K1, K2 of KIND 2-5 (JSD: Ks, Kt)
 
 template <class Acc> KDK_DEVICE Stats<Acc> shfl_xor(const Stats<Acc>& s, int m) {
   return {dev::shfl_xor(s.ma, m), dev::shfl_xor(s.za, m), dev::shfl_xor(s.mb, m), dev::shfl_xor(s.zb, m),
@@ -187,9 +275,11 @@ template <class V, class Op> KDK_DEVICE V cluster_combine(const V* slot, int clu
 // ---------------------------------------------------------------- row traversal
 // Visit the logits [0, n) of a row segment in chunks of Q (Q > 1: whole aligned vectors; the
 // caller guarantees n % Q == 0), thread i taking chunks i, i + blockDim, ... (coalesced).
-// f(s_vals, t_vals, k) gets the chunk starting at segment offset k, converted to Acc.
-template <class Acc, int Q, class S, class T, class F>
-KDK_DEVICE void visit(const S* __restrict__ s, const T* __restrict__ t, int64_t n, F&& f) {
+// f(s_vals, t_vals, k) gets the chunk starting at segment offset k, converted to Acc and, for XF,
+// transformed by xs, xt.
+template <class Acc, int Q, bool XF, class S, class T, class F>
+KDK_DEVICE void visit(const S* __restrict__ s, const T* __restrict__ t, int64_t n, const Xf<Acc>& xs,
+                      const Xf<Acc>& xt, F&& f) {
   const int64_t step = int64_t(dev::block_dim()) * Q;
 #pragma unroll 2
   for (int64_t k = int64_t(dev::thread_idx()) * Q; k < n; k += step) {
@@ -205,6 +295,13 @@ KDK_DEVICE void visit(const S* __restrict__ s, const T* __restrict__ t, int64_t 
     } else {
       a.v[0] = to_acc<Acc>(dev::ld(s + k));
       b.v[0] = to_acc<Acc>(dev::ld(t + k));
+    }
+    if constexpr (XF) {
+#pragma unroll
+      for (int i = 0; i < Q; ++i) {
+        a.v[i] = xform(a.v[i], xs);
+        b.v[i] = xform(b.v[i], xt);
+      }
     }
     f(a, b, k);
   }
@@ -226,11 +323,12 @@ struct Params {
   SoftmaxKLArgs a;
   int64_t seg;   // logits per block
   int cluster;   // blocks per row
+  double s_inv_cap, t_inv_cap;  // 1 / cap of each side's soft-cap (0 without one): no fp64 divide on the device
 };
 
 // Everything one block does for its (part of a) row, for a traversal of Q-wide chunks of the
 // segment [lo, lo + n) read from s_src / t_src (shared memory when staged, global otherwise).
-template <class S, class T, class Acc, int KIND, int Q>
+template <class S, class T, class Acc, int KIND, bool XF, int Q>
 KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, int64_t lo, int64_t n,
                          const S* s_src, const T* t_src, unsigned char* smem) {
   const SoftmaxKLArgs& a = p.a;
@@ -247,10 +345,11 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
   const Acc inv_t = Acc(a.inv_temperature), scale = inv_t * Acc(kLog2e);
   const Acc beta = Acc(a.beta), l2b = dev::log2(beta), l2nb = dev::log2(Acc(1) - beta);
   const Acc kd_w = Acc(a.kd_weight), ce_w = Acc(a.ce_weight);
+  const Xf<Acc> xs{Acc(a.s_scale), Acc(a.s_cap), Acc(p.s_inv_cap)}, xt{Acc(a.t_scale), Acc(a.t_cap), Acc(p.t_inv_cap)};
 
   // ---- pass 1: per-thread online statistics, then block and cluster totals
   Stats<Acc> st = empty_stats<Acc>();
-  visit<Acc, Q>(s_src, t_src, n, [&](const auto& s, const auto& t, int64_t) {
+  visit<Acc, Q, XF>(s_src, t_src, n, xs, xt, [&](const auto& s, const auto& t, int64_t) {
     constexpr int QQ = std::decay_t<decltype(s)>::n;
     Acc a2[QQ], b2[QQ], pa = neg_inf<Acc>(), pb = neg_inf<Acc>();
 #pragma unroll
@@ -303,18 +402,19 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
   } else if constexpr (KIND == 1) {
     D = (div_sum(tot.w, tot.za) - lse2_a + lse2_b) * Acc(kLn2);  // sum ps (a - b) - lse(a) + lse(b)
   } else {
-    // ---- JSD pass 2: Ks = sum ps (log ps - log m), Kt = sum pt (log pt - log m)
+    // ---- pass 2 of KIND 2-5: the row sums K1, K2 (JSD: Ks = sum ps (log ps - log m), Kt = sum pt (log pt - log m))
     Pair<Acc> k = {Acc(0), Acc(0)};
-    visit<Acc, Q>(s_src, t_src, n, [&](const auto& s, const auto& t, int64_t) {
+    visit<Acc, Q, XF>(s_src, t_src, n, xs, xt, [&](const auto& s, const auto& t, int64_t) {
       constexpr int QQ = std::decay_t<decltype(s)>::n;
 #pragma unroll
       for (int i = 0; i < QQ; ++i) {
         const Acc lps2 = s.v[i] * scale - lse2_a, lpt2 = t.v[i] * scale - lse2_b;
         const Acc ps = dev::exp2(lps2), pt = dev::exp2(lpt2);
-        Acc x, y;
+        Acc x, y, d1, d2;
         log_ratios<Acc, KIND>(lps2, lpt2, l2b, l2nb, x, y);
-        k.k1 += ps == Acc(0) ? Acc(0) : ps * x;
-        k.k2 += pt == Acc(0) ? Acc(0) : pt * y;
+        pair_terms<Acc, KIND>(ps, pt, x, y, d1, d2);
+        k.k1 += d1;
+        k.k2 += d2;
       }
     });
     auto add = [](const Pair<Acc>& x, const Pair<Acc>& y) { return Pair<Acc>{x.k1 + y.k1, x.k2 + y.k2}; };
@@ -322,7 +422,7 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
     if (cluster > 1) kt = cluster_combine(pair_slot, cluster, add);
     K1 = kt.k1;
     K2 = kt.k2;
-    D = beta * K2 + (Acc(1) - beta) * K1;
+    D = pair_value<Acc, KIND>(K1, K2, beta);
   }
   // every read of a peer's shared memory is done: let the peers go on to exit
   if (cluster > 1) dev::cluster_arrive();
@@ -331,7 +431,8 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
   if (rank == 0 && dev::thread_idx() == 0) {
     Acc loss = kd_w * D;
     if (ce) {
-      const Acc s_label = dev::ld(static_cast<const Acc*>(a.loss) + row);  // parked there by park_label_logit
+      Acc s_label = dev::ld(static_cast<const Acc*>(a.loss) + row);  // parked there by park_label_logit
+      if constexpr (XF) s_label = xform(s_label, xs);
       const Acc c2_label = s_label * (ce_sep ? Acc(kLog2e) : scale);
       loss += ce_w * ((lse2_c - c2_label) * Acc(kLn2));  // CE = lse(s) - s[label]
     }
@@ -344,7 +445,7 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
     const Acc g_kd = g * kd_w * inv_t, g_ce = g * ce_w;
     S* gs_row = a.grad_student ? static_cast<S*>(a.grad_student) + row * a.V + lo : nullptr;
     T* gt_row = a.grad_teacher ? static_cast<T*>(a.grad_teacher) + row * a.V + lo : nullptr;
-    visit<Acc, Q>(s_src, t_src, n, [&](const auto& s, const auto& t, int64_t k) {
+    visit<Acc, Q, XF>(s_src, t_src, n, xs, xt, [&](const auto& s, const auto& t, int64_t k) {
       constexpr int QQ = std::decay_t<decltype(s)>::n;
       Vals<Acc, QQ> gs, gt;
 #pragma unroll
@@ -353,16 +454,7 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
         const Acc ps = dev::exp2(lps2), pt = dev::exp2(lpt2);
         Acc x, y, ds, dt;
         log_ratios<Acc, KIND>(lps2, lpt2, l2b, l2nb, x, y);
-        if constexpr (KIND == 0) {
-          ds = ps - pt;                                       // ps - pt
-          dt = pt == Acc(0) ? Acc(0) : pt * (x - D);          // pt (log pt - log ps - D)
-        } else if constexpr (KIND == 1) {
-          ds = ps == Acc(0) ? Acc(0) : ps * (x - D);          // ps (log ps - log pt - D)
-          dt = pt - ps;                                       // pt - ps
-        } else {
-          ds = (Acc(1) - beta) * (ps == Acc(0) ? Acc(0) : ps * (x - K1));  // (1-beta) ps (log ps - log m - Ks)
-          dt = beta * (pt == Acc(0) ? Acc(0) : pt * (y - K2));             // beta pt (log pt - log m - Kt)
-        }
+        divergence_grads<Acc, KIND>(ps, pt, x, y, D, K1, K2, beta, ds, dt);
         gs.v[i] = g_kd * ds;
         if (ce) {
           const Acc pc = ce_sep ? dev::exp2(s.v[i] * Acc(kLog2e) - lse2_c) : ps;
@@ -370,6 +462,10 @@ KDK_DEVICE void row_body(const Params& p, int64_t row, int64_t label, int rank, 
           gs.v[i] += g_ce * (pc - onehot);                    // softmax(s) - onehot(label)
         }
         gt.v[i] = g_kd * dt;
+        if constexpr (XF) {
+          gs.v[i] = xform_grad(gs.v[i], s.v[i], xs);
+          gt.v[i] = xform_grad(gt.v[i], t.v[i], xt);
+        }
       }
       if (gs_row) store(gs_row + k, gs);
       if (gt_row) store(gt_row + k, gt);
@@ -423,14 +519,14 @@ KDK_DEVICE bool fixed_row(const SoftmaxKLArgs& a, int64_t label, Acc* value) {
 
 // ---------------------------------------------------------------- the kernels
 // Register budget per thread at 512 threads: fp32 logits 40 (three blocks per SM), 16-bit logits
-// 64 (two blocks; their 8-wide vectors need the registers), fp64 128 (one block; gradcheck only).
-// tests/test_aot.py fails on any spill.
-template <class S, class T, class Acc>
-constexpr int kMinBlocks = sizeof(Acc) == 8 ? 1 : kPack<S, T> == 8 ? 2 : 3;
+// 64 (two blocks; their 8-wide vectors need the registers), fp64 128 (one block; gradcheck only);
+// the transformed (XF) variants one block fewer, at least one. tests/test_aot.py fails on any spill.
+template <class S, class T, class Acc, bool XF>
+constexpr int kMinBlocks = sizeof(Acc) == 8 ? 1 : (kPack<S, T> == 8 ? 2 : 3) - (XF ? 1 : 0);
 
 // Staged: grid = N * cluster blocks, 1-D clusters of `cluster` blocks (one row per cluster).
-template <class S, class T, class Acc, int KIND>
-KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params p) {
+template <class S, class T, class Acc, int KIND, bool XF>
+KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc, XF>)) softmax_kl_staged(const Params p) {
   constexpr int P = kPack<S, T>;
   dev::require_clusters(p.cluster);
   const int rank = p.cluster > 1 ? static_cast<int>(dev::cluster_rank()) : 0;
@@ -459,12 +555,12 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_staged(const Params 
   }
   dev::cp_async_wait_all();
   dev::sync_threads();
-  row_body<S, T, Acc, KIND, P>(p, row, label, rank, lo, n, s_sm, t_sm, smem);
+  row_body<S, T, Acc, KIND, XF, P>(p, row, label, rank, lo, n, s_sm, t_sm, smem);
 }
 
 // Streaming: grid = N blocks, one row each, every pass reading global memory.
-template <class S, class T, class Acc, int KIND>
-KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_streaming(const Params p) {
+template <class S, class T, class Acc, int KIND, bool XF>
+KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc, XF>)) softmax_kl_streaming(const Params p) {
   constexpr int P = kPack<S, T>;
   const int64_t l = dev::block_idx(), y = dev::block_idx_y();
   const int64_t row = y * p.a.inner + l;
@@ -485,26 +581,38 @@ KDK_KERNEL(kMaxThreads, (kMinBlocks<S, T, Acc>)) softmax_kl_streaming(const Para
                        reinterpret_cast<uintptr_t>(p.a.grad_student) % (P * sizeof(S)) == 0 &&
                        reinterpret_cast<uintptr_t>(p.a.grad_teacher) % (P * sizeof(T)) == 0;
   if (aligned) {
-    row_body<S, T, Acc, KIND, P>(p, row, label, 0, 0, V, s_g, t_g, dev::dynamic_smem());
+    row_body<S, T, Acc, KIND, XF, P>(p, row, label, 0, 0, V, s_g, t_g, dev::dynamic_smem());
   } else {
-    row_body<S, T, Acc, KIND, 1>(p, row, label, 0, 0, V, s_g, t_g, dev::dynamic_smem());
+    row_body<S, T, Acc, KIND, XF, 1>(p, row, label, 0, 0, V, s_g, t_g, dev::dynamic_smem());
   }
 }
 
 // ---------------------------------------------------------------- dispatch
-// Calls launch(kernel, params) with the kernel instantiation for the call's dtypes, kind and plan.
+// Calls launch(kernel, params) with the kernel instantiation for the call's dtypes, kind,
+// transforms and plan.
 template <class Launch> std::string dispatch_softmax_kl(const SoftmaxKLArgs& a, const Plan& plan, Launch&& launch) {
-  const Params params{a, plan.seg, plan.cluster};
+  const Params params{a, plan.seg, plan.cluster, a.s_cap > 0 ? 1.0 / a.s_cap : 0.0,
+                      a.t_cap > 0 ? 1.0 / a.t_cap : 0.0};
   auto by_kind = [&](auto s_tag, auto t_tag, auto acc_tag) -> std::string {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
     using Acc = decltype(acc_tag);
-    const bool staged = plan.mode == kStaged;
+    const bool staged = plan.mode == kStaged, xf = has_transform(a);
+    auto pick = [&](auto kind_tag) -> std::string {
+      constexpr int K = decltype(kind_tag)::value;
+      if (xf) return launch(staged ? &softmax_kl_staged<S, T, Acc, K, true> : &softmax_kl_streaming<S, T, Acc, K, true>,
+                            params);
+      return launch(staged ? &softmax_kl_staged<S, T, Acc, K, false> : &softmax_kl_streaming<S, T, Acc, K, false>,
+                    params);
+    };
     switch (a.kind) {
-      case 0: return launch(staged ? &softmax_kl_staged<S, T, Acc, 0> : &softmax_kl_streaming<S, T, Acc, 0>, params);
-      case 1: return launch(staged ? &softmax_kl_staged<S, T, Acc, 1> : &softmax_kl_streaming<S, T, Acc, 1>, params);
-      case 2: return launch(staged ? &softmax_kl_staged<S, T, Acc, 2> : &softmax_kl_streaming<S, T, Acc, 2>, params);
-      default: return "kind must be 0 (forward), 1 (reverse) or 2 (jsd)";
+      case 0: return pick(std::integral_constant<int, 0>{});
+      case 1: return pick(std::integral_constant<int, 1>{});
+      case 2: return pick(std::integral_constant<int, 2>{});
+      case 3: return pick(std::integral_constant<int, 3>{});
+      case 4: return pick(std::integral_constant<int, 4>{});
+      case 5: return pick(std::integral_constant<int, 5>{});
+      default: return "kind must be 0 (forward), 1 (reverse), 2 (jsd), 3 (skew forward), 4 (skew reverse) or 5 (tvd)";
     }
   };
   auto by_teacher = [&](auto s_tag) -> std::string {

@@ -28,8 +28,13 @@ struct SoftmaxKLArgs {
   int64_t inner = 1, outer_stride_s = 0, outer_stride_t = 0;  // inner = L (N for one-level rows)
   bool two_level_s = false, two_level_t = false;
   int student_dtype = kFloat32, teacher_dtype = kFloat32;
-  int kind = 0;                    // 0 forward KL, 1 reverse KL, 2 generalized JSD (0 < beta < 1)
+  // 0 forward KL, 1 reverse KL, 2 generalized JSD, 3 skew forward KL, 4 skew reverse KL, 5 TVD;
+  // beta: the mixture weight of m = beta pt + (1 - beta) ps (kinds 2-4, 0 < beta < 1)
+  int kind = 0;
   double inv_temperature = 1.0, beta = 0.5, ce_weight = 0.0, kd_weight = 1.0;
+  // logit transforms u = cap tanh(scale z / cap) (u = scale z where cap == 0), before the
+  // temperature (kdkernels/_core/logit_options.py)
+  double s_scale = 1.0, s_cap = 0.0, t_scale = 1.0, t_cap = 0.0;
   int64_t ignore_index = -100;
   // Plan overrides (tests and benchmarks): force_mode -1 auto, 0 streaming, 1 staged;
   // force_cluster 0 auto, else 1/2/4/8/16; force_threads 0 auto, else a multiple of 32 up to 512.
@@ -85,7 +90,7 @@ inline int threads_for(int64_t items) {
 
 // Staged (each logit read from DRAM once, the row segment held in shared memory, split over a
 // cluster when it does not fit one block) when the rows are vector-aligned and fit; streaming
-// (pass 1 reads the row, the gradient pass reads it again; JSD 3 reads) otherwise.
+// (pass 1 reads the row, the gradient pass reads it again; JSD, skew KL, TVD: 3 reads) otherwise.
 inline Plan plan_softmax_kl(const SoftmaxKLArgs& a, const DeviceLimits& d) {
   Plan p;
   p.pack = pack_of(a.student_dtype, a.teacher_dtype);
@@ -146,8 +151,14 @@ inline Plan plan_softmax_kl(const SoftmaxKLArgs& a, const DeviceLimits& d) {
 }
 
 // Bytes each plan moves per row element (both gradients requested): staged reads the row once;
-// streaming reads it twice for forward / reverse KL and three times for JSD (see softmax_kl.cuh).
-inline int64_t plan_reads(const Plan& p, int kind) { return p.mode == kStaged ? 1 : (kind == 2 ? 3 : 2); }
+// streaming reads it twice for forward / reverse KL and three times for the kinds with a second
+// sweep (JSD, skew KL, TVD; see softmax_kl.cuh).
+inline int64_t plan_reads(const Plan& p, int kind) { return p.mode == kStaged ? 1 : (kind >= 2 ? 3 : 2); }
+
+// Whether a call transforms either side's logits (the kernels' XF variant).
+inline bool has_transform(const SoftmaxKLArgs& a) {
+  return a.s_scale != 1.0 || a.s_cap != 0.0 || a.t_scale != 1.0 || a.t_cap != 0.0;
+}
 
 // Implemented in softmax_kl.cu: plan and launch on the current device and the given cudaStream_t.
 // Returns an empty string on success, else the error.

@@ -20,7 +20,8 @@ at::Tensor poisoned(at::IntArrayRef sizes, const at::TensorOptions& options) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>>
 forward_emu(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
             const at::Tensor& grad_scale, double temperature, int64_t kind, double beta, int64_t ignore_index,
-            double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher, int64_t cc_major,
+            double ce_weight, double kd_weight, bool need_grad_student, bool need_grad_teacher, double s_scale,
+            double s_cap, double t_scale, double t_cap, int64_t cc_major,
             int64_t max_smem_per_block, int64_t max_cluster, int64_t target_smem_per_block, int64_t force_mode,
             int64_t force_cluster, int64_t force_threads, int64_t seed) {
   DeviceLimits limits;
@@ -44,8 +45,8 @@ forward_emu(const at::Tensor& student, const at::Tensor& teacher, const std::opt
     });
   };
   return kdk::softmax_kl_forward_device(student, teacher, labels, grad_scale, temperature, kind, beta, ignore_index,
-                                        ce_weight, kd_weight, need_grad_student, need_grad_teacher, force_mode,
-                                        force_cluster, force_threads, poisoned, launch);
+                                        ce_weight, kd_weight, need_grad_student, need_grad_teacher, s_scale, s_cap,
+                                        t_scale, t_cap, force_mode, force_cluster, force_threads, poisoned, launch);
 }
 
 // The plan the launcher would pick for rows of V logits at 256-byte aligned addresses.
