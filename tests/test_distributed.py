@@ -11,6 +11,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+
+def _teardown():
+    """The end of every worker, its results already saved: every rank done with every collective,
+    the process group destroyed, then the process ends without the interpreter's teardown. CI runs
+    aborted in that teardown twice ('terminate called without an active exception' from a gloo
+    thread), once after a barrier was added; the parent reads the saved results either way."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 CASES = [  # (kind, beta, temperature, reduction, split of V between the 2 ranks[, the logit options])
     ("forward", 0.5, 1.0, "mean", (500, 501)),
     ("reverse", 0.5, 2.0, "sum", (300, 701)),
@@ -55,8 +68,7 @@ def _worker(rank, world, init_file, out_dir):
         results.append((rel(out, ref.detach()), rel(gs, rgs[:, lo:lo + split[rank]]),
                         rel(gt, rgt[:, lo:lo + split[rank]])))
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # every rank done with every collective before gloo tears down (a CI run aborted there)
-    dist.destroy_process_group()
+    _teardown()
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
@@ -139,8 +151,7 @@ def _fl_worker(rank, world, init_file, out_dir):
             errs[k] = rel(gr, rg)
         results.append(errs)
     torch.save(results, os.path.join(out_dir, f"fl_rank{rank}.pt"))
-    dist.barrier()  # every rank done with every collective before gloo tears down (a CI run aborted there)
-    dist.destroy_process_group()
+    _teardown()
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
@@ -220,8 +231,7 @@ def _sim_worker(rank, world, init_file, out_dir):
                 errs[k] = rel(gr.detach() / (world if mean else 1), rg[lo:hi])
         results.append(errs)
     torch.save(results, os.path.join(out_dir, f"sim_rank{rank}.pt"))
-    dist.barrier()  # every rank done with every collective before gloo tears down (a CI run aborted there)
-    dist.destroy_process_group()
+    _teardown()
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
@@ -342,8 +352,7 @@ def _dtensor_worker(rank, world, init_file, out_dir):
     errs["topk loss"] = rel(out, ref.detach())
     errs["topk dW"] = rel(Wd.grad.full_tensor(), w.grad)
     torch.save(errs, os.path.join(out_dir, f"dt_rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    _teardown()
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
@@ -444,8 +453,7 @@ def _open_clip_worker(rank, world, init_file, out_dir):
                     for i, (a, b) in enumerate(zip(ours[name], ref[name])):
                         errs[(ref_name, name, local_loss, with_grad, i)] = rel(a, b)
     torch.save(errs, os.path.join(out_dir, f"oc_rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    _teardown()
 
 
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")

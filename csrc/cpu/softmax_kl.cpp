@@ -142,7 +142,10 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   c.want_t = p.grad_t;
 
   // ---- pass 1: max, normalizers and the linear term of the loss, online over chunks ----
-  acc_t Ma = -kInf, Mb = -kInf, za = 0, zb = 0, w = 0, zc = 0;
+  // the running sums in double (float32 lanes within a chunk, sweep_sums): D is a difference of
+  // terms near lse, where float32 totals cost 1e-6 relative
+  acc_t Ma = -kInf, Mb = -kInf;
+  double za = 0, zb = 0, w = 0, zc = 0;
   for (int64_t off = 0; off < V; off += kChunk) {
     const int64_t n = std::min(kChunk, V - off);
     const int64_t nvec = n / W;
@@ -158,14 +161,14 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
       return nan;
     }
     if (cma > Ma) {  // the chunk raised the running max: rescale what was summed so far
-      const acc_t f = std::exp(Ma - cma);
-      if (c.ce_own_lse) zc *= std::exp((Ma - cma) * p.temp);
+      const double f = std::exp(double(Ma) - double(cma));
+      if (c.ce_own_lse) zc *= std::exp((double(Ma) - double(cma)) * double(p.temp));
       za *= f;
       if (K == Kind::Reverse) w *= f;
       Ma = cma;
     }
     if (cmb > Mb) {
-      const acc_t f = std::exp(Mb - cmb);
+      const double f = std::exp(double(Mb) - double(cmb));
       zb *= f;
       if (K == Kind::Forward) w *= f;
       Mb = cmb;
@@ -183,14 +186,15 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
       sweep_sums<acc_t, K>(s + off, t + off, nvec, c, sums);
       if (has_tail) sweep_sums<acc_t, K>(tail.s, tail.t, 1, c, sums);
     }
-    za += hsum(sums.a);
-    zb += hsum(sums.b);
-    w += hsum(sums.w);
-    if (c.ce_own_lse) zc += hsum(sums.c);
+    za += hsum_wide(sums.a);
+    zb += hsum_wide(sums.b);
+    w += hsum_wide(sums.w);
+    if (c.ce_own_lse) zc += hsum_wide(sums.c);
   }
 
-  const acc_t lse_a = Ma + std::log(za), lse_b = Mb + std::log(zb);
-  const acc_t lse_c = p.same_t ? lse_a : Ma * p.temp + std::log(zc);
+  const acc_t lse_a = static_cast<acc_t>(double(Ma) + std::log(za));
+  const acc_t lse_b = static_cast<acc_t>(double(Mb) + std::log(zb));
+  const acc_t lse_c = p.same_t ? lse_a : static_cast<acc_t>(double(Ma) * double(p.temp) + std::log(zc));
   c.lse_a = Vec(lse_a);
   c.lse_b = Vec(lse_b);
   c.lse_c = Vec(lse_c);
@@ -200,8 +204,9 @@ acc_t row_loss_and_grad(const TS* s, const TT* t, int64_t V, int64_t label, TS* 
   // ---- the divergence ----
   acc_t D = 0, Ks = 0, Kt = 0;
   // (lse_b - lse_a) grouped as (Mb - Ma) + log(zb / za): no cancellation of the maxima
-  if (K == Kind::Forward) D = w / zb - ((Mb - Ma) + (std::log(zb) - std::log(za)));
-  if (K == Kind::Reverse) D = w / za - ((Ma - Mb) + (std::log(za) - std::log(zb)));
+  const double dm = double(Mb) - double(Ma), dl = std::log(zb) - std::log(za);
+  if (K == Kind::Forward) D = static_cast<acc_t>(w / zb - (dm + dl));
+  if (K == Kind::Reverse) D = static_cast<acc_t>(w / za + (dm + dl));
   if (second_sweep(K)) {  // K1, K2 need the normalizers of both rows: one more sweep
     Sums<acc_t> k{Vec(0), Vec(0), Vec(0), Vec(0)};
     sweep_pair<acc_t, K>(s, t, V_full / W, c, k);

@@ -10,9 +10,12 @@
 //   dD/ds_j = (ps_j - pt_j) / T, with pt_j = pt_tail off the top-k (0 for tail = ignore)
 // tail = bucket: the mass outside the top-k is one more bin on both sides (a KL over k + 1 bins):
 // the teacher's b_tail = log(r) / T joins the k values in lse_b; the student's bin is
-// ps_tail = 1 - sum_k ps_k; D adds pt_tail (log pt_tail - log ps_tail), and off the top-k
+// ps_tail = 1 - sum_k ps_k, formed as (z - z_k) / z from the row's sum of exponentials z and its
+// top-k terms z_k; D adds pt_tail (log pt_tail - log ps_tail), and off the top-k
 // dD/ds_j = ps_j (1 - pt_tail / ps_tail) / T (the tail bin's share of ps_j), on it (ps_k - pt_k) / T.
-// The row's sum of a (for the uniform tail) comes from the same sweep as lse_a. Terms with pt = 0
+// The row's sum of a (for the uniform tail) comes from the same sweep as lse_a. The O(k) part (the
+// teacher, its tail mass r, the loss) is in double: r and ps_tail are differences of near-equal
+// numbers when the top-k hold nearly all the mass. Terms with pt = 0
 // contribute nothing (-inf values are legal). Rows labelled ignore_index: zero loss and gradient. A
 // row with an index outside [0, V) (unchecked under torch.compile): NaN loss and gradient.
 // A student logit transform (scale, soft-cap; sweeps.h Transform): s above is u = f(z), the row
@@ -43,8 +46,10 @@ acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t
   constexpr int64_t W = Vec::size();
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   const int64_t V_full = V / W * W, rem = V - V_full;
-  // ---- the student's normalizer and row sum, online over chunks
-  acc_t M = -kInf, z = 0, sum_a = 0;
+  // ---- the student's normalizer and row sum, online over chunks (float32 lanes in blocks of
+  // kSumBlock vectors, Kahan-compensated across blocks, double across chunks: sweeps.h sweep_sums)
+  acc_t M = -kInf;
+  double z = 0, sum_a = 0;
   alignas(64) TS tail_s[W];
   for (int64_t j = 0; j < W; ++j) tail_s[j] = j < rem ? s[V_full + j] : static_cast<TS>(-kInf);
   for (int64_t off = 0; off < V; off += kChunk) {
@@ -55,86 +60,97 @@ acc_t row(const TS* s, int64_t V, const acc_t* b_in, const int64_t* idx, int64_t
     if (has_tail) sweep_max<acc_t>(tail_s, tail_s, 1, vm, dummy);
     const acc_t cm = hmax(vm) * inv_t;
     if (cm > M) {
-      z *= std::exp(M - cm);
+      z *= std::exp(double(M) - double(cm));
       M = cm;
     }
     const Vec vinv(inv_t), vM(M == -kInf ? acc_t(0) : M);
-    Vec vz(0), vs(0);
-    for (int64_t i = 0; i < nvec; ++i) {
-      const Vec a = VecIO<acc_t, TS>::load(s + off + i * W) * vinv;
-      vz = vz + vexp(a - vM);
-      if (uniform) vs = vs + a;
+    Vec vz(0), vs(0), cz(0), cs(0);
+    for (int64_t i0 = 0; i0 < nvec; i0 += kSumBlock) {
+      Vec bz(0), bs(0);
+      for (int64_t i = i0; i < std::min(nvec, i0 + kSumBlock); ++i) {
+        const Vec a = VecIO<acc_t, TS>::load(s + off + i * W) * vinv;
+        bz = bz + vexp(a - vM);
+        if (uniform) bs = bs + a;
+      }
+      kahan_add(vz, cz, bz);
+      if (uniform) kahan_add(vs, cs, bs);
     }
     if (has_tail) {  // the padding is -inf: it adds nothing to the exponentials, and is left out of the sum
-      vz = vz + vexp(VecIO<acc_t, TS>::load(tail_s) * vinv - vM);
+      kahan_add(vz, cz, vexp(VecIO<acc_t, TS>::load(tail_s) * vinv - vM));
       if (uniform)
-        for (int64_t j = V_full; j < V; ++j) sum_a += static_cast<acc_t>(s[j]) * inv_t;
+        for (int64_t j = V_full; j < V; ++j) sum_a += static_cast<double>(static_cast<acc_t>(s[j]) * inv_t);
     }
-    z += hsum(vz);
-    if (uniform) sum_a += hsum(vs);
+    z += hsum_wide(Vec(vz - cz));
+    if (uniform) sum_a += hsum_wide(Vec(vs - cs));
   }
-  const acc_t lse_a = M + std::log(z);
+  const double M_s = M == -kInf ? 0.0 : double(M);  // what the exponentials of z were taken against
+  const double lse_a_w = M_s + std::log(z);
+  const acc_t lse_a = static_cast<acc_t>(lse_a_w);
   if (std::isnan(lse_a)) {  // NaN in the row
     const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
     if (gs) std::fill(gs, gs + V, static_cast<TS>(nan));
     return nan;
   }
 
-  // ---- the teacher at T from its top-k
-  acc_t mb = -kInf;
-  for (int64_t i = 0; i < k; ++i) mb = std::max(mb, b_in[i]);
+  // ---- the teacher at T from its top-k, and the loss, in double: the tail bins 1 - sum are
+  // differences of near-equal numbers when the top-k hold nearly all the mass (k terms a row)
+  constexpr double kInfW = std::numeric_limits<double>::infinity();
+  const double it = double(inv_t);
+  double mb = -kInfW;
+  for (int64_t i = 0; i < k; ++i) mb = std::max(mb, double(b_in[i]));
   // the tail's entries: V - k of them sharing the uniform tail, one bin for the bucket
-  const acc_t tail_n = bucket ? acc_t(1) : static_cast<acc_t>(V - k);
-  acc_t b_tail = -kInf;
+  const double tail_n = bucket ? 1.0 : static_cast<double>(V - k);
+  double b_tail = -kInfW;
   if ((uniform || bucket) && V > k) {
-    acc_t mass = 1;
-    for (int64_t i = 0; i < k; ++i) mass -= std::exp(b_in[k + i]);  // b_in[k..2k): the raw log-probabilities
-    if (mass > 0) b_tail = (std::log(mass) - std::log(tail_n)) * inv_t;
+    double mass = 1;
+    for (int64_t i = 0; i < k; ++i) mass -= std::exp(double(b_in[k + i]));  // b_in[k..2k): the raw log-probabilities
+    if (mass > 0) b_tail = (std::log(mass) - std::log(tail_n)) * it;
   }
-  const acc_t mt = std::max(mb, b_tail == -kInf ? -kInf : b_tail + std::log(tail_n));
-  const acc_t mt_s = mt == -kInf ? acc_t(0) : mt;
-  acc_t zt = 0;
-  for (int64_t i = 0; i < k; ++i) zt += std::exp(b_in[i] - mt_s);
-  if (b_tail != -kInf) zt += tail_n * std::exp(b_tail - mt_s);
-  const acc_t lse_b = mt_s + std::log(zt);
-  const acc_t pt_tail = b_tail == -kInf ? acc_t(0) : std::exp(b_tail - lse_b);
+  const double mt = std::max(mb, b_tail == -kInfW ? -kInfW : b_tail + std::log(tail_n));
+  const double mt_s = mt == -kInfW ? 0.0 : mt;
+  double zt = 0;
+  for (int64_t i = 0; i < k; ++i) zt += std::exp(double(b_in[i]) - mt_s);
+  if (b_tail != -kInfW) zt += tail_n * std::exp(b_tail - mt_s);
+  const double lse_b = mt_s + std::log(zt);
+  const double pt_tail = b_tail == -kInfW ? 0.0 : std::exp(b_tail - lse_b);
 
-  acc_t D = 0, sum_ak = 0, ps_k = 0;
+  double D = 0, sum_ak = 0, z_k = 0;
   for (int64_t i = 0; i < k; ++i) {
-    const acc_t a_k = static_cast<acc_t>(s[idx[i]]) * inv_t;
+    const double a_k = double(static_cast<acc_t>(s[idx[i]]) * inv_t);  // as the sweep forms it
     sum_ak += a_k;
-    ps_k += std::exp(a_k - lse_a);
-    const acc_t lpt = b_in[i] - lse_b, pt = std::exp(lpt);
-    if (pt > 0) D += pt * (lpt - (a_k - lse_a));
+    z_k += std::exp(a_k - M_s);
+    const double lpt = double(b_in[i]) - lse_b, pt = std::exp(lpt);
+    if (pt > 0) D += pt * (lpt - (a_k - lse_a_w));
   }
-  // the bucket: the student's tail bin (clamped: rounding may leave 1 - sum slightly below 0)
-  const acc_t ps_tail = std::max(acc_t(1) - ps_k, acc_t(0));
-  acc_t keep = 1, off = pt_tail;  // off the top-k, dD/da_j = keep ps_j - off
+  // the bucket: the student's tail bin, (z - z_k) / z (clamped: rounding may leave it slightly below 0)
+  const double ps_tail = std::max((z - z_k) / z, 0.0);
+  double keep = 1, off = pt_tail;  // off the top-k, dD/da_j = keep ps_j - off
   if (bucket) {
     if (pt_tail > 0) D += pt_tail * ((b_tail - lse_b) - std::log(ps_tail));
-    keep = pt_tail > 0 ? acc_t(1) - pt_tail / ps_tail : acc_t(1);
+    keep = pt_tail > 0 ? 1.0 - pt_tail / ps_tail : 1.0;
     off = 0;
   } else if (pt_tail > 0) {
-    D += pt_tail * (tail_n * (b_tail - lse_b + lse_a) - (sum_a - sum_ak));
+    D += pt_tail * (tail_n * (b_tail - lse_b + lse_a_w) - (sum_a - sum_ak));
   }
 
   // ---- gradient: g (ps - pt) / T, the tail value everywhere, then the k entries
   if (gs) {
-    const Vec vinv(inv_t), vl(lse_a), vc(g * inv_t), vkeep(keep), voff(off);
+    const acc_t keep_a = static_cast<acc_t>(keep), off_a = static_cast<acc_t>(off);
+    const Vec vinv(inv_t), vl(lse_a), vc(g * inv_t), vkeep(keep_a), voff(off_a);
     for (int64_t i = 0; i < V_full / W; ++i) {
       const Vec a = VecIO<acc_t, TS>::load(s + i * W) * vinv;
       VecIO<acc_t, TS>::store(gs + i * W, vc * (vexp(a - vl) * vkeep - voff));
     }
     for (int64_t j = V_full; j < V; ++j) {
       const acc_t a = static_cast<acc_t>(s[j]) * inv_t;
-      gs[j] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) * keep - off));
+      gs[j] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) * keep_a - off_a));
     }
     for (int64_t i = 0; i < k; ++i) {
-      const acc_t a = static_cast<acc_t>(s[idx[i]]) * inv_t;
-      gs[idx[i]] = static_cast<TS>(g * inv_t * (std::exp(a - lse_a) - std::exp(b_in[i] - lse_b)));
+      const double a = double(static_cast<acc_t>(s[idx[i]]) * inv_t);
+      gs[idx[i]] = static_cast<TS>(double(g * inv_t) * (std::exp(a - lse_a_w) - std::exp(double(b_in[i]) - lse_b)));
     }
   }
-  return D;
+  return static_cast<acc_t>(D);
 }
 
 }  // namespace

@@ -6,7 +6,7 @@ Kernel header
 Row ``s`` (length V), teacher values ``v_k`` and indices ``i_k`` (k of them), ``T`` = temperature,
 base-2 exponents ``a2 = s log2(e)/T``, ``b2_k = v_k log2(e)/T``. For ``tail = uniform`` the
 missing mass ``r = 1 - sum exp(v_k)`` is spread over the ``V - k`` other entries, each with
-``b2_tail = ln(r / (V - k)) log2(e)/T`` (``-inf`` when ``r <= 0`` or ``k == V``).
+``b2_tail = ln(r / (V - k)) log2(e)/T`` (``-inf`` when ``r <= 0`` or ``k == V``; r in fp64).
 
     lse2_a = log2 sum 2^a2                                  (pass 1 over the row, online)
     lse2_b = log2 (sum_k 2^b2_k + (V - k) 2^b2_tail)        (over the k values)
@@ -16,7 +16,9 @@ missing mass ``r = 1 - sum exp(v_k)`` is spread over the ``V - k`` other entries
     dD/ds_j = (ps_j - pt_j) / T,  pt_j = pt_tail off the top-k (0 for tail = ignore)
 
 ``tail = bucket`` (``BUCKET``): the tail is one bin on both sides, ``b2_tail = log2(r) log2(e)/T``
-among the k values for the teacher, ``ps_tail = 1 - sum_k 2^(a2_k - lse2_a)`` for the student;
+among the k values for the teacher, ``ps_tail = 1 - sum_k ps_k = (z - z_k) / z`` for the student
+(``z`` the row's sum of ``2^(a2 - m)``, ``z_k`` its top-k terms: no cancellation of a rounded
+``lse2_a``);
 ``D / ln 2`` adds ``pt_tail (b2_tail - lse2_b - log2 ps_tail)`` and the gradient off the top-k is
 ``ps_j (1 - pt_tail / ps_tail) / T`` (csrc/cpu/topk_kl.cpp derives it).
 
@@ -91,21 +93,22 @@ def _topk_kl_kernel(
             sum_a += tl.sum(tl.where(mask, a2, 0.0), axis=0)
     lse2_a = _safe_max(m) + tl.log2(z)
 
-    # ---- the teacher at T
+    # ---- the teacher at T; its tail mass 1 - sum exp(v_k) in fp64 (k terms a row): in fp32 it
+    # cancels when the top-k hold nearly all the mass (1 - 0.999999 keeps one digit)
     mb = tl.full([], NEG_INF, ACC)
-    mass = tl.full([], 1.0, ACC)
+    mass = tl.full([], 1.0, tl.float64)
     for k0 in range(0, k, BLOCK_K):
         kmask = k0 + ks < k
         vals = tl.load(v_row + k0 + ks, mask=kmask, other=NEG_INF).to(ACC)
         mb = tl.maximum(mb, tl.max(vals * scale, axis=0))
         if UNIFORM or BUCKET:
-            mass -= tl.sum(tl.exp(vals), axis=0)
+            mass -= tl.sum(tl.exp(vals.to(tl.float64)), axis=0)
     tail_n = tl.zeros([], ACC) + (V - k)
     b2_tail = tl.full([], NEG_INF, ACC)
     if UNIFORM:
-        b2_tail = tl.where((mass > 0) & (tail_n > 0), tl.log(mass / tail_n) * scale, NEG_INF)
+        b2_tail = tl.where((mass > 0) & (tail_n > 0), (tl.log(mass).to(ACC) - tl.log(tail_n)) * scale, NEG_INF)
     if BUCKET:  # one bin for the whole tail
-        b2_tail = tl.where((mass > 0) & (tail_n > 0), tl.log(mass) * scale, NEG_INF)
+        b2_tail = tl.where((mass > 0) & (tail_n > 0), tl.log(mass).to(ACC) * scale, NEG_INF)
         tail_n = tl.zeros([], ACC) + 1.0
     mt = tl.maximum(mb, b2_tail + tl.log2(tail_n))
     zt = tl.where(b2_tail == NEG_INF, 0.0, tail_n * tl.exp2(b2_tail - _safe_max(mt)))
@@ -119,7 +122,7 @@ def _topk_kl_kernel(
     # ---- the divergence
     d = tl.zeros([], ACC)
     sum_ak = tl.zeros([], ACC)
-    ps_k = tl.zeros([], ACC)  # the student's mass on the top-k (the bucket's complement)
+    z_k = tl.zeros([], ACC)  # the student's top-k share of z (the bucket's complement)
     n_bad = tl.zeros([], tl.int32)  # indices outside [0, V) (unchecked under torch.compile): never read
     for k0 in range(0, k, BLOCK_K):
         kmask = k0 + ks < k
@@ -134,11 +137,12 @@ def _topk_kl_kernel(
         if UNIFORM:
             sum_ak += tl.sum(tl.where(kmask, a2k, 0.0), axis=0)
         if BUCKET:
-            ps_k += tl.sum(tl.where(kmask, tl.exp2(a2k - lse2_a), 0.0), axis=0)
+            z_k += tl.sum(tl.where(kmask, tl.exp2(a2k - _safe_max(m)), 0.0), axis=0)
     keep = tl.full([], 1.0, ACC)  # off the top-k, the gradient is g (keep ps - off)
     off = pt_tail
     if BUCKET:
-        ps_tail = tl.maximum(1.0 - ps_k, 0.0)
+        # the student's tail bin (z - z_k) / z, not 1 - sum_k ps_k: no rounding of lse2_a in it
+        ps_tail = tl.maximum((z - z_k) / z, 0.0)
         d += tl.where(pt_tail == 0.0, 0.0, pt_tail * ((b2_tail - lse2_b) - tl.log2(ps_tail)))
         keep = tl.where(pt_tail == 0.0, 1.0, 1.0 - pt_tail / ps_tail)
         off = tl.zeros([], ACC)
@@ -173,7 +177,9 @@ def launch_config(V: int, k: int, dtype) -> dict:
     block_v = min(triton.next_power_of_2(max(V, 1)), cap)
     # fp64 k-blocks of 1024 spilled 16 bytes on sm_90 with the bucket tail (tests/test_aot.py)
     block_k = min(triton.next_power_of_2(max(k, 1)), 512 if dtype == torch.float64 else 1024)
-    return {"BLOCK_V": block_v, "BLOCK_K": block_k, "num_warps": max(1, min(8, block_v // 256))}
+    # 8 values a thread in the k-blocks: 1024 entries on 4 warps spilled with the bucket tail on sm_90
+    warps = max(1, min(8, max(block_v // 256, block_k // 128)))
+    return {"BLOCK_V": block_v, "BLOCK_K": block_k, "num_warps": warps}
 
 
 def topk_kl_forward(student, values, indices, labels, grad_scale, *, values_are_logits: bool, uniform_tail: bool,
