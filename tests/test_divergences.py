@@ -49,6 +49,18 @@ def test_logits_float64(backend, case, V, seed):
            lambda a, b, **k: reference.distill_loss(a, b, **k), s, t, torch.float64, f"{case} V={V}", **kw)
 
 
+def _untie(s, t, T, dtype):
+    """Moves the teacher's logit up wherever p_s and p_t agree to within what ``dtype`` resolves.
+    TVD's gradient takes sign(p_s - p_t): at such a near-tie the sign (and through K1 every
+    element's gradient) is set by rounding, in any float32 computation, eager PyTorch's included
+    (seen at V = 32001: |log p_s - log p_t| = 4e-7 gave 2x the tolerance on every backend)."""
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    lps = torch.log_softmax(s.double() / T, -1)
+    lpt = torch.log_softmax(t.double() / T, -1)
+    near = (lps - lpt).abs() < tol
+    return torch.where(near, t.double() + 4 * tol * T, t.double()).to(dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", NEW[::2], ids=_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -57,6 +69,8 @@ def test_logits_half_precision(backend, case, dtype, V, seed):
     divergence, skew = case
     s = (torch.randn(3, V) * 3).to(dtype)
     t = (torch.randn(3, V) * 3).to(dtype)
+    if divergence == "tvd":
+        t = _untie(s, t, 2.0, dtype)
     _check(lambda a, b, **k: kdkernels.softmax_kl(a, b, backend=backend, **k),
            lambda a, b, **k: reference.softmax_kl(a, b, **k), s, t, dtype, str(case),
            divergence=divergence, skew=skew, temperature=2.0)

@@ -250,11 +250,20 @@ void sweep_pair(const TS* s, const TT* t, int64_t nvec, const RowConsts<acc_t>& 
       k2 = k2 + d.abs();                      // sum |p_s - p_t|
       continue;
     }
-    const Vec lm = at::vec::fmadd(beta, pt, beta1 * ps).log();
-    if (K == Kind::JSD || K == Kind::SkewReverse) k1 = at::vec::fmadd(ps, where_pos(ps, lps - lm), k1);  // KL(p_s || m)
-    if (K == Kind::JSD || K == Kind::SkewForward) k2 = at::vec::fmadd(pt, where_pos(pt, lpt - lm), k2);  // KL(p_t || m)
-    if (K == Kind::SkewForward) k1 = at::vec::fmadd(ps, where_pos(ps, vexp(lpt - lm)), k1);  // R = sum p_s p_t / m
-    if (K == Kind::SkewReverse) k2 = at::vec::fmadd(pt, where_pos(pt, vexp(lps - lm)), k2);  // R
+    const Vec m = at::vec::fmadd(beta, pt, beta1 * ps);
+    if (K == Kind::JSD) {
+      const Vec lm = m.log();
+      k1 = at::vec::fmadd(ps, where_pos(ps, lps - lm), k1);  // KL(p_s || m)
+      k2 = at::vec::fmadd(pt, where_pos(pt, lpt - lm), k2);  // KL(p_t || m)
+    } else if (K == Kind::SkewForward) {  // r = p_t / m: log r = log p_t - log m (one log, no exp)
+      const Vec r = pt / m;
+      k1 = at::vec::fmadd(ps, where_pos(ps, r), k1);        // R = sum p_s p_t / m
+      k2 = at::vec::fmadd(pt, where_pos(pt, r.log()), k2);  // KL(p_t || m)
+    } else {  // SkewReverse: r = p_s / m
+      const Vec r = ps / m;
+      k1 = at::vec::fmadd(ps, where_pos(ps, r.log()), k1);  // KL(p_s || m)
+      k2 = at::vec::fmadd(pt, where_pos(pt, r), k2);        // R
+    }
   }
   out.a = k1;
   out.b = k2;
@@ -298,21 +307,21 @@ void sweep_grad(const TS* s, const TT* t, TS* gs, TT* gt, int64_t nvec, int64_t 
       if (want_s) gsv = cs_s * ps * (sg - c.Ks);         // p_s (sign - K1) / 2T
       if (want_t) gtv = cs_t * pt * (c.Ks - c.Kt - sg);  // p_t (K1 - K2 - sign) / 2T
     } else {  // skew KL: r = p_t / m (forward) or p_s / m (reverse); R the row sum of p_s p_t / m
-      const Vec lm = at::vec::fmadd(c.beta, pt, c.beta1 * ps).log();
+      const Vec m = at::vec::fmadd(c.beta, pt, c.beta1 * ps);
       const Vec one(acc_t(1));
       if (K == Kind::SkewForward) {  // Ks = K1 = R, Kt = K2
-        const Vec r = vexp(lpt - lm);
+        const Vec r = pt / m;
         // -(1 - beta) p_s (r - R) / T;  p_t (log p_t/m - beta r - Kt + 1 - (1 - beta) R) / T
         if (want_s) gsv = cs_s * where_pos(ps, ps * (c.Ks - r)) * c.beta1;
         if (want_t) {
-          const Vec u = lpt - lm - c.beta * r - c.Kt + one - c.beta1 * c.Ks;
+          const Vec u = r.log() - c.beta * r - c.Kt + one - c.beta1 * c.Ks;
           gtv = cs_t * pt * where_pos(pt, u);
         }
       } else {  // SkewReverse: Ks = K1, Kt = K2 = R
-        const Vec r = vexp(lps - lm);
+        const Vec r = ps / m;
         // p_s (log p_s/m - (1 - beta) r - Ks + 1 - beta R) / T;  -beta p_t (r - R) / T
         if (want_s) {
-          const Vec u = lps - lm - c.beta1 * r - c.Ks + one - c.beta * c.Kt;
+          const Vec u = r.log() - c.beta1 * r - c.Ks + one - c.beta * c.Kt;
           gsv = cs_s * ps * where_pos(ps, u);
         }
         if (want_t) gtv = cs_t * where_pos(pt, pt * (c.Kt - r)) * c.beta;
