@@ -9,6 +9,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -q
+# pytest-xdist workers, one test file each at a time (a file's module-scoped builds stay in one
+# process); 0 runs the suite in this process
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.h csrc/cpu/*.h csrc/cpu/*.cpp csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h python/*.cpp python/*.h)
 
@@ -30,7 +33,7 @@ demo: install
 	$(BIN)/python -m kdkernels
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 distill: install
 	$(BIN)/python -m kdkernels.train
