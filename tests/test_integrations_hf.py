@@ -1,0 +1,169 @@
+"""kdkernels.integrations.hf on tiny random models built from configs (nothing is downloaded):
+the fused path equals Hugging Face's own logits fed to the float64 reference, loss and every
+student gradient, for Llama, Qwen2 and Gemma 2 (soft-capped) heads, tied and untied, with a bias,
+with padded vocabularies; the teacher gets no gradient; DistillationTrainer trains and its
+gradient accumulation equals the unaccumulated step."""
+
+import pytest
+import torch
+from conftest import assert_close
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from kdkernels import reference  # noqa: E402
+from kdkernels.integrations.hf import DistillationTrainer, hidden_states_of, lm_head_of  # noqa: E402
+
+V = 300
+
+
+def tiny(family, hidden, vocab=V, tie=False, bias=False, layers=1):
+    """A float64 causal LM of the family with random weights."""
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+                  attn_implementation="eager")
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(**common, head_dim=hidden // 4, final_logit_softcapping=3.0)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    else:
+        raise ValueError(family)
+    if bias:
+        model.lm_head = torch.nn.Linear(hidden, vocab, bias=True)
+        torch.nn.init.normal_(model.lm_head.bias, std=0.5)
+    return model.double()
+
+
+def batch(vocab=V, rows=3, seq=10):
+    ids = torch.randint(0, vocab, (rows, seq))
+    labels = ids.clone()
+    labels[0, 2:5] = -100
+    labels[2, 7] = -100
+    return ids, labels
+
+
+CASES = [("llama", {}), ("llama", {"tie": True}), ("llama", {"bias": True}), ("qwen2", {}),
+         ("qwen2", {"tie": True}), ("gemma2", {}), ("llama", {"padded": True}), ("gemma2", {"padded": True})]
+
+
+@pytest.mark.parametrize("family,opts", CASES, ids=[f"{f}-{'-'.join(o) or 'plain'}" for f, o in CASES])
+def test_fused_path_matches_the_logits_path(family, opts, seed):
+    """fused_linear_kl on hidden_states_of / lm_head_of == reference.distill_loss on the models'
+    own logits (soft-cap included), loss and the gradient of every student parameter, in float64."""
+    padded = opts.get("padded", False)
+    student = tiny(family, 32, tie=opts.get("tie", False), bias=opts.get("bias", False))
+    teacher = tiny(family, 48, vocab=V + 36 if padded else V, layers=2)
+    ids, labels = batch()
+    kw = dict(temperature=2.0, alpha=0.3, divergence="jsd", beta=0.4, vocab_size=V if padded else None)
+    hs, ht = hidden_states_of(student, input_ids=ids), hidden_states_of(teacher, input_ids=ids)
+    head_s, head_t = lm_head_of(student), lm_head_of(teacher)
+    if opts.get("tie"):
+        assert head_s.weight is student.get_input_embeddings().weight
+    assert (head_s.bias is not None) == opts.get("bias", False)
+    assert head_s.softcap == (3.0 if family == "gemma2" else None)
+    import kdkernels
+
+    loss = kdkernels.fused_linear_kl(hs[:, :-1], head_s.weight, ht[:, :-1], head_t.weight, student_bias=head_s.bias,
+                                     labels=labels[:, 1:], student_softcap=head_s.softcap,
+                                     teacher_softcap=head_t.softcap, **kw)
+    params = [p for p in student.parameters()]
+    grads = torch.autograd.grad(loss, params)
+    s_logits = student(input_ids=ids).logits
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    ref = reference.distill_loss(s_logits[:, :-1], t_logits[:, :-1], labels[:, 1:], **kw)
+    ref_grads = torch.autograd.grad(ref, params)
+    assert_close(loss, ref, torch.float64, f"loss {family} {opts} seed={seed}")
+    for (name, _), g, rg in zip(student.named_parameters(), grads, ref_grads):
+        assert_close(g, rg, torch.float64, f"grad {name} {family} {opts} seed={seed}")
+
+
+def test_lm_head_of_reads_the_config_and_rejects_what_it_cannot_read():
+    cohere = transformers.CohereForCausalLM(transformers.CohereConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, logit_scale=0.0625))
+    assert lm_head_of(cohere).logit_scale == 0.0625 and lm_head_of(cohere).softcap is None
+    granite = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, logits_scaling=8.0))
+    assert lm_head_of(granite).logit_scale == 0.125
+    base = tiny("llama", 32).model  # a LlamaModel: no lm_head
+    with pytest.raises(ValueError, match="LlamaModel has no output embedding"):
+        lm_head_of(base)
+    with pytest.raises(ValueError, match="LlamaModel has no decoder"):
+        hidden_states_of(base, input_ids=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_cohere_and_granite_transforms_match_their_logits(seed):
+    """The logit scale read from the config is the one the model's forward applies."""
+    for cls, cfg_cls, extra in ((transformers.CohereForCausalLM, transformers.CohereConfig, dict(logit_scale=0.5)),
+                                (transformers.GraniteForCausalLM, transformers.GraniteConfig,
+                                 dict(logits_scaling=4.0))):
+        cfg = cfg_cls(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, **extra)
+        model = cls(cfg).double()
+        ids = torch.randint(0, V, (2, 6))
+        head = lm_head_of(model)
+        h = hidden_states_of(model, input_ids=ids)
+        logits = (h @ head.weight.T) * head.logit_scale
+        assert_close(logits, model(input_ids=ids).logits, torch.float64, cls.__name__)
+
+
+def _trainer(tmp_path, student, teacher, data, **kw):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no",
+                                          logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+                                          **{k: v for k, v in kw.items() if k not in ("distill",)})
+    return DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=data,
+                               **kw.get("distill", {}))
+
+
+def _rows(n, vocab=V, seq=12, masked=()):
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, vocab, (seq,))
+        labels = ids.clone()
+        if i in masked:
+            labels[: masked[i]] = -100
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones(seq, dtype=torch.long)})
+    return out
+
+
+def test_trainer_trains_and_the_teacher_stays_frozen(tmp_path):
+    """Ten steps: the distillation loss falls; the teacher (parameters left requiring grad, only
+    put in eval mode by the trainer) gets no gradient and stays in eval mode."""
+    torch.manual_seed(0)
+    student, teacher = tiny("llama", 32), tiny("llama", 48, layers=2)
+    teacher.train()
+    assert all(p.requires_grad for p in teacher.parameters())
+    trainer = _trainer(tmp_path, student, teacher, _rows(16), max_steps=10, per_device_train_batch_size=4,
+                       learning_rate=3e-2, distill=dict(temperature=2.0))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 10 and losses[-1] < 0.8 * losses[0], losses
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
+    """Two micro-batches of 2 (with unequal numbers of ignored labels) and one batch of 4 give the
+    same step: the Trainer's num_items_in_batch divides the summed loss in both."""
+    torch.manual_seed(1)
+    data = _rows(4, masked={0: 9, 3: 2})
+    s0, teacher = tiny("qwen2", 32), tiny("qwen2", 48)
+    params = {}
+    for accumulate, per_device in ((1, 4), (2, 2)):
+        student = tiny("qwen2", 32)
+        student.load_state_dict(s0.state_dict())
+        trainer = _trainer(tmp_path / str(accumulate), student, teacher, data, max_steps=1,
+                           per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulate,
+                           learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+                           weight_decay=0.0, distill=dict(alpha=0.5, temperature=1.5))
+        trainer.train()
+        params[accumulate] = {k: v.detach().clone() for k, v in student.named_parameters()}
+    moved = sum((params[1][k] - s0.state_dict()[k]).norm().item() for k in params[1])
+    assert moved > 1e-3
+    for k in params[1]:
+        assert_close(params[2][k], params[1][k], torch.float64, k)
