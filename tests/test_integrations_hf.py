@@ -167,3 +167,31 @@ def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     assert moved > 1e-3
     for k in params[1]:
         assert_close(params[2][k], params[1][k], torch.float64, k)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("num_items", [None, 23])
+def test_trl_gkd_compute_loss_equals_trls(beta, num_items, seed):
+    """kdkernels.integrations.trl.GKDTrainer.compute_loss against TRL's own GKDTrainer.compute_loss
+    (the logits and TRL's generalized_jsd_loss) on the same models and batch: loss and every
+    student gradient, with and without the Trainer's num_items_in_batch."""
+    pytest.importorskip("trl")
+    import types
+
+    from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
+
+    from kdkernels.integrations.trl import GKDTrainer
+
+    student, teacher = tiny("llama", 32), tiny("llama", 48, layers=2)
+    ids, labels = batch()
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    trainer = types.SimpleNamespace(teacher_model=teacher, beta=beta,
+                                    generalized_jsd_loss=TRLGKDTrainer.generalized_jsd_loss)
+    params = list(student.parameters())
+    n = None if num_items is None else torch.tensor(num_items)
+    ours = GKDTrainer.compute_loss(trainer, student, inputs, num_items_in_batch=n)
+    theirs = TRLGKDTrainer.compute_loss(trainer, student, inputs, num_items_in_batch=n)
+    assert_close(ours, theirs, torch.float64, f"loss beta={beta} seed={seed}")
+    for (name, _), g, rg in zip(student.named_parameters(), torch.autograd.grad(ours, params),
+                                torch.autograd.grad(theirs, params)):
+        assert_close(g, rg, torch.float64, f"grad {name} beta={beta} seed={seed}")

@@ -9,6 +9,8 @@ Granite's ``logits_scaling``). This module reads both from any model with an out
 * :func:`hidden_states_of` runs the model's own forward with ``logits_to_keep`` set to no
   position (so no ``[tokens, vocab]`` logits are formed, and wrappers such as DDP and FSDP2 see
   an ordinary forward) and returns the decoder's ``last_hidden_state``;
+* :func:`distillation_loss` is the fused loss of a student and a teacher on one batch (for a
+  training loop of one's own);
 * :class:`DistillationTrainer` is a ``transformers.Trainer`` with a ``teacher_model`` whose
   ``compute_loss`` is ``fused_linear_kl`` on both models' hidden states, shifted for next-token
   prediction, with the labels' ``-100`` ignored and the Trainer's ``num_items_in_batch``.
@@ -32,7 +34,7 @@ try:
 except ImportError as exc:  # pragma: no cover - the optional extra is missing
     raise ImportError('kdkernels.integrations.hf needs transformers: pip install "kdkernels[hf]"') from exc
 
-__all__ = ["LMHead", "lm_head_of", "hidden_states_of", "DistillationTrainer"]
+__all__ = ["LMHead", "lm_head_of", "hidden_states_of", "distillation_loss", "DistillationTrainer"]
 
 
 class LMHead(NamedTuple):
@@ -128,6 +130,39 @@ def hidden_states_of(model: nn.Module, **batch) -> Tensor:
     return seen[0]
 
 
+def distillation_loss(student: nn.Module, teacher: nn.Module, inputs: dict, *, num_items_in_batch=None,
+                      **options) -> Tensor:
+    """:func:`kdkernels.fused_linear_kl` of ``student`` against ``teacher`` on one batch of a causal
+    LM: both trunks run (:func:`hidden_states_of`, the teacher in eval mode under ``no_grad`` with
+    its head detached), the hidden state at position ``i`` and the label at ``i + 1`` make a row,
+    rows labelled -100 are ignored, and the heads' bias, soft-cap and logit scale
+    (:func:`lm_head_of`) are applied inside the kernel. ``inputs`` holds ``input_ids``, optionally
+    ``attention_mask`` and ``labels`` (without labels: ``input_ids`` where ``attention_mask`` is
+    1). ``options``: ``temperature``, ``divergence``, ``beta``, ``skew``, ``alpha``,
+    ``vocab_size``, ``reduction``, ``backend`` of :func:`kdkernels.fused_linear_kl`."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        labels = inputs["input_ids"].clone()
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            labels = labels.masked_fill(mask == 0, -100)
+    hs = hidden_states_of(student, **inputs)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            ht = hidden_states_of(teacher, **inputs)
+    finally:
+        teacher.train(was_training)
+    head_s, head_t = lm_head_of(student), lm_head_of(teacher)
+    return fused_linear_kl(
+        hs[:, :-1], head_s.weight, ht[:, :-1], head_t.weight.detach(), student_bias=head_s.bias,
+        teacher_bias=None if head_t.bias is None else head_t.bias.detach(), labels=labels[:, 1:],
+        num_items_in_batch=num_items_in_batch, student_softcap=head_s.softcap, teacher_softcap=head_t.softcap,
+        student_logit_scale=head_s.logit_scale, teacher_logit_scale=head_t.logit_scale, **options)
+
+
 class DistillationTrainer(transformers.Trainer):
     """``transformers.Trainer`` that distills ``teacher_model`` into ``model`` with
     :func:`kdkernels.fused_linear_kl`: both trunks run (:func:`hidden_states_of`), the loss takes
@@ -166,23 +201,8 @@ class DistillationTrainer(transformers.Trainer):
                                     skew=float(skew), alpha=float(alpha), vocab_size=vocab_size, backend=backend)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("labels", None)
-        if labels is None:
-            labels = inputs["input_ids"].clone()
-            mask = inputs.get("attention_mask")
-            if mask is not None:
-                labels = labels.masked_fill(mask == 0, -100)
-        hs = hidden_states_of(model, **inputs)
-        self.teacher_model.eval()
-        with torch.no_grad():
-            ht = hidden_states_of(self.teacher_model, **inputs)
-        head_s, head_t = lm_head_of(model), lm_head_of(self.teacher_model)
-        loss = fused_linear_kl(
-            hs[:, :-1], head_s.weight, ht[:, :-1], head_t.weight.detach(), student_bias=head_s.bias,
-            teacher_bias=None if head_t.bias is None else head_t.bias.detach(), labels=labels[:, 1:],
-            num_items_in_batch=num_items_in_batch, student_softcap=head_s.softcap, teacher_softcap=head_t.softcap,
-            student_logit_scale=head_s.logit_scale, teacher_logit_scale=head_t.logit_scale, **self.distill_options)
+        loss = distillation_loss(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                 **self.distill_options)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every device's tokens and DDP averages the gradients over the
             # devices: the Trainer's own causal-LM loss is scaled back the same way
