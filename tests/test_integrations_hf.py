@@ -6,7 +6,7 @@ gradient accumulation equals the unaccumulated step."""
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import HAS_PEAK_RSS_RESET, assert_close, run_memory_probe
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -195,3 +195,32 @@ def test_trl_gkd_compute_loss_equals_trls(beta, num_items, seed):
     for (name, _), g, rg in zip(student.named_parameters(), torch.autograd.grad(ours, params),
                                 torch.autograd.grad(theirs, params)):
         assert_close(g, rg, torch.float64, f"grad {name} beta={beta} seed={seed}")
+
+
+HF_MEMORY_PROBE = """
+    import sys, torch, transformers
+    from kdkernels.integrations.hf import distillation_loss
+    torch.set_num_threads(1)
+    V = int(sys.argv[1])
+    def model(h):
+        cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=2 * h, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        return transformers.LlamaForCausalLM(cfg)
+    student, teacher = model(32), model(48)
+    ids = torch.randint(0, V, (4, 128))
+    batch = {"input_ids": ids, "labels": ids}
+    distillation_loss(student, teacher, {"input_ids": ids[:, :8]}).backward()  # load code paths
+    student.zero_grad(set_to_none=True)
+    extra = peak_extra(lambda: distillation_loss(student, teacher, batch, temperature=2.0).backward())
+    print(extra - sum(p.grad.numel() * p.grad.element_size() for p in student.parameters() if p.grad is not None))
+"""
+
+
+@pytest.mark.skipif(not HAS_PEAK_RSS_RESET, reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_of_a_step_is_flat_in_the_vocabulary():
+    """One distillation step (both trunks, the fused loss, backward) of 512 tokens: its peak memory
+    beyond the student's gradients is the same at V = 8192 and V = 131072 (one [512, 131072]
+    float32 logits tensor would be 256 MiB)."""
+    small, large = (run_memory_probe(HF_MEMORY_PROBE, V) for V in (8192, 131072))
+    msg = f"beyond the gradients: {small / 2**20:.1f} MiB at V = 8192, {large / 2**20:.1f} MiB at V = 131072"
+    assert large - small < 8 * 2**20, msg
