@@ -224,3 +224,56 @@ def test_peak_memory_of_a_step_is_flat_in_the_vocabulary():
     small, large = (run_memory_probe(HF_MEMORY_PROBE, V) for V in (8192, 131072))
     msg = f"beyond the gradients: {small / 2**20:.1f} MiB at V = 8192, {large / 2**20:.1f} MiB at V = 131072"
     assert large - small < 8 * 2**20, msg
+
+
+TORCHRUN_SCRIPT = """
+import os, sys, torch, transformers
+sys.path.insert(0, {tests!r})
+from test_integrations_hf import tiny, _rows
+from kdkernels.integrations.hf import DistillationTrainer
+out = sys.argv[1]
+torch.manual_seed(3)
+student, teacher = tiny("llama", 32), tiny("llama", 48)
+torch.save(student.state_dict(), os.path.join(out, "init.pt")) if int(os.environ["RANK"]) == 0 else None
+data = _rows(4, masked={{0: 9, 3: 2}})
+args = transformers.TrainingArguments(output_dir=out, report_to=[], use_cpu=True, save_strategy="no", max_steps=1,
+                                      per_device_train_batch_size=2, learning_rate=0.5, optim="sgd",
+                                      lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+                                      disable_tqdm=True, ddp_backend="gloo", dataloader_num_workers=0)
+trainer = DistillationTrainer(model=student, args=args, teacher_model=teacher, train_dataset=data, alpha=0.5,
+                              temperature=1.5)
+assert trainer.args.world_size == 2, trainer.args.world_size
+trainer.train()
+torch.save({{k: v.detach() for k, v in student.named_parameters()}},
+           os.path.join(out, f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_torchrun_two_processes_equal_one(tmp_path):
+    """`torchrun --nproc_per_node=2` (DDP through accelerate, gloo): one step of 2 rows a rank
+    equals one single-process step of the 4 rows (num_items_in_batch counted across the ranks,
+    the loss scaled back as the Trainer's own), and both ranks hold the same parameters."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(TORCHRUN_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    torch.manual_seed(3)
+    student, teacher = tiny("llama", 32), tiny("llama", 48)
+    student.load_state_dict(torch.load(tmp_path / "init.pt"))
+    data = _rows(4, masked={0: 9, 3: 2})
+    _trainer(tmp_path / "one", student, teacher, data, max_steps=1, per_device_train_batch_size=4, learning_rate=0.5,
+             optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+             distill=dict(alpha=0.5, temperature=1.5)).train()
+    init = torch.load(tmp_path / "init.pt")
+    assert sum((ranks[0][k] - init[k]).norm().item() for k in ranks[0]) > 1e-3
+    for k, v in student.named_parameters():
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        assert_close(ranks[0][k], v, torch.float64, k)
