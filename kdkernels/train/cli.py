@@ -74,6 +74,8 @@ def main(argv=None, prog: str = "kdkernels distill") -> int:
             from kdkernels.train.vision import run_task
         elif cfg.task == "embeddings":
             from kdkernels.train.embeddings import run_task
+        elif cfg.task == "hf":
+            from kdkernels.train.hf import run_task
         else:
             from kdkernels.train.lm import run_task
         result = run_task(cfg, device, out)

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 __all__ = ["Config", "ConfigError", "load_file", "parse_args", "TASKS", "TASK_DEFAULTS"]
 
-TASKS = ("lm", "embeddings", "vision")
+TASKS = ("lm", "embeddings", "vision", "hf")
 
 
 class ConfigError(ValueError):
@@ -49,7 +49,12 @@ class Config:
     eval_every: int = field(default=150, metadata={"help": "evaluate every this many steps"})
     ckpt_every: int = field(default=100, metadata={"help": "checkpoint every this many steps"})
     resume: bool = field(default=False, metadata={"help": "continue each run from its last checkpoint"})
-    teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one"})
+    teacher: str = field(default="", metadata={"help": "a teacher checkpoint to use instead of training one (hf: the "
+                                                       "teacher's save_pretrained directory)"})
+    student: str = field(default="", metadata={"help": "hf: the student's save_pretrained directory (its tokenizer "
+                                                       "tokenizes --data)"})
+    data: str = field(default="", metadata={"help": "hf: a text file, or JSONL with a 'text' field per line"})
+    max_length: int = field(default=128, metadata={"help": "hf: tokens per packed block"})
     baseline: bool = field(default=True, metadata={"help": "also train the student without distillation"})
     vocab_size: int = field(default=16384, metadata={"help": "lm: BPE vocabulary size"})
     context: int = field(default=64, metadata={"help": "lm, embeddings: tokens per sequence"})
@@ -94,6 +99,17 @@ class Config:
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.hint_kind not in ("mse", "l1", "smooth_l1", "cosine"):
             raise ConfigError(f"hint_kind must be mse, l1, smooth_l1 or cosine, got {self.hint_kind!r}")
+        if self.task != "hf":
+            for name in ("student", "data"):
+                if getattr(self, name):
+                    raise ConfigError(f"--{name} is for --task hf (Hugging Face checkpoints); --task {self.task} "
+                                      "builds its own student and data")
+            if self.teacher and (os.path.isdir(self.teacher) or self.teacher.endswith((".safetensors", ".bin"))):
+                raise ConfigError(f"--teacher {self.teacher!r} is a Hugging Face checkpoint: --task {self.task} takes "
+                                  "a kdkernels checkpoint (its own checkpoint.pt); for save_pretrained directories "
+                                  "use --task hf --teacher DIR --student DIR --data FILE")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2, got {self.max_length}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         return self
@@ -112,6 +128,8 @@ TASK_DEFAULTS = {
     "embeddings": {"out": "runs/embeddings", "steps": 400, "batch_size": 128, "lr": 1e-2, "temperature": 0.1,
                    "alpha": 0.2, "hint_weight": 1.0, "hint_kind": "cosine", "student_dim": 128, "student_layers": 1,
                    "student_examples": 0},
+    "hf": {"out": "runs/hf", "steps": 60, "batch_size": 8, "lr": 3e-4, "warmup": 5, "eval_every": 30,
+           "ckpt_every": 30, "alpha": 0.5, "temperature": 1.0},
     "vision": {"out": "runs/vision", "steps": 1500, "teacher_steps": 600, "teacher_lr": 1e-2, "student_examples": 300,
                "batch_size": 64, "lr": 1e-2, "temperature": 4.0, "alpha": 0.1, "hint_weight": 0.02, "eval_every": 250,
                "ckpt_every": 250},
