@@ -74,7 +74,7 @@ def main(argv: list) -> int:
         "rss_after_inputs_mib": rss_after_inputs / 1024,
         "ru_maxrss_before_mib": maxrss_before / 1024,
         "ru_maxrss_after_mib": maxrss_kib() / 1024,
-        "inputs_mib": sum(x.numel() * x.element_size() for x in inputs.values()) / MIB,
+        "inputs_mib": sum(x.numel() * x.element_size() for x in inputs.values() if hasattr(x, "numel")) / MIB,
         "loss": float(loss.detach()),
     }
     print(json.dumps(result), flush=True)

@@ -147,6 +147,21 @@ def test_trainer_trains_and_the_teacher_stays_frozen(tmp_path):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_a_teacher_left_requiring_grad_costs_no_backward():
+    """distillation_loss called directly with a teacher whose parameters require grad (only the
+    student is meant to train): the loss's graph does not reach a single teacher parameter, so the
+    backward computes nothing for it (no [V, H] weight gradient), and the teacher's mode is kept."""
+    student, teacher = tiny("llama", 32), tiny("llama", 48)
+    teacher.train()
+    ids, labels = batch()
+    from kdkernels.integrations.hf import distillation_loss
+
+    loss = distillation_loss(student, teacher, {"input_ids": ids, "labels": labels}, temperature=2.0)
+    grads = torch.autograd.grad(loss, list(teacher.parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+    assert teacher.training
+
+
 def test_gradient_accumulation_equals_the_whole_batch(tmp_path):
     """Two micro-batches of 2 (with unequal numbers of ignored labels) and one batch of 4 give the
     same step: the Trainer's num_items_in_batch divides the summed loss in both."""
