@@ -33,8 +33,7 @@ def _median_ms(fn, repeats):
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kdkernels", description=__doc__.splitlines()[0])
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=256, help="N, tokens in the batch (default 256)")
     p.add_argument("--vocab", type=int, default=32000, help="V, vocabulary size (default 32000)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
@@ -44,8 +43,18 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    return p
 
+
+DESCRIPTION = __doc__.splitlines()[0]
+
+
+def main(argv=None) -> int:
+    return run(add_arguments(argparse.ArgumentParser(prog="python -m kdkernels", description=DESCRIPTION))
+               .parse_args(argv))
+
+
+def run(a: argparse.Namespace) -> int:
     torch.manual_seed(a.seed)
     dev, dt, T = torch.device(a.device), DTYPES[a.dtype], a.temperature
     print(f"kdkernels {kdkernels.__version__} | torch {torch.__version__} | device {dev} | "

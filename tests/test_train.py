@@ -1,6 +1,7 @@
 """The trainer (kdkernels distill): config parsing, a short run of each task end to end, bit-for-bit
 resume after an interruption, atomic and corrupt checkpoints, clear errors, two processes."""
 
+import copy
 import json
 import os
 
@@ -82,9 +83,25 @@ def test_vision_short_run(tmp_path, capsys):
 
 
 def test_console_script_dispatch(capsys):
+    """kdkernels {distill,demo}: argparse subparsers, each with its own help and errors."""
     assert cli.main(["--help"]) == 0
     assert "distill" in capsys.readouterr().out
     assert cli.main(["train"]) == 2
+    assert "invalid choice: 'train'" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    assert cli.main(["distill", "--help"]) == 0
+    assert "usage: kdkernels distill" in capsys.readouterr().out
+    assert cli.main(["distill", "--temprature", "2"]) == 2
+    assert "did you mean 'temperature'?" in capsys.readouterr().err
+    assert cli.main(["demo", "--vocab", "x"]) == 2
+    assert "kdkernels demo: error: argument --vocab" in capsys.readouterr().err
+    assert cli.main(["demo", "--bogus"]) == 2
+    # the distill subparser's flags are the trainer's own: the same Config as python -m kdkernels.train
+    parser = cli.build_parser()
+    args, rest = parser.parse_known_args(["distill", "--task", "vision", "--steps", "7"])
+    from kdkernels.train.config import config_of
+
+    assert config_of(args.parser, args, rest) == parse_args(["--task", "vision", "--steps", "7"])
 
 
 # ------------------------------------------------------------------ resume
@@ -248,6 +265,60 @@ def test_two_processes_stay_in_sync(tmp_path):
     fit(run, Config(steps=12, ckpt_every=6, eval_every=100, batch_size=8, progress=False, warmup=2), 12,
         str(tmp_path / "single"), seed=3)
     assert not torch.equal(single.state_dict()["0.weight"], a["0.weight"])  # 2 ranks saw other batches
+
+
+def _linear_run():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    data_x, data_y = torch.randn(64, 6, generator=torch.Generator().manual_seed(5)), torch.arange(64) % 3
+
+    def sample(gen, bs):
+        idx = torch.randint(64, (bs,), generator=gen)
+        return data_x[idx], data_y[idx]
+
+    def loss(batch):
+        out = torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+        return out, {}
+
+    return model, sample, Run("r", model, loss, sample, lambda: {})
+
+
+def _accum_worker(rank, world, init_file, out_dir):
+    """fit with 2 micro-batches a step on 2 ranks, against the same steps written out by hand: the
+    mean over both ranks of each rank's accumulated gradient, then AdamW and the schedule."""
+    import torch.distributed as tdist
+
+    from kdkernels.train.loop import cosine_schedule
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = Config(steps=6, ckpt_every=100, eval_every=100, batch_size=4, grad_accum=2, progress=False, warmup=2)
+    model, sample, run = _linear_run()
+    ref = copy.deepcopy(model)
+    fit(run, cfg, 6, os.path.join(out_dir, f"fit{rank}"), seed=3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, 6))
+    gens = [torch.Generator().manual_seed(3 + 1000 * r) for r in range(world)]
+    for _ in range(6):
+        opt.zero_grad()
+        for gen in gens:
+            for _ in range(cfg.grad_accum):
+                x, y = sample(gen, cfg.batch_size)
+                (torch.nn.functional.cross_entropy(ref(x), y) / (cfg.grad_accum * world)).backward()
+        opt.step()
+        sched.step()
+    for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_accumulate_then_average(tmp_path):
+    """Gradient accumulation under DistributedDataParallel (no_sync on the first micro-batch): each
+    step is the mean of both ranks' accumulated gradients."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_accum_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
@@ -427,31 +498,31 @@ def test_minilm_matches_sentence_transformers():
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
-def test_read_safetensors(tmp_path):
-    from kdkernels.train.embeddings import read_safetensors
+def test_load_minilm_reads_safetensors(tmp_path):
+    """A MiniLM directory written with safetensors and tokenizers loads with every weight."""
+    pytest.importorskip("tokenizers")
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tensors = {"w": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "ids": torch.arange(6).view(2, 3),
-               "empty": torch.zeros(0, 2)}
-    codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header).encode()
-    path = tmp_path / "t.safetensors"
-    path.write_bytes(len(head).to_bytes(8, "little") + head + b"".join(blobs))
-    got = read_safetensors(str(path))
-    assert set(got) == set(tensors)
-    for name, t in tensors.items():
-        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        return
-    for name, t in load_file(str(path)).items():  # the reference reader agrees on the hand-written file
-        assert torch.equal(got[name], t)
+    from kdkernels.train.embeddings import MiniLM, load_minilm
+
+    config = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "intermediate_size": 32, "max_position_embeddings": 40, "type_vocab_size": 2}
+    torch.manual_seed(0)
+    src = MiniLM(**config)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    model, tokenizer = load_minilm(str(tmp_path))
+    for (k, a), (_, b) in zip(src.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert tokenizer.encode("a b").ids == [1, 0]
+    partial = {k: v.contiguous() for k, v in list(src.state_dict().items())[1:]}
+    save_file(partial, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks 1 of MiniLM's tensors"):
+        load_minilm(str(tmp_path))
 
 
 def test_agreement_and_recall():
@@ -462,6 +533,14 @@ def test_agreement_and_recall():
     assert agreement(x, x) == pytest.approx(1.0) and agreement(x, 3 * x) == pytest.approx(1.0)  # cosine, ranks
     assert abs(agreement(x, y)) < 0.1
     assert agreement(x, x + 0.3 * y) > 0.8
+    # the Spearman correlation itself: ranks of the pairwise cosines, against a direct computation
+    s, t = torch.nn.functional.normalize(x.double(), dim=-1), torch.nn.functional.normalize(y.double(), dim=-1)
+    i, j = torch.triu_indices(60, 60, 1)
+    a, b = (s @ s.T)[i, j].argsort().argsort().double(), (t @ t.T)[i, j].argsort().argsort().double()
+    a, b = a - a.mean(), b - b.mean()
+    assert agreement(x, y) == pytest.approx(float((a * b).sum() / (a.norm() * b.norm())), abs=1e-12)
+    tied = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])  # tied cosines take their mean rank
+    assert agreement(tied, tied) == pytest.approx(1.0)
     assert recall_at_1(x, x) == 1.0 and recall_at_1(x, x.roll(1, 0)) == 0.0
     assert recall_at_1(x, x + 0.01 * y) == 1.0
 

@@ -12,7 +12,7 @@ import torch
 
 from kdkernels.train import dist
 from kdkernels.train.checkpoint import CheckpointError
-from kdkernels.train.config import ConfigError, parse_args
+from kdkernels.train.config import ConfigError, config_of, parse_args
 
 __all__ = ["main"]
 
@@ -61,9 +61,11 @@ def format_table(rows, metrics=("accuracy", "loss")) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None, prog: str = "kdkernels distill") -> int:
+def main(argv=None, prog: str = "kdkernels distill", parsed=None) -> int:
+    """Run ``argv``, or ``parsed``: the (parser, namespace, unparsed rest) of the ``kdkernels``
+    command's ``distill`` subparser."""
     try:
-        cfg = parse_args(argv, prog=prog)
+        cfg = config_of(*parsed) if parsed is not None else parse_args(argv, prog=prog)
         device = _device(cfg)
         out = _writable(cfg.out)
         dist.setup(device)

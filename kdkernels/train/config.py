@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-__all__ = ["Config", "ConfigError", "load_file", "parse_args", "TASKS", "TASK_DEFAULTS"]
+__all__ = ["Config", "ConfigError", "load_file", "parse_args", "add_arguments", "config_of", "TASKS", "TASK_DEFAULTS"]
 
 TASKS = ("lm", "embeddings", "vision", "hf")
 
@@ -202,14 +202,21 @@ def load_file(path: str) -> dict:
     return out
 
 
-def build_parser(prog: str = "kdkernels distill") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Distill a student from a teacher with the kdkernels losses "
-                                "and compare it with the teacher and with the student trained alone.",
-                                epilog="The defaults shown are --task lm's. Other tasks change these unless a flag or "
-                                "the file sets them: " + "; ".join(
-                                    f"{task}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
-                                    for task, changes in TASK_DEFAULTS.items() if changes) + ".",
-                                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+def _parser_options(prog: str) -> dict:
+    """The ``ArgumentParser`` settings of the distill command (a parser of its own, or the
+    ``distill`` subparser of the ``kdkernels`` command)."""
+    return dict(prog=prog, description="Distill a student from a teacher with the kdkernels losses and compare it "
+                "with the teacher and with the student trained alone.",
+                epilog="The defaults shown are --task lm's. Other tasks change these unless a flag or the file sets "
+                "them: " + "; ".join(f"{task}: " + ", ".join(f"{k}={v}" for k, v in changes.items())
+                                     for task, changes in TASK_DEFAULTS.items() if changes) + ".",
+                argument_default=argparse.SUPPRESS, allow_abbrev=False)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--config FILE`` and a flag per :class:`Config` field; the flags not given are absent
+    from the parsed namespace (``argument_default=SUPPRESS``), so the file and the task's
+    defaults fill them."""
     p.add_argument("--config", metavar="FILE", help="a .toml or .yaml file of config keys (flags override it)")
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
@@ -221,19 +228,28 @@ def build_parser(prog: str = "kdkernels distill") -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[list] = None, prog: str = "kdkernels distill") -> Config:
-    """Defaults, then ``--config FILE``, then the flags given."""
-    parser = build_parser(prog)
-    args, rest = parser.parse_known_args(argv)
+def build_parser(prog: str = "kdkernels distill") -> argparse.ArgumentParser:
+    return add_arguments(argparse.ArgumentParser(**_parser_options(prog)))
+
+
+def config_of(parser: argparse.ArgumentParser, args: argparse.Namespace, rest: list) -> Config:
+    """The :class:`Config` of a ``parse_known_args`` result: defaults, then ``--config FILE``,
+    then the flags given. An unknown ``--key`` names the closest known one."""
     if rest:
         bad = rest[0].lstrip("-").split("=")[0].replace("-", "_")
         if rest[0].startswith("--") and bad not in _FIELDS:
             raise _unknown(bad, "the command line")
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    values = vars(args)
+    values = {k: v for k, v in vars(args).items() if k in _FIELDS or k == "config"}
     cfg = load_file(values.pop("config")) if "config" in values else {}
     cfg.update({k: _convert(k, v) for k, v in values.items()})
     task = cfg.get("task", Config.task)
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     return Config(**{**TASK_DEFAULTS[task], **cfg})
+
+
+def parse_args(argv: Optional[list] = None, prog: str = "kdkernels distill") -> Config:
+    """Defaults, then ``--config FILE``, then the flags given."""
+    parser = build_parser(prog)
+    return config_of(parser, *parser.parse_known_args(argv))

@@ -1,8 +1,8 @@
-"""Data-parallel training for the trainer: under ``torchrun`` (``WORLD_SIZE > 1`` in the
-environment) every process trains the same model on its own batches; after each step's backward
-the gradients are averaged over the processes with one all-reduce, so every rank takes the same
-optimizer step and the weights stay identical. gloo on the CPU, NCCL on GPUs. Rank 0 alone writes
-metrics, checkpoints and the table."""
+"""The process group of the trainer: under ``torchrun`` (``WORLD_SIZE > 1`` in the environment)
+every process trains the same model on its own batches (``DistributedDataParallel``, or FSDP2
+with ``--fsdp``, in :func:`kdkernels.train.loop.fit`), so every rank takes the same optimizer step.
+gloo on the CPU, NCCL on GPUs. Rank 0 alone writes metrics, checkpoints and the table; these
+helpers are the few collectives the loop needs besides those."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup", "teardown", "rank", "world", "is_main", "average_gradients", "barrier", "gather_objects",
+__all__ = ["setup", "teardown", "rank", "world", "is_main", "barrier", "gather_objects",
            "all_mean"]
 
 
@@ -42,22 +42,6 @@ def is_main() -> bool:
 def barrier() -> None:
     if world() > 1:
         dist.barrier()
-
-
-def average_gradients(params) -> None:
-    """Replace every gradient by its mean over the ranks (one flat all-reduce)."""
-    if world() == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world()
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def all_mean(value: float) -> float:

