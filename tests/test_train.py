@@ -321,6 +321,125 @@ def test_two_processes_accumulate_then_average(tmp_path):
     mp.spawn(_accum_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
 
 
+class _Blocks(torch.nn.Module):
+    """A trunk with an nn.ModuleList of blocks (FSDP2 shards each) and a head the loss reads
+    directly (the root's group, 3 rows over 2 ranks: uneven shards)."""
+
+    def __init__(self, dropout=0.0):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 8)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Dropout(dropout)) for _ in range(2))
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        for block in self.blocks:
+            h = h + block(h)
+        return h
+
+
+def _blocks_run(dropout=0.0, seed_model=0, stop_after=None):
+    torch.manual_seed(seed_model)
+    model = _Blocks(dropout)
+    data_x, data_y = torch.randn(64, 6, generator=torch.Generator().manual_seed(5)), torch.arange(64) % 3
+    calls = {"n": 0}
+
+    def ce(m, x, y):
+        return torch.nn.functional.cross_entropy(m(x) @ m.head.weight.t() + m.head.bias, y)
+
+    def loss(batch):
+        calls["n"] += 1
+        if stop_after is not None and calls["n"] > stop_after:
+            raise _Interrupt
+        return ce(model, *batch), {}
+
+    def sample(gen, bs):
+        idx = torch.randint(64, (bs,), generator=gen)
+        return data_x[idx], data_y[idx]
+
+    def evaluate():  # reads the root's parameters outside the loss: fit gathers them for it
+        return {"head": float(model.head.weight.double().sum()), "ce": float(ce(model, data_x, data_y))}
+
+    return model, sample, ce, Run("r", model, loss, sample, evaluate)
+
+
+def _fsdp_worker(rank, world, init_file, out_dir):
+    """--fsdp on 2 ranks: (1) 2 micro-batches a step against the same steps written out by hand,
+    with the evaluation and the gathered weights; (2) interrupted and resumed from the sharded
+    checkpoint, bit-for-bit the uninterrupted sharded run."""
+    import torch.distributed as tdist
+
+    from kdkernels.train.loop import cosine_schedule, full_state_dict, is_sharded, unsharded
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = Config(steps=6, ckpt_every=100, eval_every=3, batch_size=4, grad_accum=2, progress=False, warmup=2,
+                 fsdp=True)
+    model, sample, ce, run = _blocks_run()
+    ref = copy.deepcopy(model)
+    final = fit(run, cfg, 6, os.path.join(out_dir, "accum"), seed=3)
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, 6))
+    gens = [torch.Generator().manual_seed(3 + 1000 * r) for r in range(world)]
+    for _ in range(6):
+        opt.zero_grad()
+        for gen in gens:
+            for _ in range(cfg.grad_accum):
+                (ce(ref, *sample(gen, cfg.batch_size)) / (cfg.grad_accum * world)).backward()
+        opt.step()
+        sched.step()
+    assert is_sharded(model) and not is_sharded(ref)
+    state = full_state_dict(model)
+    for k, b in ref.state_dict().items():
+        torch.testing.assert_close(state[k], b, rtol=1e-5, atol=1e-6, msg=k)
+    plain = unsharded(model, _Blocks)
+    assert not is_sharded(plain) and not plain.training
+    torch.testing.assert_close(plain.head.weight, ref.head.weight, rtol=1e-5, atol=1e-6)
+    assert final["head"] == pytest.approx(float(ref.head.weight.double().sum()), rel=1e-5)
+    data = torch.randn(64, 6, generator=torch.Generator().manual_seed(5)), torch.arange(64) % 3
+    with torch.no_grad():
+        assert final["ce"] == pytest.approx(float(ce(ref, *data)), rel=1e-5)
+
+    cfg = Config(steps=8, ckpt_every=3, eval_every=100, batch_size=4, grad_accum=2, progress=False, warmup=2,
+                 fsdp=True)
+    model, _, _, run = _blocks_run(dropout=0.2)
+    fit(run, cfg, 8, os.path.join(out_dir, "a"), seed=7)
+    whole = full_state_dict(model)
+    torch.manual_seed(123 + rank)
+    model, _, _, run = _blocks_run(dropout=0.2, stop_after=11)  # interrupted in step 6, after the step-3 checkpoint
+    try:
+        fit(run, cfg, 8, os.path.join(out_dir, "b"), seed=7)
+        raise AssertionError("not interrupted")
+    except _Interrupt:
+        pass
+    torch.manual_seed(456 + rank)
+    model, _, _, run = _blocks_run(dropout=0.2, seed_model=99)
+    fit(run, Config(**{**cfg.to_dict(), "resume": True}), 8, os.path.join(out_dir, "b"), seed=7)
+    resumed = full_state_dict(model)
+    assert whole.keys() == resumed.keys()
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
+    _, _, _, run = _blocks_run()
+    with pytest.raises(ckpt.CheckpointError, match="written with --fsdp; resume it with --fsdp"):
+        fit(run, Config(**{**cfg.to_dict(), "resume": True, "fsdp": False}), 8, os.path.join(out_dir, "b"), seed=7)
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_two_processes_fsdp(tmp_path):
+    """--fsdp (FSDP2 fully_shard of each block, then the root) on 2 gloo ranks: the steps equal the
+    hand-written mean of both ranks' accumulated gradients; the evaluation reads the gathered
+    weights; checkpoints are sharded (torch.distributed.checkpoint) and a resumed run is
+    bit-for-bit the uninterrupted one."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    state = ckpt.load_checkpoint(str(tmp_path / "b" / "r" / "checkpoint.pt"))
+    assert state["step"] == 8 and state["shards"] == "shards-000000008" and "model" not in state
+    assert sorted(p.name for p in (tmp_path / "b" / "r").iterdir()) == ["checkpoint.pt", "shards-000000008"]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
 @pytest.mark.parametrize("task", ["vision", "embeddings"])
 def test_torchrun_two_processes(tmp_path, task):
@@ -344,6 +463,41 @@ def test_torchrun_two_processes(tmp_path, task):
     steps = [m["step"] for m in read_metrics(str(out / "metrics.jsonl"))
              if m["run"] == "student-distilled" and "loss" in m]
     assert steps == list(range(1, 21))
+
+
+def _torchrun(args):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "kdkernels.train", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_torchrun_fsdp_lm(tmp_path):
+    """`torchrun --nproc_per_node=2 -m kdkernels.train --task lm --fsdp`: the teacher and the student
+    sharded by FSDP2 (each transformer block, then the rest), sharded checkpoints; the table equals
+    the DistributedDataParallel run's; run again with --resume, the cached teacher is read from its
+    shards and the finished student from its checkpoint, and the table is the same to the bit."""
+    pytest.importorskip("tokenizers")
+    args = LM_SHORT + ["--no-baseline"]
+    res = _torchrun(args + ["--fsdp", "--out", str(tmp_path / "fsdp")])
+    assert res.stdout.count("| student, distilled |") == 1 and "teacher trained" in res.stdout
+    for run in ("teacher", "student-distilled"):
+        state = ckpt.load_checkpoint(str(tmp_path / "fsdp" / run / "checkpoint.pt"))
+        assert state["shards"] == "shards-000000020" and (tmp_path / "fsdp" / run / state["shards"]).is_dir()
+    sharded = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["results"]
+    _torchrun(args + ["--out", str(tmp_path / "ddp")])
+    replicated = json.loads((tmp_path / "ddp" / "summary.json").read_text())["results"]
+    for name, row in replicated.items():
+        assert sharded[name] == pytest.approx(row, rel=1e-5), name
+    res = _torchrun(args + ["--fsdp", "--resume", "--out", str(tmp_path / "fsdp")])
+    assert "teacher cached" in res.stdout
+    assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["results"] == sharded
 
 
 # ------------------------------------------------------------------ outputs, plot

@@ -97,3 +97,39 @@ def test_distill_errors_are_one_line(checkpoints, tmp_path, capsys, case):
     assert rc == 2, (name, err)
     assert match in err and len(err.splitlines()) == 1, (name, err)
     assert "corrupt" not in err, (name, err)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
+def test_distill_hf_fsdp_two_processes(checkpoints, tmp_path):
+    """`torchrun --nproc_per_node=2 -m kdkernels.train --task hf --fsdp`: the student's decoder
+    layers and the rest sharded by FSDP2; the student saved with save_pretrained holds the weights
+    gathered from the ranks' shards, the same as the sharded checkpoint's."""
+    import socket
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from kdkernels.train.checkpoint import load_checkpoint, model_state
+
+    out = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m",
+           "kdkernels.train", "--task", "hf", "--fsdp", "--teacher", str(checkpoints / "teacher"), "--student",
+           str(checkpoints / "student"), "--data", str(checkpoints / "data.jsonl"), "--out", str(out), "--steps", "4",
+           "--batch-size", "2", "--max-length", "16", "--eval-every", "2", "--ckpt-every", "2", "--no-progress",
+           "--no-baseline"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x 2 processes (FSDP2)" in res.stdout
+    ckpt = str(out / "student-distilled" / "checkpoint.pt")
+    assert load_checkpoint(ckpt)["shards"] == "shards-000000004"
+    sharded = model_state(ckpt)
+    saved = load_file(str(out / "student-distilled-hf" / "model.safetensors"))
+    assert saved.keys() == sharded.keys()
+    for k in saved:
+        assert torch.equal(saved[k], sharded[k]), k
+    initial = transformers.AutoModelForCausalLM.from_pretrained(checkpoints / "student", local_files_only=True)
+    assert not torch.equal(initial.lm_head.weight, saved["lm_head.weight"])  # trained

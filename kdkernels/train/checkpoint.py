@@ -4,7 +4,9 @@ Windows), so a crash or Ctrl-C leaves either the previous checkpoint or the new 
 
 A checkpoint holds what a run needs to continue bit-for-bit: model, optimizer and scheduler
 states, the step, the RNG states (Python, torch CPU, CUDA, and the data sampler's generator) and
-the config it was written with.
+the config it was written with. A run sharded with FSDP2 (``--fsdp``) keeps its model and
+optimizer states in a ``torch.distributed.checkpoint`` directory beside ``checkpoint.pt``, which
+names it (``"shards"``) and is written after it, so the rename still commits the whole checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+import warnings
 from typing import Optional
 
 import torch
@@ -78,11 +81,33 @@ def load_checkpoint(path: str) -> dict:
     return state
 
 
-def model_state(path: str) -> dict:
-    """A model's state dict from ``path``: a kdkernels training checkpoint (its model) or a plain
-    ``torch.save(model.state_dict())`` file."""
-    obj = _read(path)
+def _sharded_model_state(directory: str) -> dict:
+    """The whole model state of a ``torch.distributed.checkpoint`` directory written by ``fit``
+    with ``--fsdp`` (every shard read, in this process alone)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        meta = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise CheckpointError(f"the sharded weights {directory!r} cannot be read ({type(exc).__name__}: {exc})") \
+            from None
+    state = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith("model.") and isinstance(m, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": state}, checkpoint_id=directory, no_dist=True)
+    return state
+
+
+def model_state(path: str, state: Optional[dict] = None) -> dict:
+    """A model's state dict from ``path``: a kdkernels training checkpoint (its model, or its
+    sharded weights gathered whole) or a plain ``torch.save(model.state_dict())`` file; ``state``
+    is the checkpoint when it has been read already."""
+    obj = _read(path) if state is None else state
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if "shards" in obj:
+            return _sharded_model_state(os.path.join(os.path.dirname(os.path.abspath(path)), obj["shards"]))
         return obj["model"]
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return obj

@@ -69,6 +69,9 @@ def main(argv=None, prog: str = "kdkernels distill", parsed=None) -> int:
         device = _device(cfg)
         out = _writable(cfg.out)
         dist.setup(device)
+        if cfg.fsdp and dist.world() == 1:
+            print(f"{prog}: note: --fsdp shards over the processes of torchrun; this single process trains "
+                  "unsharded", file=sys.stderr)
         _claim(out, cfg.task)
         torch.manual_seed(cfg.seed)
         t0 = time.perf_counter()
@@ -97,7 +100,7 @@ def main(argv=None, prog: str = "kdkernels distill", parsed=None) -> int:
                "results": {name: values for name, values in result["rows"]}, "notes": result["notes"]}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    procs = f" x {world} processes" if world > 1 else ""
+    procs = (f" x {world} processes" + (" (FSDP2)" if cfg.fsdp else "")) if world > 1 else ""
     print(f"\nkdkernels distill --task {cfg.task}: {seconds:.0f} s on {device}{procs}; " + "; ".join(result["notes"]))
     print(table)
     from kdkernels.train.plot import plot_metrics

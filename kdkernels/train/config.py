@@ -70,6 +70,10 @@ class Config:
                                                                      "installed)"})
     contrastive_temperature: float = field(default=0.05, metadata={"help": "embeddings: temperature of the "
                                                                            "students' info_nce"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard the trained modules with FSDP2 "
+                                                        "(fully_shard of each nn.ModuleList element, then the rest) "
+                                                        "instead of DistributedDataParallel; checkpoints are sharded "
+                                                        "(torch.distributed.checkpoint)"})
     autocast: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA (ignored on the CPU)"})
     progress: bool = field(default=True, metadata={"help": "progress bars on stderr"})
 

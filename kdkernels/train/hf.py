@@ -22,7 +22,7 @@ import os
 import torch
 
 from kdkernels.train.config import ConfigError
-from kdkernels.train.loop import Run, fit
+from kdkernels.train.loop import Run, fit, full_state_dict, is_sharded
 
 __all__ = ["run_task", "read_texts", "pack"]
 
@@ -152,8 +152,10 @@ def run_task(cfg, device, out_dir) -> dict:
     saved = os.path.join(out_dir, "student-distilled-hf")
     from kdkernels.train import dist
 
+    # with --fsdp the student's weights are shards: gathered whole (on every rank) for rank 0 to save
+    whole = {"state_dict": full_state_dict(student)} if is_sharded(student) else {}
     if dist.is_main():
-        student.save_pretrained(saved)
+        student.save_pretrained(saved, **whole)
         tok.save_pretrained(saved)
     if cfg.baseline:
         alone = _load_model(student_dir, "--student", device)

@@ -39,7 +39,7 @@ from kdkernels._core.memory import CAN_RESET, peak_extra_bytes
 from kdkernels.train import dist
 from kdkernels.train.checkpoint import CheckpointError, load_checkpoint, model_state
 from kdkernels.train.config import ConfigError
-from kdkernels.train.loop import Run, fit
+from kdkernels.train.loop import Run, fit, unsharded
 
 __all__ = ["TinyLM", "load_corpus", "held_out_windows", "teacher_lm", "run_task"]
 
@@ -200,7 +200,7 @@ def teacher_lm(cfg, vocab, train, held, device, out_dir):
         state = load_checkpoint(cached)
         if state.get("step") == cfg.teacher_steps:
             try:
-                teacher.load_state_dict(state["model"])
+                teacher.load_state_dict(model_state(cached, state))
                 return teacher, "cached"
             except RuntimeError:  # a different vocabulary or size: train a new one
                 pass
@@ -214,7 +214,9 @@ def teacher_lm(cfg, vocab, train, held, device, out_dir):
 
     fit(Run("teacher", teacher, loss, _sampler(train, cfg.context, device), _evaluate(teacher, held, device)),
         cfg, cfg.teacher_steps, out_dir, seed=cfg.seed + 1, lr=cfg.teacher_lr)
-    return teacher, "trained"
+    # with --fsdp the trained teacher's weights are shards: a plain TinyLM holds them gathered
+    return unsharded(teacher, lambda: TinyLM(vocab, cfg.teacher_dim, cfg.teacher_layers, cfg.context).to(device)), \
+        "trained"
 
 
 def distill_steps(student, teacher, cfg) -> dict:
@@ -300,7 +302,8 @@ def run_task(cfg, device, out_dir) -> dict:
     rows.append(("student, distilled", fit(Run("student-distilled", model, distill, sample,
                                                 _evaluate(student, held, device)), cfg, cfg.steps, out_dir,
                                             seed=cfg.seed + 3)))
-    times = _step_times(student, teacher, sample(torch.Generator().manual_seed(0), cfg.batch_size), cfg)
+    plain = unsharded(student, lambda: TinyLM(vocab, cfg.student_dim, cfg.student_layers, cfg.context).to(device))
+    times = _step_times(plain, teacher, sample(torch.Generator().manual_seed(0), cfg.batch_size), cfg)
     peak = step_peak_mib({"vocab": vocab, "teacher_dim": cfg.teacher_dim, "teacher_layers": cfg.teacher_layers,
                           "student_dim": cfg.student_dim, "student_layers": cfg.student_layers,
                           "context": cfg.context, "batch_size": cfg.batch_size, "temperature": cfg.temperature,

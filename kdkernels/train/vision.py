@@ -19,7 +19,7 @@ from torch import nn
 
 import kdkernels
 from kdkernels.train.checkpoint import CheckpointError, load_checkpoint, model_state
-from kdkernels.train.loop import Run, fit
+from kdkernels.train.loop import Run, fit, unsharded
 from kdkernels.train.outputs import hidden_of, logits_of
 
 __all__ = ["Teacher", "Student", "load_digits", "run_task"]
@@ -105,7 +105,7 @@ def _teacher(cfg, data, device, out_dir):
     if os.path.exists(cached):
         state = load_checkpoint(cached)
         if state.get("step") == cfg.teacher_steps:
-            teacher.load_state_dict(state["model"])
+            teacher.load_state_dict(model_state(cached, state))
             return teacher, "cached"
     torch.manual_seed(cfg.seed)
     teacher = Teacher().to(device)
@@ -117,7 +117,7 @@ def _teacher(cfg, data, device, out_dir):
 
     fit(Run("teacher", teacher, loss, _sampler(xtr, ytr, device), _evaluate(teacher, xte.to(device), yte.to(device))),
         cfg, cfg.teacher_steps, out_dir, seed=cfg.seed + 1, lr=cfg.teacher_lr)
-    return teacher, "trained"
+    return unsharded(teacher, lambda: Teacher().to(device)), "trained"  # gathered, when --fsdp sharded it
 
 
 def run_task(cfg, device, out_dir) -> dict:
