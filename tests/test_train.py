@@ -283,29 +283,34 @@ def _linear_run():
     return model, sample, Run("r", model, loss, sample, lambda: {})
 
 
+def _steps_by_hand(ref, ce, sample, cfg, steps, world, seed):
+    """fit's steps on ``world`` ranks written out in one process: each step, the mean over the
+    ranks' samplers of their accumulated gradients, then AdamW and the schedule."""
+    from kdkernels.train.loop import cosine_schedule
+
+    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, steps))
+    gens = [torch.Generator().manual_seed(seed + 1000 * r) for r in range(world)]
+    for _ in range(steps):
+        opt.zero_grad()
+        for gen in gens:
+            for _ in range(cfg.grad_accum):
+                (ce(ref, *sample(gen, cfg.batch_size)) / (cfg.grad_accum * world)).backward()
+        opt.step()
+        sched.step()
+
+
 def _accum_worker(rank, world, init_file, out_dir):
     """fit with 2 micro-batches a step on 2 ranks, against the same steps written out by hand: the
     mean over both ranks of each rank's accumulated gradient, then AdamW and the schedule."""
     import torch.distributed as tdist
-
-    from kdkernels.train.loop import cosine_schedule
 
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = Config(steps=6, ckpt_every=100, eval_every=100, batch_size=4, grad_accum=2, progress=False, warmup=2)
     model, sample, run = _linear_run()
     ref = copy.deepcopy(model)
     fit(run, cfg, 6, os.path.join(out_dir, f"fit{rank}"), seed=3)
-    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, 6))
-    gens = [torch.Generator().manual_seed(3 + 1000 * r) for r in range(world)]
-    for _ in range(6):
-        opt.zero_grad()
-        for gen in gens:
-            for _ in range(cfg.grad_accum):
-                x, y = sample(gen, cfg.batch_size)
-                (torch.nn.functional.cross_entropy(ref(x), y) / (cfg.grad_accum * world)).backward()
-        opt.step()
-        sched.step()
+    _steps_by_hand(ref, lambda m, x, y: torch.nn.functional.cross_entropy(m(x), y), sample, cfg, 6, world, 3)
     for (k, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     tdist.barrier()
@@ -370,7 +375,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
     checkpoint, bit-for-bit the uninterrupted sharded run."""
     import torch.distributed as tdist
 
-    from kdkernels.train.loop import cosine_schedule, full_state_dict, is_sharded, unsharded
+    from kdkernels.train.loop import full_state_dict, is_sharded, unsharded
 
     tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = Config(steps=6, ckpt_every=100, eval_every=3, batch_size=4, grad_accum=2, progress=False, warmup=2,
@@ -378,16 +383,7 @@ def _fsdp_worker(rank, world, init_file, out_dir):
     model, sample, ce, run = _blocks_run()
     ref = copy.deepcopy(model)
     final = fit(run, cfg, 6, os.path.join(out_dir, "accum"), seed=3)
-    opt = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(cfg.warmup, 6))
-    gens = [torch.Generator().manual_seed(3 + 1000 * r) for r in range(world)]
-    for _ in range(6):
-        opt.zero_grad()
-        for gen in gens:
-            for _ in range(cfg.grad_accum):
-                (ce(ref, *sample(gen, cfg.batch_size)) / (cfg.grad_accum * world)).backward()
-        opt.step()
-        sched.step()
+    _steps_by_hand(ref, ce, sample, cfg, 6, world, 3)
     assert is_sharded(model) and not is_sharded(ref)
     state = full_state_dict(model)
     for k, b in ref.state_dict().items():
