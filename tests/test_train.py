@@ -476,8 +476,7 @@ def _torchrun(args):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed with gloo")
 def test_torchrun_fsdp_lm(tmp_path):
     """`torchrun --nproc_per_node=2 -m kdkernels.train --task lm --fsdp`: the teacher and the student
-    sharded by FSDP2 (each transformer block, then the rest), sharded checkpoints; the table equals
-    the DistributedDataParallel run's; run again with --resume, the cached teacher is read from its
+    sharded by FSDP2 (each transformer block, then the rest), sharded checkpoints; run again with --resume, the cached teacher is read from its
     shards and the finished student from its checkpoint, and the table is the same to the bit."""
     pytest.importorskip("tokenizers")
     args = LM_SHORT + ["--no-baseline"]
@@ -487,10 +486,6 @@ def test_torchrun_fsdp_lm(tmp_path):
         state = ckpt.load_checkpoint(str(tmp_path / "fsdp" / run / "checkpoint.pt"))
         assert state["shards"] == "shards-000000020" and (tmp_path / "fsdp" / run / state["shards"]).is_dir()
     sharded = json.loads((tmp_path / "fsdp" / "summary.json").read_text())["results"]
-    _torchrun(args + ["--out", str(tmp_path / "ddp")])
-    replicated = json.loads((tmp_path / "ddp" / "summary.json").read_text())["results"]
-    for name, row in replicated.items():
-        assert sharded[name] == pytest.approx(row, rel=1e-5), name
     res = _torchrun(args + ["--fsdp", "--resume", "--out", str(tmp_path / "fsdp")])
     assert "teacher cached" in res.stdout
     assert json.loads((tmp_path / "fsdp" / "summary.json").read_text())["results"] == sharded
