@@ -477,7 +477,8 @@ def _torchrun(args):
 def test_torchrun_fsdp_lm(tmp_path):
     """`torchrun --nproc_per_node=2 -m kdkernels.train --task lm --fsdp`: the teacher and the student
     sharded by FSDP2 (each transformer block, then the rest), sharded checkpoints; run again with
-    --resume, the cached teacher is read from its shards and the finished student from its checkpoint, and the table is the same to the bit."""
+    --resume, the cached teacher is read from its shards and the finished student from its
+    checkpoint, and the table is the same to the bit."""
     pytest.importorskip("tokenizers")
     args = LM_SHORT + ["--no-baseline"]
     res = _torchrun(args + ["--fsdp", "--out", str(tmp_path / "fsdp")])
